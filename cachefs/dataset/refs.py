@@ -1,0 +1,190 @@
+"""Branches and tags with compare-and-swap, built on put-if-absent generation objects.
+
+Object stores offer one conditional write everywhere (S3 and Ceph `If-None-Match: *`, OSS
+`x-oss-forbid-overwrite`, O_EXCL/link on files): create-if-absent. So a ref is a sequence of
+numbered generation objects, `refs/DATASET/heads/NAME/00000000000000000042`, each holding the
+commit it points to (or a deletion marker) plus who moved it, when and from what. The current
+value is the highest generation. Moving a ref from generation g writes g+1 with put-if-absent:
+of several racing writers exactly one creates it; the others get RefConflict and nothing changes.
+After a create succeeds the writer checks that no higher generation appeared that does not build
+on its own (so pruning old generations can never resurrect a stale update). The sequence doubles
+as the reflog.
+
+Before the first ref update through a store, it is probed: a scratch key is created twice, and a
+store whose second create also succeeds ignores put-if-absent; ref updates are then refused
+rather than risking a silently lost commit.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from cachefs.errors import CorruptObject, RefConflict, RemoteUnsupported
+from cachefs.names import check_hash, check_name
+from cachefs.remotes.base import Remote
+
+log = logging.getLogger("cachefs.refs")
+
+RefKind = Literal["heads", "tags"]
+KINDS: tuple[RefKind, ...] = ("heads", "tags")
+_GEN_DIGITS = 20
+
+
+@dataclass(frozen=True)
+class RefValue:
+    """A ref as read: the commit it points to (None: absent or deleted) and its generation."""
+
+    commit: str | None
+    generation: int
+
+
+@dataclass(frozen=True)
+class RefLogEntry:
+    generation: int
+    commit: str | None
+    previous: str | None
+    who: str
+    time_ns: int
+    reason: str
+
+
+class RefStore(Protocol):
+    """Where a remote keeps refs; object stores use GenerationRefStore, haystack its master."""
+
+    def read(self, dataset: str, kind: RefKind, name: str) -> RefValue: ...
+
+    def compare_and_swap(
+        self, dataset: str, kind: RefKind, name: str, expected: RefValue,
+        commit: str | None, reason: str,
+    ) -> RefValue: ...
+
+    def list(self, dataset: str, kind: RefKind) -> dict[str, str]: ...
+
+    def history(self, dataset: str, kind: RefKind, name: str) -> list[RefLogEntry]: ...
+
+
+def who_am_i() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+class GenerationRefStore:
+    """RefStore over any Remote, using only put-if-absent."""
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+        self._probed = False
+
+    @staticmethod
+    def _prefix(dataset: str, kind: RefKind, name: str | None = None) -> str:
+        check_name(dataset, "dataset name")
+        base = f"refs/{dataset}/{kind}/"
+        return base if name is None else base + check_name(name, "ref name") + "/"
+
+    def _generations(self, dataset: str, kind: RefKind, name: str) -> list[int]:
+        prefix = self._prefix(dataset, kind, name)
+        gens = []
+        for key in self.remote.list(prefix):
+            tail = key[len(prefix) :]
+            if len(tail) == _GEN_DIGITS and tail.isdigit():
+                gens.append(int(tail))
+        return sorted(gens)
+
+    def _load(self, dataset: str, kind: RefKind, name: str, gen: int) -> RefLogEntry:
+        key = self._prefix(dataset, kind, name) + f"{gen:0{_GEN_DIGITS}d}"
+        raw = self.remote.get(key)
+        try:
+            doc = json.loads(raw)
+            commit = doc["commit"]
+            previous = doc.get("previous")
+            for h in (commit, previous):
+                if h is not None:
+                    check_hash(h)
+            return RefLogEntry(gen, commit, previous, str(doc.get("who", "")),
+                               int(doc.get("time_ns", 0)), str(doc.get("reason", "")))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptObject(f"ref object {key} is corrupt: {e}", key) from e
+
+    def read(self, dataset: str, kind: RefKind, name: str) -> RefValue:
+        gens = self._generations(dataset, kind, name)
+        if not gens:
+            return RefValue(None, 0)
+        return RefValue(self._load(dataset, kind, name, gens[-1]).commit, gens[-1])
+
+    def probe(self) -> None:
+        """Refuse stores that silently ignore put-if-absent (checked once per store)."""
+        if self._probed:
+            return
+        key = f"probe/{secrets.token_hex(8)}"
+        try:
+            first = self.remote.put_if_absent(key, b"1")
+            second = self.remote.put_if_absent(key, b"2")
+        finally:
+            self.remote.delete(key)
+        if not first or second:
+            raise RemoteUnsupported(
+                f"{self.remote.url} ignores put-if-absent (If-None-Match: *): a second exclusive "
+                "create of the same key succeeded, so concurrent ref updates could silently "
+                "lose commits; ref updates on this store are refused"
+            )
+        self._probed = True
+
+    def compare_and_swap(
+        self, dataset: str, kind: RefKind, name: str, expected: RefValue,
+        commit: str | None, reason: str,
+    ) -> RefValue:
+        if commit is not None:
+            check_hash(commit, "commit")
+        self.probe()
+        gen = expected.generation + 1
+        doc = {
+            "commit": commit,
+            "previous": expected.commit,
+            "who": who_am_i(),
+            "time_ns": time.time_ns(),
+            "reason": reason,
+        }
+        key = self._prefix(dataset, kind, name) + f"{gen:0{_GEN_DIGITS}d}"
+        if not self.remote.put_if_absent(key, json.dumps(doc).encode()):
+            current = self.read(dataset, kind, name)
+            raise RefConflict(
+                f"{kind[:-1] if kind == 'heads' else 'tag'} {name!r} of {dataset!r} moved "
+                f"concurrently (now at {(current.commit or 'deleted')[:12]}); nothing was "
+                "changed, retry the command"
+            )
+        later = [g for g in self._generations(dataset, kind, name) if g > gen]
+        if later and self._load(dataset, kind, name, later[0]).previous != commit:
+            raise RefConflict(
+                f"ref {kind}/{name} of {dataset!r}: update at generation {gen} was superseded "
+                "by a writer that did not see it; retry the command"
+            )
+        log.debug("ref %s/%s/%s -> %s (generation %d)", dataset, kind, name, commit, gen)
+        return RefValue(commit, gen)
+
+    def list(self, dataset: str, kind: RefKind) -> dict[str, str]:
+        prefix = self._prefix(dataset, kind)
+        latest: dict[str, int] = {}
+        for key in self.remote.list(prefix):
+            name, _, tail = key[len(prefix) :].partition("/")
+            if len(tail) == _GEN_DIGITS and tail.isdigit():
+                latest[name] = max(latest.get(name, 0), int(tail))
+        refs = {}
+        for name, gen in sorted(latest.items()):
+            commit = self._load(dataset, kind, name, gen).commit
+            if commit is not None:
+                refs[name] = commit
+        return refs
+
+    def history(self, dataset: str, kind: RefKind, name: str) -> list[RefLogEntry]:
+        return [self._load(dataset, kind, name, g)
+                for g in reversed(self._generations(dataset, kind, name))]

@@ -1,0 +1,53 @@
+"""The remote (origin store) interface that every backend implements, one module per backend.
+
+A remote is a flat key -> bytes store. All of these operations must be idempotent, like JuiceFS's
+ObjectStorage: `put` of the same key with the same bytes any number of times is harmless, because
+every key but a ref generation is the content hash of its bytes. The one conditional write,
+`put_if_absent`, is what the ref protocol (`cachefs.dataset.refs`) builds compare-and-swap on.
+
+Keys are '/'-separated ASCII paths built by the repository layer, never from raw user input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Remote(Protocol):
+    """A store of immutable objects plus put-if-absent, selected by URL scheme."""
+
+    url: str
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """Return the object's bytes (or `length` bytes from `start`); ObjectNotFound if absent."""
+        ...
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Store `data` under `key`, replacing nothing observable (same key, same bytes)."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; True if this call created it."""
+        ...
+
+    def has(self, keys: Iterable[str]) -> set[str]:
+        """Return the subset of `keys` that exist (many at once: one call, parallel inside)."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Yield every key starting with `prefix`, in lexicographic order."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; removing an absent key succeeds silently."""
+        ...
+
+    def flush(self) -> None:
+        """Make every `put` so far durable before returning (a no-op where puts already are)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads; calling it twice is harmless."""
+        ...

@@ -1,0 +1,186 @@
+"""The s3:// remote: AWS S3, Ceph RGW, MinIO or any S3-compatible store, through boto3.
+
+URL: ``s3://BUCKET[/PREFIX]?endpoint_url=URL&region=R&addressing_style=path|virtual
+&request_checksum_calculation=when_required``. Credentials never appear in the URL: boto3's
+default chain supplies them (environment, shared profiles, instance roles; ``AWS_CA_BUNDLE``
+for a private CA). One boto3 client (thread-safe, pooled connections) serves every thread.
+
+S3 error codes are mapped to cachefs exceptions in one table, chaining the original error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlparse
+
+from cachefs.errors import (
+    CachefsError,
+    ConfigError,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+)
+
+log = logging.getLogger("cachefs.remotes.s3")
+
+_OPTIONS = {"endpoint_url", "region", "addressing_style", "request_checksum_calculation",
+            "max_connections"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class S3Remote:
+    """A remote stored as objects under a bucket prefix."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing_style: str | None = None,
+        request_checksum_calculation: str | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.parallelism = max_connections // 2  # leave connections for has() probes
+        config_kwargs: dict[str, object] = {
+            "max_pool_connections": max_connections,
+            "retries": {"max_attempts": 5, "mode": "standard"},
+            "connect_timeout": 10,
+            "read_timeout": 60,
+        }
+        if addressing_style:
+            config_kwargs["s3"] = {"addressing_style": addressing_style}
+        if request_checksum_calculation:
+            config_kwargs["request_checksum_calculation"] = request_checksum_calculation
+            config_kwargs["response_checksum_validation"] = request_checksum_calculation
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(**config_kwargs),
+        )
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Remote:
+        parsed = urlparse(url)
+        if not parsed.netloc:
+            raise ConfigError(f"invalid S3 URL {url!r}: expected s3://BUCKET[/PREFIX]")
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        unknown = set(query) - _OPTIONS
+        if unknown:
+            raise ConfigError(
+                f"unknown S3 remote option(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_OPTIONS))}"
+            )
+        max_connections = int(query.pop("max_connections", "32"))
+        return cls(parsed.netloc, parsed.path, max_connections=max_connections, **query)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def _translate(self, exc: Exception, key: str, action: str) -> CachefsError:
+        code = _error_code(exc)
+        where = f"s3://{self.bucket}/{self._key(key)}"
+        if code in _NOT_FOUND:
+            return ObjectNotFound(f"object {key} not found in {self.url}")
+        if code in _DENIED:
+            return PermissionDenied(f"{action} {where}: access denied ({code}); check credentials")
+        if code == "NoSuchBucket":
+            return RemoteError(f"bucket {self.bucket!r} does not exist ({self.url})")
+        return RemoteError(f"{action} {where}: {code or type(exc).__name__}: {exc}")
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        kwargs: dict[str, str] = {}
+        if start or length is not None:
+            if length == 0:
+                return b""
+            end = "" if length is None else str(start + length - 1)
+            kwargs["Range"] = f"bytes={start}-{end}"
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)
+            return response["Body"].read()
+        except Exception as e:
+            if _error_code(e) == "InvalidRange":
+                return b""
+            raise self._translate(e, key, "reading") from e
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
+        except Exception as e:
+            raise self._translate(e, key, "writing") from e
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+            return True
+        except Exception as e:
+            if _error_code(e) in _PRECONDITION:
+                return False
+            raise self._translate(e, key, "creating") from e
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as e:
+            if _error_code(e) in _NOT_FOUND:
+                return False
+            raise self._translate(e, key, "checking") from e
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="cachefs-s3")
+        return self._pool
+
+    def has(self, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        if len(keys) <= 1:
+            return {k for k in keys if self._exists(k)}
+        return {k for k, ok in zip(keys, self._executor().map(self._exists, keys)) if ok}
+
+    def list(self, prefix: str) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(self.prefix) :]
+        except Exception as e:
+            raise self._translate(e, prefix, "listing") from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            if _error_code(e) not in _NOT_FOUND:
+                raise self._translate(e, key, "deleting") from e
+
+    def flush(self) -> None:
+        """S3 acknowledges a PUT only once it is durable: nothing to do."""
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"S3Remote({self.url!r})"

@@ -1,0 +1,1 @@
+"""csi: placeholder package; built in a later issue (see docs/design.md)."""

@@ -1,0 +1,1 @@
+"""storage_server: placeholder package; built in a later issue (see docs/design.md)."""
