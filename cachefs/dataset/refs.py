@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from cachefs.errors import CorruptObject, RefConflict, RemoteUnsupported
+from cachefs.errors import CorruptObject, InvalidName, RefConflict, RemoteUnsupported
 from cachefs.names import check_hash, check_name
 from cachefs.remotes.base import Remote
 
@@ -112,7 +112,7 @@ class GenerationRefStore:
                     check_hash(h)
             return RefLogEntry(gen, commit, previous, str(doc.get("who", "")),
                                int(doc.get("time_ns", 0)), str(doc.get("reason", "")))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, InvalidName) as e:
             raise CorruptObject(f"ref object {key} is corrupt: {e}", key) from e
 
     def read(self, dataset: str, kind: RefKind, name: str) -> RefValue:

@@ -224,6 +224,9 @@ class Repository:
                 return ResolvedRef(matches[0], None, None, None)
             if len(matches) > 1:
                 raise RefNotFound(f"commit prefix {ref!r} is ambiguous in dataset {dataset!r}")
+        if not self.refs.list(dataset, "heads"):
+            raise RefNotFound(f"dataset {dataset!r} has no versions yet "
+                              f"(make one with: cachefs commit {dataset} DIR -m MESSAGE)")
         raise RefNotFound(f"no branch, tag or commit {ref!r} in dataset {dataset!r}")
 
     def branch_or_tag(self, dataset: str, name: str) -> tuple[RefKind, RefValue] | None:
