@@ -157,3 +157,33 @@ def test_s3_remote_through_the_cli(s3_url: str, tmp_path: Path) -> None:
     run_cli("checkout", "ds", str(out), "--remote", "s3")
     assert (out / "x.bin").read_bytes() == (src / "x.bin").read_bytes()
     assert cli_json("verify", "ds", "--remote", "s3")["ok"]
+
+
+def test_long_commands_show_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    run_cli("init", "ds")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cachefs.cli.main", "commit", "ds", str(src),
+                             "-m", "tty"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            piece = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not piece:
+            break
+        output += piece
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert b"commit" in output and b"100%" in output and b"3.00M" in output
+    # not a terminal: no bar at all
+    assert "%" not in run_cli("checkout", "ds", str(tmp_path / "out")).stderr

@@ -69,8 +69,7 @@ def ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    for row, (_, e) in zip(rows, [(r["path"], None) for r in rows]):
-        del e
+    for row in rows:
         name = row["path"] + ("/" if row["type"] == "dir" else "")
         if row["type"] == "symlink":
             name += f" -> {row['target']}"

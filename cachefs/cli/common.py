@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -54,8 +55,12 @@ class TerminalProgress:
         from tqdm import tqdm
 
         self.close()
+        # A fresh pty reports 0x0, which tqdm takes as "no room" and draws nothing; shutil
+        # falls back to 80x24 there.
+        size = shutil.get_terminal_size()
         self._bar = tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024,
-                         desc=description, leave=False, dynamic_ncols=True)
+                         desc=description, leave=False, ncols=min(size.columns, 120),
+                         nrows=size.lines)
 
     def update(self, amount: int) -> None:
         if self._bar is not None:

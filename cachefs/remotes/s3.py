@@ -82,6 +82,9 @@ class S3Remote:
         parsed = urlparse(url)
         if not parsed.netloc:
             raise ConfigError(f"invalid S3 URL {url!r}: expected s3://BUCKET[/PREFIX]")
+        if "@" in parsed.netloc:
+            raise ConfigError("credentials do not belong in a remote URL: use the environment "
+                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), a profile or a role")
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         unknown = set(query) - _OPTIONS
         if unknown:
@@ -89,7 +92,12 @@ class S3Remote:
                 f"unknown S3 remote option(s) {', '.join(sorted(unknown))}; "
                 f"known: {', '.join(sorted(_OPTIONS))}"
             )
-        max_connections = int(query.pop("max_connections", "32"))
+        try:
+            max_connections = int(query.pop("max_connections", "32"))
+        except ValueError:
+            raise ConfigError(
+                f"invalid S3 URL {url!r}: max_connections must be an integer"
+            ) from None
         return cls(parsed.netloc, parsed.path, max_connections=max_connections, **query)
 
     def _key(self, key: str) -> str:
@@ -110,6 +118,8 @@ class S3Remote:
         kwargs: dict[str, str] = {}
         if start or length is not None:
             if length == 0:
+                if not self._exists(key):
+                    raise ObjectNotFound(f"object {key} not found in {self.url}")
                 return b""
             end = "" if length is None else str(start + length - 1)
             kwargs["Range"] = f"bytes={start}-{end}"
@@ -181,6 +191,7 @@ class S3Remote:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        self._client.close()  # the pooled connections (closing twice is harmless)
 
     def __repr__(self) -> str:
         return f"S3Remote({self.url!r})"
