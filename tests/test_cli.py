@@ -184,6 +184,6 @@ def test_long_commands_show_a_progress_bar_on_a_terminal(tmp_path: Path) -> None
         output += piece
     os.close(master)
     assert proc.wait(timeout=60) == 0
-    assert b"commit" in output and b"100%" in output and b"3.00M" in output
+    assert b"commit:" in output and b"%|" in output and b"3.00M" in output
     # not a terminal: no bar at all
     assert "%" not in run_cli("checkout", "ds", str(tmp_path / "out")).stderr

@@ -77,7 +77,7 @@ class LocalRemote:
                 size = os.fstat(f.fileno()).st_size
                 end = size if length is None else min(size, start + length)
                 return os.pread(f.fileno(), max(0, end - start), start)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # absent, or below a non-directory
             raise ObjectNotFound(f"object {key} not found in {self.url}") from None
         except OSError as e:
             raise RemoteError(f"reading {key} from {self.url}: {e}") from e
@@ -143,6 +143,8 @@ class LocalRemote:
     def delete(self, key: str) -> None:
         try:
             self._path(key).unlink(missing_ok=True)
+        except NotADirectoryError:
+            pass  # below a non-directory: absent
         except OSError as e:
             raise RemoteError(f"deleting {key} from {self.url}: {e}") from e
 
