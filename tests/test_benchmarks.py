@@ -1,0 +1,25 @@
+"""Benchmarks stay runnable: each one's --quick --json run prints the figures its issue asks for.
+
+These check the shape of the output only; the figures themselves are for the README, not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.commit", "--quick", "--json", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["ratios"]) >= {"commit_vs_cp", "recommit_vs_commit",
+                                     "new_bytes_vs_changed", "checkout_vs_cp"}
+    assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
+    assert result["quick"] is True
+    assert not list(tmp_path.iterdir())  # the work dir was removed
