@@ -12,8 +12,10 @@ from pathlib import Path
 
 
 def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.commit", "--quick", "--json", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.commit", "--quick", "--json", "--dir", str(work)],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -22,4 +24,4 @@ def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
                                      "new_bytes_vs_changed", "checkout_vs_cp"}
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["quick"] is True
-    assert not list(tmp_path.iterdir())  # the work dir was removed
+    assert not list(work.iterdir())  # the work dir was removed
