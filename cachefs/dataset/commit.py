@@ -26,7 +26,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from cachefs.dataset.objects import Commit, Kind, Tree, TreeEntry, encode, hash_bytes
+from cachefs.dataset.objects import Commit, Extent, Kind, Tree, TreeEntry, encode, hash_bytes
 from cachefs.dataset.packing import ChunkPacker, ChunkSlot, PendingExtent
 from cachefs.dataset.refs import who_am_i
 from cachefs.dataset.repo import Repository, chunk_key, tree_key
@@ -201,7 +201,7 @@ class DirectoryCommitter:
                 raise LocalIOError(f"cannot read {entry.path}: {e.strerror}") from e
 
     # -- pass 2: read and pack --------------------------------------------------------------
-    def read_files(self, known: dict[str, list[PendingExtent]]) -> None:
+    def read_files(self, known: KnownContents) -> None:
         to_read = sum(f.st.st_size for f in self.files if f.record is None)
         self.progress.start(to_read, "B", "commit")
         for file in self.files:
@@ -218,18 +218,19 @@ class DirectoryCommitter:
             self.progress.update(file.size)
         self.packer.flush()
 
-    def _read_file(self, file: _File, known: dict[str, list[PendingExtent]]) -> None:
+    def _read_file(self, file: _File, known: KnownContents) -> None:
         with open(self.source / file.path, "rb", buffering=0) as f:
             if file.st.st_size < self.chunk_size:
                 data = _read_exactly(f, self.chunk_size)
                 if len(data) < self.chunk_size:  # the common case: the whole small file
                     file.size = len(data)
                     file.content_hash = hash_bytes(data)
-                    if file.content_hash in known:
-                        file.extents = known[file.content_hash]
+                    reused = known.get(file.content_hash)
+                    if reused is not None:
+                        file.extents = reused
                     elif data:
-                        file.extents = [self.packer.add_small(data)]
-                    known[file.content_hash] = file.extents
+                        file.extents = known.add(file.content_hash,
+                                                 [self.packer.add_small(data)])
                     return
                 first: bytes | None = data  # it grew past one chunk since the scan
             else:
@@ -245,7 +246,7 @@ class DirectoryCommitter:
                 file.size += len(piece)
                 extents.append(self.packer.add_whole(piece))
             file.content_hash = hasher.hexdigest()
-            file.extents = known.setdefault(file.content_hash, extents)
+            file.extents = known.add(file.content_hash, extents)
 
     # -- pass 3: trees --------------------------------------------------------------------
     def build_trees(self, root: _Dir) -> tuple[str, dict[str, bytes], int, int]:
@@ -288,18 +289,39 @@ class DirectoryCommitter:
         return sum(len(v) for _, v in missing)
 
 
-def _known_contents(repo: Repository, index: ScanIndex | None,
-                    parent: str | None) -> dict[str, list[PendingExtent]]:
-    """Content hash -> extents of everything in the parent version, for rename/copy reuse."""
-    known: dict[str, list[PendingExtent]] = {}
-    if index is not None:
-        for rec in index.records.values():
-            known.setdefault(rec.content_hash, [PendingExtent.of(x) for x in rec.extents])
-    elif parent is not None:
-        for _, entry in repo.walk(repo.get_commit(parent).tree):
-            if entry.kind is Kind.FILE:
-                known.setdefault(entry.hash, [PendingExtent.of(x) for x in entry.extents])
-    return known
+class KnownContents:
+    """Content hash -> extents, from the parent version and from this commit so far.
+
+    Holds the parent's extents as they are and converts one only when a re-read file turns out
+    to have that content (a rename or a copy): most commits re-read few files.
+    """
+
+    def __init__(self, parent_extents: dict[str, tuple[Extent, ...]]) -> None:
+        self._parent = parent_extents
+        self._new: dict[str, list[PendingExtent]] = {}
+
+    @classmethod
+    def of_parent(cls, repo: Repository, index: ScanIndex | None,
+                  parent: str | None) -> KnownContents:
+        if index is not None:
+            return cls({r.content_hash: r.extents for r in index.records.values()})
+        found: dict[str, tuple[Extent, ...]] = {}
+        if parent is not None:
+            for _, entry in repo.walk(repo.get_commit(parent).tree):
+                if entry.kind is Kind.FILE:
+                    found.setdefault(entry.hash, entry.extents)
+        return cls(found)
+
+    def get(self, content_hash: str) -> list[PendingExtent] | None:
+        extents = self._new.get(content_hash)
+        if extents is None and content_hash in self._parent:
+            extents = [PendingExtent.of(x) for x in self._parent[content_hash]]
+            self._new[content_hash] = extents
+        return extents
+
+    def add(self, content_hash: str, extents: list[PendingExtent]) -> list[PendingExtent]:
+        """Remember `extents` for the content unless it is known; return the extents to use."""
+        return self.get(content_hash) or self._new.setdefault(content_hash, extents)
 
 
 def commit_directory(
@@ -336,7 +358,7 @@ def commit_directory(
     scan_started_ns = time.time_ns()
     try:
         root = committer.scan(index)
-        committer.read_files(_known_contents(repo, index, head.commit))
+        committer.read_files(KnownContents.of_parent(repo, index, head.commit))
         committer.uploader.wait()
         tree, encoded, files, total_bytes = committer.build_trees(root)
         if (not allow_empty and head.commit is not None
@@ -370,7 +392,7 @@ def commit_directory(
 
 def _save_index(path: Path, commit: str, scan_started_ns: int, files: list[_File]) -> None:
     records = {
-        f.path: ScanRecord(
+        f.path: f.record if f.record is not None else ScanRecord(
             f.size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.st.st_ino, f.content_hash,
             tuple(x.resolve() for x in f.extents),
             racy=f.size != f.st.st_size

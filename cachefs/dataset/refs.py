@@ -145,6 +145,7 @@ class GenerationRefStore:
     ) -> RefValue:
         if commit is not None:
             check_hash(commit, "commit")
+        prefix = self._prefix(dataset, kind, name)  # validates the names before any write
         self.probe()
         gen = expected.generation + 1
         doc = {
@@ -154,7 +155,7 @@ class GenerationRefStore:
             "time_ns": time.time_ns(),
             "reason": reason,
         }
-        key = self._prefix(dataset, kind, name) + f"{gen:0{_GEN_DIGITS}d}"
+        key = prefix + f"{gen:0{_GEN_DIGITS}d}"
         if not self.remote.put_if_absent(key, json.dumps(doc).encode()):
             current = self.read(dataset, kind, name)
             raise RefConflict(

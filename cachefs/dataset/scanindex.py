@@ -27,7 +27,7 @@ from cachefs.dataset.objects import Extent
 
 log = logging.getLogger("cachefs.scanindex")
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # hashes kept as hex strings: no conversion per file on load/save
 RACY_WINDOW_NS = 1_000_000_000
 
 
@@ -81,11 +81,10 @@ class ScanIndex:
             for row in doc["records"]:
                 name, size, mtime, ctime, ino, content, flat, racy = row
                 extents = tuple(
-                    Extent(flat[i].hex(), flat[i + 1], flat[i + 2])
-                    for i in range(0, len(flat), 3)
+                    Extent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)
                 )
                 records[os.fsdecode(name)] = ScanRecord(
-                    size, mtime, ctime, ino, content.hex(), extents, racy
+                    size, mtime, ctime, ino, content, extents, racy
                 )
             return cls(doc["commit"], doc["scan_started_ns"], records)
         except FileNotFoundError:
@@ -96,10 +95,8 @@ class ScanIndex:
 
     def save(self, path: Path) -> None:
         rows = [
-            [os.fsencode(name), r.size, r.mtime_ns, r.ctime_ns, r.inode,
-             bytes.fromhex(r.content_hash),
-             [v for x in r.extents for v in (bytes.fromhex(x.chunk), x.offset, x.length)],
-             r.racy]
+            [os.fsencode(name), r.size, r.mtime_ns, r.ctime_ns, r.inode, r.content_hash,
+             [v for x in r.extents for v in (x.chunk, x.offset, x.length)], r.racy]
             for name, r in self.records.items()
         ]
         doc = {"version": INDEX_VERSION, "commit": self.commit,

@@ -1,0 +1,58 @@
+"""Shared pytest fixtures: an isolated home for every test, and a real moto S3 server on loopback.
+
+- `isolated_home` (autouse): XDG directories under the test's tmp_path and AWS test credentials,
+  so no test reads or writes the real home, the real config or real AWS settings.
+- `moto_server` (session): one `tests.servers.MotoServer` subprocess, always stopped at the end.
+- `s3_url`: a fresh, empty bucket on that server, as an ``s3://`` remote URL with a prefix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:  # /work/main on sys.path (pythonpath = ["."], or tests/ made a package)
+    from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+except ModuleNotFoundError:  # pytest's default rootdir-relative import: tests/ is on sys.path
+    from servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer  # type: ignore[no-redef]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point XDG_* at tmp_path/home/... and use test AWS credentials; returns the fake home."""
+    home = tmp_path / "home"
+    for var, sub in [
+        ("XDG_CONFIG_HOME", "config"),
+        ("XDG_DATA_HOME", "data"),
+        ("XDG_STATE_HOME", "state"),
+        ("XDG_CACHE_HOME", "cache"),
+    ]:
+        (home / sub).mkdir(parents=True)
+        monkeypatch.setenv(var, str(home / sub))
+    for var, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(var, value)
+    for var in AWS_UNSET_ENV:
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """A moto S3 server subprocess on 127.0.0.1, shared by the session, stopped at its end."""
+    server = MotoServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(moto_server: MotoServer) -> str:
+    """``s3://BUCKET/some/prefix?endpoint_url=...&region=us-east-1`` on a new, empty bucket."""
+    bucket = f"cachefs-test-{uuid.uuid4().hex[:16]}"
+    moto_server.create_bucket(bucket)
+    return f"s3://{bucket}/some/prefix?endpoint_url={moto_server.endpoint}&region=us-east-1"
