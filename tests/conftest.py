@@ -8,16 +8,21 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-try:  # /work/main on sys.path (pythonpath = ["."], or tests/ made a package)
-    from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
-except ModuleNotFoundError:  # pytest's default rootdir-relative import: tests/ is on sys.path
-    from servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer  # type: ignore[no-redef]
+from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+
+# CI must not depend on luck: there, property tests replay the same examples every run
+# (locally they keep exploring new ones).
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -22,13 +22,9 @@ from cachefs.remotes.base import Remote
 from cachefs.remotes.local import LocalRemote
 from cachefs.remotes.registry import open_remote_url
 from cachefs.remotes.s3 import S3Remote
+from tests.servers import LOOPBACK, IgnoringPutIfAbsentProxy, MotoServer
 
 from .remote_suite import RefContract, RemoteContract, commit_hash
-
-try:  # the same module conftest.py imports, however tests/ is put on sys.path
-    from tests.servers import LOOPBACK, IgnoringPutIfAbsentProxy, MotoServer
-except ModuleNotFoundError:
-    from servers import LOOPBACK, IgnoringPutIfAbsentProxy, MotoServer  # type: ignore[no-redef]
 
 
 class TestLocalRemote(RemoteContract, RefContract):
