@@ -116,6 +116,14 @@ class LocalIOError(CachefsError):
     grpc_status = "INTERNAL"
 
 
+class MountError(CachefsError):
+    """A mount could not be started, queried or stopped."""
+
+    errno = _errno.EIO
+    exit_code = 11
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class PermissionDenied(CachefsError):
     """A token or credential was refused."""
 

@@ -7,7 +7,14 @@ import logging
 import sys
 
 from cachefs import __version__
-from cachefs.cli import browse_cmd, dataset_cmd, history_cmd, materialize_cmd, remote_cmd
+from cachefs.cli import (
+    browse_cmd,
+    dataset_cmd,
+    history_cmd,
+    materialize_cmd,
+    mount_cmd,
+    remote_cmd,
+)
 from cachefs.cli.common import HelpFormatter, common_options
 from cachefs.errors import CachefsError
 
@@ -39,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (remote_cmd, dataset_cmd, history_cmd, browse_cmd, materialize_cmd):
+    for module in (remote_cmd, dataset_cmd, history_cmd, browse_cmd, materialize_cmd,
+                   mount_cmd):
         module.register(sub, common)
     return parser
 

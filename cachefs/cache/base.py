@@ -1,0 +1,62 @@
+"""The cache-tier interface: a bounded store of immutable objects addressed by their remote key.
+
+Keys are repository keys (`chunks/ab/<hash>`, `trees/ab/<hash>`, `commits/ab/<hash>`): the
+object's name is in the key, so any tier can check an entry against it. Because objects are
+immutable, an entry is never stale: a tier only ever has the right bytes, or none (a corrupt
+entry is dropped and reported as a miss). A tier that fails is a logged miss, never an error
+for the reader (mountpoint-s3's rule); only the origin failing is.
+
+Tiers are called from several threads at once and must be thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+# verify(key, data) -> True if `data` is the intact object named by `key`.
+Verifier = Callable[[str, bytes], bool]
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier (monotonic, except `used_bytes`)."""
+
+    hits: int = 0
+    misses: int = 0
+    hit_bytes: int = 0
+    inserts: int = 0
+    insert_bytes: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+
+
+class CacheTier(Protocol):
+    """One cache tier (memory, disk, peers)."""
+
+    name: str
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes if this tier holds an intact copy, else None (never raises)."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Offer an object (already verified by the caller); the tier may decline or evict."""
+        ...
+
+    def contains(self, key: str) -> bool:
+        """True if the tier holds `key` (without reading or verifying it)."""
+        ...
+
+    def stats(self) -> TierStats:
+        """A snapshot of the tier's counters."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; calling it twice is harmless."""
+        ...

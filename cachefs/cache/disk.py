@@ -1,0 +1,539 @@
+"""The disk tier: a bounded, verified, least-recently-used object cache on a node's local SSD.
+
+One cache directory serves a whole node: every mount process on it (different datasets, or two
+versions of one dataset, in different pods) opens the same directory at once. Each object is one
+file, ``DIR/objects/<key>``, mirroring its repository key (``chunks/ab/<hash>``,
+``trees/ab/<hash>``, ``commits/ab/<hash>``); keys are content names, so an object that two
+versions or two datasets share is stored once, whoever fetched it first. ``DIR/format`` holds the
+layout version (a directory written by a newer cachefs is refused), and ``DIR/state`` is both the
+node-wide lock (``fcntl.flock``) and the running total of bytes stored (an 8-byte counter). A
+writer reserves the object's size in that counter under the lock, writes a temporary file
+(``.tmp-<size>-<random>``) in the entry's own directory and links it into place without
+replacing anything, so a reader never sees a partial file and, when two processes store the same
+object at once, the first one wins and the other takes its reservation back. When a reservation
+would exceed the capacity, the writer evicts under the lock: it rescans the directory itself (so
+writes and deletions by every process, and by crashed ones, are accounted for exactly; in-flight
+temporary files count at the size in their name, and abandoned ones are removed), then deletes
+the entries with the oldest mtime until the usage is down to 90% of the capacity. Unlinking a
+file that another process is reading is harmless on Linux. Recency is the file's mtime: a hit
+sets it to now, at most once per entry per `touch_interval_s` (one minute by default) so hits stay
+cheap. The directory is rescanned when a cache is opened; between scans nobody walks it. Entries
+survive remounts and reboots (they are plain files) and are not fsynced: an entry torn by a crash
+is caught on its next read, because every hit is checked with the caller's `verify(key, data)`;
+an entry that fails is deleted, counted as corrupt and reported as a miss. Any I/O failure is a
+logged miss or a skipped insert, never an error for the reader. Puts are also skipped while the
+file system's free space is below a floor, whatever the capacity says, so the cache never fills
+the disk that other tenants of the node need.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from pathlib import Path
+
+from cachefs.cache.base import TierStats, Verifier
+from cachefs.errors import ConfigError
+
+log = logging.getLogger("cachefs.cache.disk")
+
+FORMAT_VERSION = 1
+DEFAULT_TOUCH_INTERVAL_S = 60.0
+DEFAULT_LOW_WATER = 0.9  # an eviction frees space down to this fraction of the capacity
+DEFAULT_CAPACITY_FRACTION = 0.5  # of (free space + what the cache already holds)
+DEFAULT_FLOOR_FRACTION = 0.10  # of the file system's size ...
+DEFAULT_FLOOR_MAX = 5 << 30  # ... or this, whichever is smaller
+STALE_TEMP_S = 600.0  # a temporary file this old belongs to a writer that died
+LOG_INTERVAL_S = 60.0  # repeated warnings of one kind are logged at most this often
+
+_KEY_RE = re.compile(r"([a-z]+)/([0-9a-f]{2})/([0-9a-f]{64})")
+_KIND_RE = re.compile(r"[a-z]+")
+_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
+_NAME_RE = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+_COUNTER = struct.Struct("<Q")
+_NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+# (mtime_ns, size, path) of one complete entry
+_Entry = tuple[int, int, str]
+
+
+def check_key(key: str) -> tuple[str, str, str]:
+    """Split a repository key into (kind, fan-out, name); ValueError unless it is well formed.
+
+    Only ``kind/xx/<64 hex>`` with ``xx`` the name's first two characters is accepted, so a key
+    can never reach outside the cache directory.
+    """
+    m = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None or m.group(3)[:2] != m.group(2):
+        raise ValueError(f"not a cache key (kind/xx/<64 hex>): {key!r}")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _listdir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _temp_size(name: str) -> int:
+    """The size reserved by an in-flight temporary file, from its name (0 if unreadable)."""
+    size = name[len(_TMP_PREFIX):].partition("-")[0]
+    return int(size) if size.isdigit() else 0
+
+
+def _scan(objects: str, remove_stale_temps: bool) -> tuple[list[_Entry], int]:
+    """Every complete entry under `objects`, and the bytes in use (in-flight writes included)."""
+    entries: list[_Entry] = []
+    total = 0
+    stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
+    for kind in _listdir(objects):
+        if not (_KIND_RE.fullmatch(kind.name) and kind.is_dir(follow_symlinks=False)):
+            continue
+        for fan in _listdir(kind.path):
+            if not (_FANOUT_RE.fullmatch(fan.name) and fan.is_dir(follow_symlinks=False)):
+                continue
+            for f in _listdir(fan.path):
+                try:
+                    st = f.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if f.name.startswith(_TMP_PREFIX):
+                    if st.st_mtime_ns >= stale_before:
+                        total += max(st.st_size, _temp_size(f.name))
+                    elif remove_stale_temps:
+                        with suppress(OSError):
+                            os.unlink(f.path)
+                elif _NAME_RE.fullmatch(f.name) and f.name[:2] == fan.name:
+                    entries.append((st.st_mtime_ns, st.st_size, f.path))
+                    total += st.st_size
+    return entries, total
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _floor_for(st: os.statvfs_result) -> int:
+    return min(int(st.f_blocks * st.f_frsize * DEFAULT_FLOOR_FRACTION), DEFAULT_FLOOR_MAX)
+
+
+def _capacity_for(st: os.statvfs_result, used: int, floor: int) -> int:
+    free = st.f_bavail * st.f_frsize
+    return max(0, min(int((free + used) * DEFAULT_CAPACITY_FRACTION), free + used - floor))
+
+
+class DiskCache:
+    """The `CacheTier` named "disk": verified object files in a directory shared by processes.
+
+    `capacity_bytes` bounds the bytes stored (default: `default_capacity`); `free_space_floor`
+    is the free space a put must leave on the file system (default: `default_free_space_floor`).
+    `touch_interval_s` and `low_water` (the fraction of the capacity an eviction frees down to)
+    are tuning knobs, mostly for tests. Opening creates the directory if needed and scans it;
+    it raises ConfigError for a directory of a newer format and OSError if it cannot be used.
+    """
+
+    name = "disk"
+
+    def __init__(
+        self,
+        directory: Path,
+        capacity_bytes: int | None = None,
+        *,
+        verify: Verifier,
+        free_space_floor: int | None = None,
+        touch_interval_s: float = DEFAULT_TOUCH_INTERVAL_S,
+        low_water: float = DEFAULT_LOW_WATER,
+    ) -> None:
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, not {capacity_bytes}")
+        if not 0.0 < low_water <= 1.0:
+            raise ValueError(f"low_water must be in (0, 1], not {low_water}")
+        self.directory = Path(directory)
+        self._objects = str(self.directory / "objects")
+        self._verify = verify
+        self._touch_interval_ns = int(touch_interval_s * 1e9)
+        self._low_water = low_water
+        self._lock = threading.Lock()  # guards the flock (shared by threads) and the counter
+        self._stats_lock = threading.Lock()
+        self._stats = TierStats()
+        self._skipped_low_space = 0
+        self._skipped_too_large = 0
+        self._low_space_logged = False
+        self._last_logged: dict[str, float] = {}
+        self._closed = False
+
+        os.makedirs(self._objects, exist_ok=True)
+        self._fd = os.open(self.directory / "state", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            with self._locked():
+                self._check_format()
+                _, used = _scan(self._objects, remove_stale_temps=True)
+                self._write_counter(used)
+            st = os.statvfs(self.directory)
+        except BaseException:
+            os.close(self._fd)
+            self._closed = True
+            raise
+        self._used_estimate = used
+        self._floor = _floor_for(st) if free_space_floor is None else free_space_floor
+        self._capacity = (
+            _capacity_for(st, used, self._floor) if capacity_bytes is None else capacity_bytes
+        )
+        self._stats.capacity_bytes = self._capacity
+        log.debug(
+            "disk cache %s: %d bytes used of %d, free-space floor %d",
+            self.directory, used, self._capacity, self._floor,
+        )
+
+    # --- sizing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def default_free_space_floor(directory: Path) -> int:
+        """10% of the file system holding `directory`, or 5 GiB, whichever is smaller."""
+        return _floor_for(os.statvfs(_existing_ancestor(Path(directory))))
+
+    @staticmethod
+    def default_capacity(directory: Path, floor: int | None = None) -> int:
+        """The capacity a cache in `directory` gets when none is given.
+
+        Half of (the file system's free space + what the cache already holds), but never so much
+        that less than `floor` (default: `default_free_space_floor`) would stay free.
+        """
+        directory = Path(directory)
+        st = os.statvfs(_existing_ancestor(directory))
+        _, used = _scan(str(directory / "objects"), remove_stale_temps=False)
+        return _capacity_for(st, used, _floor_for(st) if floor is None else floor)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def free_space_floor(self) -> int:
+        return self._floor
+
+    @property
+    def skipped_low_space(self) -> int:
+        """Puts skipped because the file system's free space was below the floor."""
+        return self._skipped_low_space
+
+    @property
+    def skipped_too_large(self) -> int:
+        """Puts skipped because the object alone is larger than the capacity."""
+        return self._skipped_too_large
+
+    # --- the tier ----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        kind, fan, name = check_key(key)
+        return os.path.join(self._objects, kind, fan, name)
+
+    def get(self, key: str) -> bytes | None:
+        """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error)."""
+        path = self._path(key)
+        if self._closed:
+            return self._miss()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return self._miss()
+        except OSError as e:
+            self._error("read", key, e)
+            return self._miss()
+        try:
+            intact = bool(self._verify(key, data))
+        except Exception as e:
+            log.debug("verifying %s raised %r: treated as corrupt", key, e)
+            intact = False
+        if not intact:
+            self._drop_corrupt(key, path, st, len(data))
+            return self._miss()
+        self._touch(path, st.st_mtime_ns)
+        with self._stats_lock:
+            self._stats.hits += 1
+            self._stats.hit_bytes += len(data)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` (verified by the caller) unless present, too large or the disk is low."""
+        path = self._path(key)
+        size = len(data)
+        if self._closed:
+            return
+        if size > self._capacity:
+            with self._stats_lock:
+                self._skipped_too_large += 1
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._error("stat", key, e)
+            return
+        else:
+            self._touch(path, st.st_mtime_ns)  # someone else stored it first: just a use
+            return
+        if not self._space_left_for(size):
+            return
+        try:
+            if not self._reserve(size):
+                return
+        except OSError as e:
+            self._error("reserve", key, e)
+            return
+        try:
+            stored = self._write(path, data)
+        except OSError as e:
+            self._error("write", key, e)
+            stored = False
+        if not stored:
+            self._release(size)
+            return
+        with self._stats_lock:
+            self._stats.inserts += 1
+            self._stats.insert_bytes += size
+
+    def contains(self, key: str) -> bool:
+        """True if an entry file for `key` exists (not read, not verified, not a use)."""
+        path = self._path(key)
+        if self._closed:
+            return False
+        try:
+            os.stat(path)
+        except OSError:
+            return False
+        return True
+
+    def stats(self) -> TierStats:
+        """This process's counters; used_bytes is the node-wide total of the shared directory."""
+        with self._stats_lock:
+            snapshot = replace(self._stats)
+        used = self._used_estimate
+        if not self._closed:
+            with suppress(OSError):
+                used = self._read_counter()
+        snapshot.used_bytes = used
+        snapshot.capacity_bytes = self._capacity
+        return snapshot
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._fd)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[bool]:
+        """Hold the node-wide lock (yields False, holding nothing, once the cache is closed)."""
+        with self._lock:
+            if self._closed:
+                yield False
+                return
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield True
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _check_format(self) -> None:
+        path = self.directory / "format"
+        try:
+            text = path.read_bytes().decode("ascii", errors="replace")
+        except FileNotFoundError:
+            tmp = self.directory / f"{_TMP_PREFIX}format-{secrets.token_hex(8)}"
+            tmp.write_text(f"{FORMAT_VERSION}\n")
+            os.replace(tmp, path)
+            return
+        version = text.split()[0] if text.split() else ""
+        if not version.isdigit():
+            raise ConfigError(f"{self.directory} is not a cachefs disk cache (bad {path})")
+        if int(version) > FORMAT_VERSION:
+            raise ConfigError(
+                f"the disk cache {self.directory} has format {version}, newer than this cachefs "
+                f"understands ({FORMAT_VERSION}): upgrade cachefs or use another cache directory"
+            )
+
+    def _read_counter(self) -> int:
+        raw = os.pread(self._fd, _COUNTER.size, 0)
+        return _COUNTER.unpack(raw)[0] if len(raw) == _COUNTER.size else 0
+
+    def _write_counter(self, used: int) -> None:
+        os.pwrite(self._fd, _COUNTER.pack(max(0, used)), 0)
+        self._used_estimate = max(0, used)
+
+    def _reserve(self, size: int) -> bool:
+        """Count `size` more bytes as used, evicting first if needed; False if it cannot fit."""
+        with self._locked() as held:
+            if not held:
+                return False
+            used = self._read_counter()
+            if used + size > self._capacity:
+                used = self._evict(size)
+                if used + size > self._capacity:
+                    self._write_counter(used)
+                    return False
+            self._write_counter(used + size)
+            return True
+
+    def _release(self, size: int) -> None:
+        """Take back `size` bytes counted as used (a reservation not needed, a deleted entry)."""
+        try:
+            with self._locked() as held:
+                if held:
+                    self._write_counter(self._read_counter() - size)
+        except OSError as e:
+            self._error("release", "state", e)
+
+    def _evict(self, size: int) -> int:
+        """Under the lock: rescan and delete oldest entries to make room; return bytes used."""
+        entries, total = _scan(self._objects, remove_stale_temps=True)
+        if total + size <= self._capacity:
+            return total
+        goal = int(self._capacity * self._low_water)
+        target = goal - size if size <= goal else self._capacity - size
+        entries.sort()
+        evicted = evicted_bytes = 0
+        for _, entry_size, path in entries:
+            if total <= target:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # another process deleted it (a corrupt entry) after the scan
+            except OSError as e:
+                self._error("evict", path, e)
+                continue
+            else:
+                evicted += 1
+                evicted_bytes += entry_size
+            total -= entry_size
+        with self._stats_lock:
+            self._stats.evictions += evicted
+            self._stats.evicted_bytes += evicted_bytes
+        log.debug("disk cache %s: evicted %d entries, %d bytes", self.directory, evicted,
+                  evicted_bytes)
+        return total
+
+    def _write(self, path: str, data: bytes) -> bool:
+        """Write `data` to a temporary file and link it to `path`; False if it was there."""
+        tmp = os.path.join(
+            os.path.dirname(path), f"{_TMP_PREFIX}{len(data)}-{secrets.token_hex(8)}"
+        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                now = time.time_ns()
+                os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # never replaces: the first writer of an object wins
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in _NO_HARDLINKS:
+                    raise
+                os.replace(tmp, path)  # a file system without hard links: same bytes anyway
+            return True
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _touch(self, path: str, mtime_ns: int) -> None:
+        """Mark an entry as just used, unless that was done less than touch_interval_s ago."""
+        now = time.time_ns()
+        if now - mtime_ns < self._touch_interval_ns:
+            return
+        try:
+            os.utime(path, ns=(now, now))
+        except PermissionError:  # an exact time needs ownership, "now" only write access
+            with suppress(OSError):
+                os.utime(path)
+        except OSError:
+            pass  # evicted meanwhile
+
+    def _drop_corrupt(self, key: str, path: str, st: os.stat_result, size: int) -> None:
+        with self._stats_lock:
+            self._stats.corrupt += 1
+        log.warning("disk cache entry %s is corrupt (%d bytes read): deleted", key, size)
+        try:
+            current = os.stat(path)
+            if (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
+                return  # replaced by a fresh copy since we read it
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._error("delete", key, e)
+            return
+        self._release(current.st_size)
+
+    def _space_left_for(self, size: int) -> bool:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError as e:
+            self._error("statvfs", str(self.directory), e)
+            return False
+        free = st.f_bavail * st.f_frsize
+        if free - size >= self._floor:
+            self._low_space_logged = False
+            return True
+        with self._stats_lock:
+            self._skipped_low_space += 1
+            first = not self._low_space_logged
+            self._low_space_logged = True
+        if first:
+            log.warning(
+                "disk cache %s: %d bytes free, below the floor of %d: not caching new objects",
+                self.directory, free, self._floor,
+            )
+        return False
+
+    def _miss(self) -> None:
+        with self._stats_lock:
+            self._stats.misses += 1
+        return None
+
+    def _error(self, what: str, key: str, e: OSError) -> None:
+        now = time.monotonic()
+        with self._stats_lock:
+            self._stats.errors += 1
+            last = self._last_logged.get(what)
+            loud = last is None or now - last >= LOG_INTERVAL_S
+            if loud:
+                self._last_logged[what] = now
+        log.log(logging.WARNING if loud else logging.DEBUG,
+                "disk cache %s of %s failed: %s", what, key, e)

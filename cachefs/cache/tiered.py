@@ -1,0 +1,233 @@
+"""The read path's object source: memory, then local SSD, then the origin, one fetch per object.
+
+A request for an object (a chunk, a tree, a commit) is answered by the first tier that has it,
+and every faster tier is filled on the way back. Concurrent misses on the same key share one
+fetch (single flight), so a hundred readers of one packed chunk cost one origin request. The
+origin is called on worker threads (boto3 and the file remote block) through a capacity limiter
+that bounds parallel requests, and within a deadline: a read that the origin cannot serve in
+time fails (EIO for the reader) instead of hanging the mount; the abandoned worker thread ends on
+its own when the client library times out. Every object from the origin is verified against its
+name before anyone sees it; a corrupt one is counted and refused. The disk tier verifies its own
+entries on every hit. A failing cache tier is a logged miss, never an error.
+
+Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an in-process
+dict), the disk tier and the origin on worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from cachefs.cache.base import CacheTier
+from cachefs.cache.memory import MemoryCache
+from cachefs.dataset.objects import (
+    Commit,
+    Tree,
+    decode_commit,
+    decode_tree,
+    hash_bytes,
+)
+from cachefs.dataset.repo import Repository, chunk_key, commit_key, tree_key
+from cachefs.errors import CachefsError, CorruptObject, RemoteError
+
+log = logging.getLogger("cachefs.cache.tiered")
+
+
+def object_is_intact(key: str, data: bytes) -> bool:
+    """True if `data` is the object `key` names (chunks by hash, trees/commits by decoding)."""
+    kind, _, name = key.partition("/")
+    name = name.rpartition("/")[2]
+    try:
+        if kind == "chunks":
+            return hash_bytes(data) == name
+        if kind == "trees":
+            decode_tree(name, data)
+            return True
+        if kind == "commits":
+            decode_commit(name, data)
+            return True
+    except CorruptObject:
+        return False
+    return False
+
+
+@dataclass
+class OriginStats:
+    requests: int = 0
+    bytes: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    corrupt: int = 0
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class TieredStore:
+    """Objects by key from memory -> disk -> origin, with single flight and verification."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        memory: MemoryCache,
+        disk: CacheTier | None,
+        origin_timeout: float = 30.0,
+        origin_parallelism: int = 16,
+        tree_cache_entries: int = 2_000_000,
+    ) -> None:
+        self.repo = repo
+        self.memory = memory
+        self.disk = disk
+        self.origin_timeout = origin_timeout
+        self.origin = OriginStats()
+        self._origin_limiter = trio.CapacityLimiter(origin_parallelism)
+        self._disk_limiter = trio.CapacityLimiter(8)
+        self._flights: dict[str, _Flight] = {}
+        # Decoded trees, bounded by their total number of entries (what costs memory).
+        self._trees: OrderedDict[str, Tree] = OrderedDict()
+        self._tree_entries = 0
+        self._tree_entries_limit = tree_cache_entries
+        self.started = time.monotonic()
+
+    # -- objects --------------------------------------------------------------------------
+    async def get(self, key: str, *, into_memory: bool = True) -> bytes:
+        """The verified bytes of `key`, from the fastest tier that has them."""
+        data = self.memory.get(key)
+        if data is not None:
+            return data
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            return flight.data
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.data = await self._fetch(key, into_memory)
+            return flight.data
+        except BaseException as e:
+            flight.error = e if isinstance(e, CachefsError) else RemoteError(
+                f"fetching {key} was interrupted")
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    async def _fetch(self, key: str, into_memory: bool) -> bytes:
+        if self.disk is not None:
+            data = await self._disk_call(self.disk.get, key)
+            if data is not None:
+                if into_memory:
+                    self.memory.put(key, data)
+                return data
+        data = await self._from_origin(key)
+        if into_memory:
+            self.memory.put(key, data)
+        if self.disk is not None:
+            await self._disk_call(self.disk.put, key, data)
+        return data
+
+    async def _disk_call(self, fn: Callable, *args: object) -> object:  # type: ignore[type-arg]
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._disk_limiter)
+        except Exception as e:  # the tier promises not to raise; be safe anyway
+            log.warning("disk cache failed on %s: %s", args[0], e)
+            return None
+
+    async def _from_origin(self, key: str) -> bytes:
+        self.origin.requests += 1
+        try:
+            with trio.fail_after(self.origin_timeout):
+                data = await trio.to_thread.run_sync(
+                    self.repo.remote.get, key, limiter=self._origin_limiter,
+                    abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.origin.timeouts += 1
+            raise RemoteError(
+                f"origin did not answer for {key} within {self.origin_timeout:g} s") from None
+        except CachefsError:
+            self.origin.errors += 1
+            raise
+        except Exception as e:
+            self.origin.errors += 1
+            raise RemoteError(f"origin failed on {key}: {e}") from e
+        self.origin.bytes += len(data)
+        if not await trio.to_thread.run_sync(object_is_intact, key, data):
+            self.origin.corrupt += 1
+            log.error("object %s from the origin is corrupt (hash mismatch): refused", key)
+            raise CorruptObject(f"object {key} from the origin is corrupt", key)
+        return data
+
+    async def warm(self, key: str) -> int:
+        """Make sure the disk tier holds `key` (without filling memory); bytes fetched."""
+        if self.disk is None:
+            await self.get(key)
+            return 0
+        if await self._disk_call(self.disk.contains, key):
+            return 0
+        data = await self.get(key, into_memory=False)
+        return len(data)
+
+    def prefetch(self, nursery: trio.Nursery, key: str) -> None:
+        """Start fetching `key` in the background unless it is cached or already in flight."""
+        if key in self._flights or self.memory.contains(key):
+            return
+        nursery.start_soon(self._prefetch_quietly, key)
+
+    async def _prefetch_quietly(self, key: str) -> None:
+        try:
+            await self.get(key)
+        except CachefsError as e:
+            log.debug("prefetch of %s failed: %s", key, e)
+
+    # -- typed helpers --------------------------------------------------------------------
+    async def chunk(self, name: str) -> bytes:
+        return await self.get(chunk_key(name))
+
+    async def tree(self, name: str) -> Tree:
+        tree = self._trees.get(name)
+        if tree is not None:
+            self._trees.move_to_end(name)
+            return tree
+        stored = await self.get(tree_key(name), into_memory=False)
+        tree = decode_tree(name, stored)
+        self._trees[name] = tree
+        self._tree_entries += len(tree.entries)
+        while self._tree_entries > self._tree_entries_limit and len(self._trees) > 1:
+            _, old = self._trees.popitem(last=False)
+            self._tree_entries -= len(old.entries)
+        return tree
+
+    async def commit(self, name: str) -> Commit:
+        return decode_commit(name, await self.get(commit_key(name), into_memory=False))
+
+    def stats(self) -> dict[str, object]:
+        memory = self.memory.stats()
+        disk = self.disk.stats() if self.disk is not None else None
+        return {
+            "memory_hits": memory.hits,
+            "memory_bytes_used": memory.used_bytes,
+            "memory_capacity_bytes": memory.capacity_bytes,
+            "ssd_hits": disk.hits if disk else 0,
+            "ssd_misses": disk.misses if disk else 0,
+            "ssd_bytes_used": disk.used_bytes if disk else 0,
+            "ssd_capacity_bytes": disk.capacity_bytes if disk else 0,
+            "ssd_evictions": disk.evictions if disk else 0,
+            "origin_requests": self.origin.requests,
+            "origin_bytes": self.origin.bytes,
+            "origin_errors": self.origin.errors,
+            "origin_timeouts": self.origin.timeouts,
+            "corrupt_chunks": self.origin.corrupt + (disk.corrupt if disk else 0),
+            "trees_cached": len(self._trees),
+        }

@@ -1,0 +1,214 @@
+"""`cachefs mount|umount|mounts|stats|warmup`: versions as read-only directories."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from cachefs.cli.common import HelpFormatter, print_json, progress_for
+from cachefs.config import Config
+from cachefs.dataset.repo import Repository
+from cachefs.errors import LocalIOError, MountError, NotFound, UsageError
+from cachefs.names import format_size, parse_address, parse_size
+from cachefs.remotes.registry import open_remote_url
+
+MOUNT_EXAMPLES = """examples:
+  cachefs mount imagenet@v1 /mnt/imagenet
+  cachefs mount imagenet@main /mnt/imagenet --remote team --memory-cache 2GiB
+  cachefs mount imagenet@3f2a9c1e /data --cache-dir /nvme/cachefs --cache-size 500GiB \\
+      --uid 1000 --gid 1000 --umask 022 --metrics 127.0.0.1:9567
+  cachefs umount /mnt/imagenet
+
+The REF is resolved once: the mount shows exactly that commit, read-only, until unmounted.
+Chunks and trees are served from memory, then the SSD cache (--cache-dir, shared by every mount
+on the machine and kept across remounts and reboots), then the remote. fstab / mount -t:
+  imagenet@v1  /mnt/imagenet  fuse.cachefs  remote=team,cache_dir=/nvme/cachefs,_netdev  0 0
+(needs /sbin/mount.fuse.cachefs -> the mount.cachefs program installed with cachefs)."""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("mount", parents=[common], formatter_class=HelpFormatter,
+                       help="mount a version as a read-only directory",
+                       description="Mount DATASET@REF at MOUNTPOINT (read-only, FUSE). Returns "
+                                   "once the mount serves; the daemon keeps running in the "
+                                   "background and logs under the cache directory.",
+                       epilog=MOUNT_EXAMPLES)
+    p.add_argument("target", metavar="DATASET[@REF]")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--cache-dir", help="SSD cache directory (default: $XDG_CACHE_HOME/cachefs)")
+    p.add_argument("--cache-size", type=parse_size,
+                   help="SSD cache bound (default: half the free disk, keeping a free-space "
+                        "floor)")
+    p.add_argument("--memory-cache", type=parse_size, default="512MiB",
+                   help="memory cache bound (default 512MiB)")
+    p.add_argument("--uid", type=int, help="owner of every file (default: you)")
+    p.add_argument("--gid", type=int, help="group of every file (default: your group)")
+    p.add_argument("--umask", type=lambda v: int(v, 8), default=0,
+                   help="bits removed from every mode, octal (default 0)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds before an uncached read that the origin cannot serve fails "
+                        "with EIO (default 30)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (always on when mounted by root)")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground, logging to stderr, until unmounted")
+    p.set_defaults(func=mount)
+
+    p = sub.add_parser("umount", parents=[common], formatter_class=HelpFormatter,
+                       help="unmount a cachefs mount",
+                       epilog="examples:\n  cachefs umount /mnt/imagenet\n"
+                              "  cachefs umount /mnt/imagenet --lazy\n")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", "-z", action="store_true",
+                   help="detach now even if busy; the daemon exits when the last file closes")
+    p.set_defaults(func=umount)
+
+    p = sub.add_parser("mounts", parents=[common], formatter_class=HelpFormatter,
+                       help="list the cachefs mounts of this machine",
+                       epilog="examples:\n  cachefs mounts\n  cachefs mounts --json\n")
+    p.set_defaults(func=mounts)
+
+    p = sub.add_parser("stats", parents=[common], formatter_class=HelpFormatter,
+                       help="cache and read statistics of a mount",
+                       epilog="examples:\n  cachefs stats /mnt/imagenet\n"
+                              "  cachefs stats /mnt/imagenet --json | jq .ssd_hits\n")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=stats)
+
+    p = sub.add_parser("warmup", parents=[common], formatter_class=HelpFormatter,
+                       help="prefetch files of a mount into the SSD cache",
+                       description="Fetch everything below each PATH (files or directories "
+                                   "inside a cachefs mount) into the SSD cache, in parallel.",
+                       epilog="examples:\n  cachefs warmup /mnt/imagenet\n"
+                              "  cachefs warmup /mnt/imagenet/train/n01440764 --workers 32\n")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--workers", type=int, default=16, help="files in flight (default 16)")
+    p.set_defaults(func=warmup)
+
+
+def mount(args: argparse.Namespace) -> int:
+    from cachefs.fuse import mount as mounts_api
+    from cachefs.fuse.config import MountConfig, default_cache_dir
+
+    address = parse_address(args.target, allow_path=False)
+    mountpoint = mounts_api.check_mountpoint(args.mountpoint)
+    settings = Config.load()
+    remote_url = settings.url_of(args.remote or settings.default_remote)  # with its options
+    repo = Repository(open_remote_url(remote_url))
+    resolved = repo.resolve(address.dataset, address.ref)
+    uid, gid = MountConfig.user_ids()
+    config = MountConfig(
+        remote_url=remote_url,
+        dataset=address.dataset, ref=address.ref_or_default, commit=resolved.commit,
+        mountpoint=mountpoint, cache_dir=os.path.abspath(args.cache_dir or default_cache_dir()),
+        cache_size=args.cache_size, memory_cache=args.memory_cache,
+        uid=uid if args.uid is None else args.uid, gid=gid if args.gid is None else args.gid,
+        umask=args.umask, origin_timeout=args.timeout, metrics=args.metrics,
+        allow_other=args.allow_other or os.getuid() == 0,
+    )
+    info = mounts_api.start(config, foreground=args.foreground)
+    if args.json:
+        print_json(info)
+    elif not args.foreground:
+        print(f"mounted {address.dataset}@{config.ref} ({config.commit[:12]}) at {mountpoint}")
+    return 0
+
+
+def umount(args: argparse.Namespace) -> int:
+    from cachefs.fuse import mount as mounts_api
+
+    mounts_api.unmount(args.mountpoint, lazy=args.lazy)
+    if args.json:
+        print_json({"unmounted": os.path.realpath(args.mountpoint), "lazy": args.lazy})
+    else:
+        print(f"unmounted {args.mountpoint}" + (" (lazily)" if args.lazy else ""))
+    return 0
+
+
+def mounts(args: argparse.Namespace) -> int:
+    from cachefs.fuse import mount as mounts_api
+
+    rows = [mounts_api.mount_info(m) for m in mounts_api.cachefs_mounts()]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no cachefs mounts", file=sys.stderr)
+    for r in rows:
+        if r.get("state") == "dead":
+            print(f"{r['mountpoint']}  DEAD (daemon gone; run: cachefs umount {r['mountpoint']})")
+        else:
+            print(f"{r['mountpoint']}  {r['dataset']}@{r['ref']} {str(r['commit'])[:12]}  "
+                  f"pid {r['pid']}  cache {r['cache_dir']}")
+    return 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    from cachefs.fuse import mount as mounts_api
+
+    figures = mounts_api.mount_stats(args.mountpoint)
+    if args.json:
+        print_json(figures)
+        return 0
+    for key, value in figures.items():
+        if key.endswith("bytes") or key.endswith("bytes_used"):
+            value = f"{value} ({format_size(value)})"  # type: ignore[arg-type]
+        print(f"{key:<32} {value}")
+    return 0
+
+
+def _files_below(paths: list[str]) -> list[tuple[str, int]]:
+    files: list[tuple[str, int]] = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise NotFound(f"{path} does not exist")
+        if os.path.isfile(path) and not os.path.islink(path):
+            files.append((path, os.path.getsize(path)))
+            continue
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                st = os.lstat(full)
+                if not os.path.islink(full):
+                    files.append((full, st.st_size))
+    return files
+
+
+def warmup(args: argparse.Namespace) -> int:
+    from cachefs.fs import XATTR_WARMUP
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    files = _files_below(args.paths)
+    progress = progress_for(args)
+    progress.start(sum(size for _, size in files), "B", "warmup")
+    fetched = 0
+
+    def warm(item: tuple[str, int]) -> int:
+        path, size = item
+        try:
+            value = int(os.getxattr(path, XATTR_WARMUP.decode()))
+        except OSError as e:
+            if e.errno in (61, 95):  # ENODATA / ENOTSUP: not inside a cachefs mount
+                raise MountError(f"{path} is not inside a cachefs mount") from e
+            raise LocalIOError(f"warming {path} failed: {e.strerror}") from e
+        progress.update(size)
+        return value
+
+    try:
+        with ThreadPoolExecutor(args.workers) as pool:
+            for value in pool.map(warm, files):
+                fetched += value
+    finally:
+        progress.close()
+    total = sum(size for _, size in files)
+    if args.json:
+        print_json({"files": len(files), "bytes": total, "fetched_bytes": fetched})
+    else:
+        print(f"warmed {len(files)} files ({format_size(total)}); fetched "
+              f"{format_size(fetched)} from the remote")
+    return 0

@@ -1,0 +1,332 @@
+"""The read-only file-system core of a mount: inodes, lookups, attributes, reads, readahead.
+
+No pyfuse3 here: `cachefs.fuse.operations` is a thin adapter over this class, and tests can drive
+it directly. One instance shows one commit, forever.
+
+Inodes are created on lookup (and by readdirplus) and dropped when the kernel forgets them, so
+memory follows what the kernel holds, not the size of the dataset; directory trees are loaded
+lazily, one directory at a time, through the tiered store (a million-file dataset mounts as fast
+as a ten-file one).
+
+Reads: the extents covering a request come from the file's `FileLayout` (the Cython hot path);
+each needed chunk comes from the tiered store, and the reply is a slice (memoryview) of the
+cached chunk, not a copy. Chunks of zeros (sparse regions) are never fetched. Readahead: an open
+file that is read sequentially gets a prefetch window, starting at one chunk past the request and
+doubling on every sequential read up to `max_readahead_chunks`; a random read resets it. Small
+packed files need no readahead of their own: reading one brings its whole chunk, and with it its
+neighbours in path order.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from cachefs.cache.tiered import TieredStore
+from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
+from cachefs.errors import CachefsError
+from cachefs.lookup import FileLayout
+
+log = logging.getLogger("cachefs.fs")
+
+ROOT_INODE = 1
+XATTR_COMMIT = b"user.cachefs.commit"
+XATTR_HASH = b"user.cachefs.hash"
+XATTR_INFO = b"user.cachefs.info"  # root only: what is mounted (JSON)
+XATTR_STATS = b"user.cachefs.stats"  # root only: counters (JSON)
+XATTR_WARMUP = b"user.cachefs.warmup"  # files: fetch into the SSD tier; value = bytes fetched
+_TYPE_BITS = {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}
+
+
+class FsError(Exception):
+    """An errno for the caller (the FUSE layer turns it into FUSEError)."""
+
+    def __init__(self, errno_value: int) -> None:
+        super().__init__(os.strerror(errno_value))
+        self.errno = errno_value
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    uid: int
+    gid: int
+    umask: int = 0
+    max_readahead_chunks: int = 16
+
+
+@dataclass
+class Attributes:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int
+    mtime_ns: int
+
+
+class Inode:
+    """One entry the kernel knows, with its lookup count."""
+
+    __slots__ = ("entry", "ino", "key", "layout", "lookups")
+
+    def __init__(self, ino: int, entry: TreeEntry, key: tuple[int, str]) -> None:
+        self.ino = ino
+        self.entry = entry
+        self.key = key  # (parent inode, name): the same entry always gets the same inode
+        self.lookups = 0
+        self.layout: FileLayout | None = None
+
+
+@dataclass
+class Handle:
+    inode: Inode
+    next_offset: int = 0
+    window: int = 0  # chunks of readahead
+
+
+@dataclass
+class ReadCounters:
+    requests: int = 0
+    bytes: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # request size -> count
+
+
+class DatasetFS:
+    """One commit of a dataset as a read-only directory tree."""
+
+    def __init__(self, store: TieredStore, commit: str, tree: str, commit_time_ns: int,
+                 chunk_size: int, options: MountOptions, info: dict[str, object]) -> None:
+        self.store = store
+        # Sparse regions of large files are whole chunks of zeros: known by name, never fetched.
+        self.zero_chunks = frozenset({zero_chunk_hash(chunk_size)})
+        self._started = time.monotonic()
+        self.commit = commit
+        self.options = options
+        self.info = info
+        root = TreeEntry("", Kind.DIR, 0o755, 0, commit_time_ns, tree)
+        self.root = Inode(ROOT_INODE, root, (0, ""))
+        self.root.lookups = 1
+        self._inodes: dict[int, Inode] = {ROOT_INODE: self.root}
+        self._by_key: dict[tuple[int, str], int] = {}
+        self._next_ino = ROOT_INODE + 1
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.reads = ReadCounters()
+        self.nursery: trio.Nursery | None = None  # set by the daemon, for readahead tasks
+
+    # -- inodes ---------------------------------------------------------------------------
+    def inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def _remember(self, parent: int, entry: TreeEntry) -> Inode:
+        key = (parent, entry.name)
+        ino = self._by_key.get(key)
+        if ino is not None:
+            return self._inodes[ino]
+        node = Inode(self._next_ino, entry, key)
+        self._next_ino += 1
+        self._inodes[node.ino] = node
+        self._by_key[key] = node.ino
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._inodes.get(ino)
+        if node is None or ino == ROOT_INODE:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self._inodes[ino]
+            self._by_key.pop(node.key, None)
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    async def _children(self, node: Inode) -> tuple[TreeEntry, ...]:
+        if node.entry.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        return (await self._call(self.store.tree(node.entry.hash))).entries
+
+    async def _call(self, awaitable):  # type: ignore[no-untyped-def]
+        """Await a store call, turning cachefs errors into EIO (logged once here)."""
+        try:
+            return await awaitable
+        except CachefsError as e:
+            log.error("%s", e)
+            raise FsError(errno.EIO) from e
+
+    async def lookup(self, parent: int, name: str) -> Inode:
+        node = self.inode(parent)
+        if name in (".", ".."):
+            raise FsError(errno.ENOENT)  # the kernel answers these itself
+        tree = await self._call(self.store.tree(node.entry.hash)) if node.entry.is_dir else None
+        if tree is None:
+            raise FsError(errno.ENOTDIR)
+        entry = tree.get(name)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        child = self._remember(parent, entry)
+        child.lookups += 1
+        return child
+
+    def attributes(self, node: Inode) -> Attributes:
+        e = node.entry
+        mode = _TYPE_BITS[e.kind] | (e.mode & ~self.options.umask & 0o7777)
+        if e.kind is Kind.SYMLINK:
+            mode = stat.S_IFLNK | 0o777
+        return Attributes(
+            ino=node.ino, mode=mode, nlink=2 if e.kind is Kind.DIR else 1,
+            uid=self.options.uid, gid=self.options.gid, size=e.size,
+            blocks=(e.size + 511) // 512, mtime_ns=e.mtime_ns,
+        )
+
+    async def readdir(self, ino: int, start: int) -> list[tuple[int, Inode]]:
+        """Entries from index `start` on, as (next index, inode); each inode's lookup count is
+        raised only when the caller confirms the kernel took it (see `confirm_readdir`)."""
+        node = self.inode(ino)
+        entries = await self._children(node)
+        return [(i + 1, self._remember(ino, e)) for i, e in enumerate(entries[start:], start)]
+
+    @staticmethod
+    def confirm_readdir(node: Inode) -> None:
+        node.lookups += 1
+
+    def drop_unreferenced(self, nodes: list[Inode]) -> None:
+        """Forget inodes readdir created that the kernel did not take."""
+        for node in nodes:
+            if node.lookups <= 0 and node.ino in self._inodes:
+                del self._inodes[node.ino]
+                self._by_key.pop(node.key, None)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if node.entry.kind is not Kind.SYMLINK:
+            raise FsError(errno.EINVAL)
+        return os.fsencode(node.entry.target)
+
+    # -- files ----------------------------------------------------------------------------
+    def open(self, ino: int, flags: int) -> int:
+        node = self.inode(ino)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise FsError(errno.EROFS)
+        if node.entry.kind is Kind.DIR:
+            raise FsError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node)
+        return fh
+
+    def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    def _layout(self, node: Inode) -> FileLayout:
+        if node.layout is None:
+            node.layout = FileLayout(node.entry.extents)
+        return node.layout
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        node = handle.inode
+        self.reads.requests += 1
+        self.reads.sizes[size] = self.reads.sizes.get(size, 0) + 1
+        pieces = self._layout(node).pieces(offset, size)
+        extents = node.entry.extents
+        if not pieces:
+            return b""
+        if len(pieces) == 1:
+            index, start, length = pieces[0]
+            reply: bytes | memoryview = await self._piece(extents[index].chunk, start, length)
+        else:
+            parts: list[bytes | memoryview] = [b""] * len(pieces)
+
+            async def fetch(i: int, index: int, start: int, length: int) -> None:
+                parts[i] = await self._piece(extents[index].chunk, start, length)
+
+            async with trio.open_nursery() as nursery:
+                for i, (index, start, length) in enumerate(pieces):
+                    nursery.start_soon(fetch, i, index, start, length)
+            reply = b"".join(parts)
+        self.reads.bytes += len(reply)
+        self._readahead(handle, offset, len(reply), pieces[-1][0])
+        return reply
+
+    async def _piece(self, chunk: str, start: int, length: int) -> bytes | memoryview:
+        if chunk in self.zero_chunks:
+            return bytes(length)
+        data = await self._call(self.store.chunk(chunk))
+        return memoryview(data)[start : start + length]
+
+    def _readahead(self, handle: Handle, offset: int, length: int, last_index: int) -> None:
+        sequential = offset == handle.next_offset
+        handle.next_offset = offset + length
+        if not sequential or self.nursery is None:
+            handle.window = 0
+            return
+        handle.window = min(max(1, handle.window * 2), self.options.max_readahead_chunks)
+        extents = handle.inode.entry.extents
+        for x in extents[last_index + 1 : last_index + 1 + handle.window]:
+            if x.chunk not in self.zero_chunks:
+                self.store.prefetch(self.nursery, f"chunks/{x.chunk[:2]}/{x.chunk}")
+
+    # -- extended attributes ----------------------------------------------------------------
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.inode(ino)
+        names = [XATTR_COMMIT]
+        if node.entry.kind is Kind.FILE:
+            names.append(XATTR_HASH)
+        return names
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.inode(ino)
+        if name == XATTR_COMMIT:
+            return self.commit.encode()
+        if name == XATTR_HASH and node.entry.kind is Kind.FILE:
+            return node.entry.hash.encode()
+        if name == XATTR_INFO and ino == ROOT_INODE:
+            return json.dumps(self.info).encode()
+        if name == XATTR_STATS and ino == ROOT_INODE:
+            return json.dumps(self.stats()).encode()
+        if name == XATTR_WARMUP and node.entry.kind is Kind.FILE:
+            return str(await self.warm(node)).encode()
+        raise FsError(errno.ENODATA)
+
+    async def warm(self, node: Inode) -> int:
+        """Fetch every chunk of a file into the SSD tier (not memory); bytes fetched."""
+        names = {x.chunk for x in node.entry.extents if x.chunk not in self.zero_chunks}
+        fetched = 0
+
+        async def one(name: str) -> None:
+            nonlocal fetched
+            fetched += await self._call(self.store.warm(f"chunks/{name[:2]}/{name}"))
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
+        return fetched
+
+    def stats(self) -> dict[str, object]:
+        elapsed = time.monotonic() - self._started
+        return {
+            **self.store.stats(),
+            "read_requests": self.reads.requests,
+            "read_bytes": self.reads.bytes,
+            "read_throughput_bytes_per_s": self.reads.bytes / elapsed if elapsed > 0 else 0.0,
+            "uptime_s": elapsed,
+            "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},
+            "inodes": self.inode_count,
+            "open_files": len(self._handles),
+        }

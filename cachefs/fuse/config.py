@@ -1,0 +1,73 @@
+"""The configuration of one mount: every `cachefs mount` flag, validated, as a frozen dataclass."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cachefs.config import _xdg
+from cachefs.errors import UsageError
+
+DEFAULT_MEMORY_CACHE = 512 << 20
+DEFAULT_ORIGIN_TIMEOUT_S = 30.0
+
+
+def default_cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "cachefs"
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """What a mount daemon needs; passed to it as JSON."""
+
+    remote_url: str
+    dataset: str
+    ref: str
+    commit: str
+    mountpoint: str
+    cache_dir: str
+    cache_size: int | None = None  # None: a fraction of the free disk (DiskCache's default)
+    memory_cache: int = DEFAULT_MEMORY_CACHE
+    uid: int = 0
+    gid: int = 0
+    umask: int = 0
+    origin_timeout: float = DEFAULT_ORIGIN_TIMEOUT_S
+    origin_parallelism: int = 16
+    metrics: str | None = None  # HOST:PORT for the Prometheus endpoint
+    allow_other: bool = False
+    read_ahead_kb: int = 4096
+    log_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_cache < 0:
+            raise UsageError("--memory-cache must not be negative")
+        if self.cache_size is not None and self.cache_size <= 0:
+            raise UsageError("--cache-size must be positive")
+        if not 0 <= self.umask <= 0o777:
+            raise UsageError(f"--umask {self.umask:o} is not a valid umask")
+        if self.origin_timeout <= 0:
+            raise UsageError("--timeout must be positive")
+        if self.metrics is not None:
+            host, _, port = self.metrics.rpartition(":")
+            if not host or not port.isdigit():
+                raise UsageError(f"--metrics {self.metrics!r}: expected HOST:PORT")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MountConfig:
+        return cls(**json.loads(text))
+
+    @property
+    def log_path(self) -> Path:
+        if self.log_file:
+            return Path(self.log_file)
+        name = self.mountpoint.strip("/").replace("/", "_") or "root"
+        return Path(self.cache_dir) / "logs" / f"mount-{name}.log"
+
+    @staticmethod
+    def user_ids() -> tuple[int, int]:
+        return os.getuid(), os.getgid()

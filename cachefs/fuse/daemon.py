@@ -1,0 +1,231 @@
+"""The mount daemon: one process per mount, serving one commit through pyfuse3 and trio.
+
+Started by `cachefs mount` (in the background, or in the foreground with --foreground) with a
+`MountConfig` as JSON and a pipe to report readiness on: it writes `ok` once the kernel mount
+exists, or `error: ...` if it could not mount, so the command that started it can return only
+when the mount serves, or fail with the reason. It logs to a file under the cache directory.
+
+After mounting it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only)
+so sequential reads arrive as large requests. SIGTERM or SIGINT unmount cleanly; an external
+`fusermount3 -u` (what `cachefs umount` does) ends the main loop the same way.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cachefs.cache.disk import DiskCache
+from cachefs.cache.memory import MemoryCache
+from cachefs.cache.tiered import TieredStore, object_is_intact
+from cachefs.dataset.repo import Repository
+from cachefs.errors import CachefsError
+from cachefs.fs import DatasetFS, MountOptions
+from cachefs.fuse.config import MountConfig
+from cachefs.fuse.operations import CachefsOperations
+from cachefs.remotes.registry import open_remote_url
+
+log = logging.getLogger("cachefs.daemon")
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {"ro", "fsname=cachefs", "subtype=cachefs", "noatime"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """major:minor of the file system mounted at `mountpoint` (an absolute, resolved path).
+
+    Reads mountinfo only: the daemon must not stat its own mount point before its main loop
+    runs (the request would wait for the very process that sends it).
+    """
+    real = mountpoint
+    with open("/proc/self/mountinfo") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            if unescape_mount_path(fields[4]) == real:
+                found = fields[2]  # the last (topmost) mount there wins
+        return found
+
+
+def unescape_mount_path(field: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for a space, etc.)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def tune_kernel(config: MountConfig) -> None:
+    """Larger kernel readahead for this mount (root only; skipped quietly otherwise)."""
+    device = mount_device(config.mountpoint)
+    if device is None:
+        return
+    path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    try:
+        path.write_text(str(config.read_ahead_kb))
+        log.info("read_ahead_kb of %s set to %d", device, config.read_ahead_kb)
+    except OSError as e:
+        log.info("could not raise readahead (%s): %s", path, e)
+    background = Path(f"/sys/fs/fuse/connections/{device.split(':')[1]}/max_background")
+    try:
+        background.write_text("64")
+    except OSError as e:
+        log.info("could not raise max_background (%s): %s", background, e)
+
+
+class MetricsServer:
+    """Prometheus text exposition of the mount's counters, on a loopback-or-given address."""
+
+    def __init__(self, address: str, fs: DatasetFS, token: trio.lowlevel.TrioToken) -> None:
+        host, _, port = address.rpartition(":")
+        fs_ref, token_ref = fs, token
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                stats = trio.from_thread.run_sync(fs_ref.stats, trio_token=token_ref)
+                body = render_metrics(stats, fs_ref.info).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("metrics: " + format, *args)
+
+        self.server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name="cachefs-metrics")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def render_metrics(stats: dict[str, object], info: dict[str, object]) -> str:
+    labels = f'dataset="{info.get("dataset")}",commit="{info.get("commit")}"'
+    lines = []
+    for key, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        name = f"cachefs_{key}"
+        lines.append(f"# TYPE {name} gauge")
+        lines.append(f"{name}{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"
+
+
+async def serve(fs: DatasetFS, config: MountConfig) -> None:
+    metrics = None
+    async with trio.open_nursery() as nursery:
+        fs.nursery = nursery
+        if config.metrics:
+            metrics = MetricsServer(config.metrics, fs, trio.lowlevel.current_trio_token())
+            metrics.start()
+        nursery.start_soon(_stop_on_signal, nursery)
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+        finally:
+            if metrics is not None:
+                metrics.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def build_fs(config: MountConfig) -> DatasetFS:
+    repo = Repository(open_remote_url(config.remote_url))
+    chunk_size = repo.dataset(config.dataset).chunk_size
+    disk = DiskCache(Path(config.cache_dir), capacity_bytes=config.cache_size,
+                     verify=object_is_intact)
+    store = TieredStore(repo, MemoryCache(config.memory_cache), disk,
+                        origin_timeout=config.origin_timeout,
+                        origin_parallelism=config.origin_parallelism)
+    commit = trio.run(store.commit, config.commit)
+    info = {
+        "dataset": config.dataset, "ref": config.ref, "commit": config.commit,
+        "remote": config.remote_url.split("?")[0], "mountpoint": config.mountpoint,
+        "pid": os.getpid(), "cache_dir": config.cache_dir, "log_file": str(config.log_path),
+        "files": commit.files, "bytes": commit.bytes,
+    }
+    options = MountOptions(uid=config.uid, gid=config.gid, umask=config.umask)
+    return DatasetFS(store, config.commit, commit.tree, commit.time_ns, chunk_size, options,
+                     info)
+
+
+def run(config: MountConfig, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted; report readiness on `ready_fd`. Returns an exit code."""
+    def report(message: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+
+    try:
+        fs = build_fs(config)
+        pyfuse3.init(CachefsOperations(fs), config.mountpoint, fuse_options(config))
+    except (CachefsError, OSError, RuntimeError) as e:
+        log.error("mount failed: %s", e)
+        report(f"error: {e}")
+        return 1
+    except BaseException as e:
+        log.exception("mount failed")
+        report(f"error: {type(e).__name__}: {e}")
+        return 1
+    tune_kernel(config)
+    log.info("mounted %s@%s (%s) at %s", config.dataset, config.ref, config.commit,
+             config.mountpoint)
+    report("ok")
+    try:
+        trio.run(serve, fs, config)
+    except BaseException:
+        log.exception("mount daemon failed")
+        pyfuse3.close(unmount=True)
+        return 1
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+def main() -> None:
+    config = MountConfig.from_json(sys.argv[1])
+    ready_fd = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    if ready_fd is not None:
+        config.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(filename=config.log_path, level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(run(config, ready_fd))
+
+
+if __name__ == "__main__":
+    main()
