@@ -27,7 +27,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.cachefs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+   [ cachefs/_lookup.pyx -nt "$stamp" ]; then
   echo "setup: installing cachefs and its test dependencies into .venv" >&2
   log=.venv/pip-install.log
   if ! { .venv/bin/python -m pip install --upgrade pip &&

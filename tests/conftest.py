@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.mounting import MountSet
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
 
 # CI must not depend on luck: there, property tests replay the same examples every run
@@ -61,3 +62,13 @@ def s3_url(moto_server: MotoServer) -> str:
     bucket = f"cachefs-test-{uuid.uuid4().hex[:16]}"
     moto_server.create_bucket(bucket)
     return f"s3://{bucket}/some/prefix?endpoint_url={moto_server.endpoint}&region=us-east-1"
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[MountSet]:
+    """Real cachefs mounts for one test; all unmounted (and daemons stopped) afterwards."""
+    mount_set = MountSet(tmp_path)
+    try:
+        yield mount_set
+    finally:
+        mount_set.cleanup()
