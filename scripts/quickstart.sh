@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the main job on the embedded default remote (`local`):
-# commits a sample ImageNet-like dataset, makes a second version, and shows them.
+# commits a sample ImageNet-like dataset, makes a second version, mounts the first version
+# read-only, reads it through the cache, and shows it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -35,6 +36,30 @@ step cachefs commit sample "$work/sample" -m "v2: drop 3 images, add 1, relabel"
 step cachefs log sample -n 2
 step cachefs diff sample@v1 main
 step cachefs ls sample:train -l
+mkdir -p "$work/mnt"
+if grep -qs " $PWD/$work/mnt fuse.cachefs " /proc/mounts; then cachefs umount "$work/mnt"; fi
+trap 'cachefs umount "$work/mnt" >/dev/null 2>&1 || true' EXIT
+step cachefs mount sample@v1 "$work/mnt" --cache-dir "$work/cache"
+step ls -l "$work/mnt" "$work/mnt/train" | head -20
+step head -3 "$work/mnt/labels.csv"
+printf '\n\033[1m$ read every file of the mount, twice\033[0m\n'
+python - "$work/mnt" <<'PY'
+import os, sys, time
+root = sys.argv[1]
+paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+for epoch in (1, 2):
+    start, total = time.perf_counter(), 0
+    for p in paths:
+        with open(p, "rb") as f:
+            total += len(f.read())
+    took = time.perf_counter() - start
+    print(f"epoch {epoch}: {len(paths)} files, {total / 2**20:.1f} MiB in {took:.2f} s "
+          f"({total / 2**20 / took:.0f} MiB/s, {len(paths) / took:.0f} files/s)")
+PY
+step cachefs mounts
+step cachefs stats "$work/mnt"
+step cachefs umount "$work/mnt"
+trap - EXIT
 step cachefs checkout sample@v1 "$work/checkout"
 step cachefs verify sample@v1
 step cachefs datasets
