@@ -348,3 +348,19 @@ def test_origin_down_serves_cache_and_fails_uncached_reads_in_bounded_time(
         assert stats(mnt)["origin_errors"] + stats(mnt)["origin_timeouts"] >= 1
     finally:
         server.stop()
+
+
+def test_sequential_reads_arrive_as_large_requests(tmp_path: Path, mounts: MountSet) -> None:
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "shard.bin").write_bytes(os.urandom(8 << 20))
+    run_cli("init", "big")
+    run_cli("commit", "big", str(src), "-m", "one shard")
+    mnt = mounts.mount("big", mounts.mountpoint())
+    with open(mnt / "shard.bin", "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    sizes = {int(k): v for k, v in stats(mnt)["read_request_sizes"].items()}
+    assert sum(k * v for k, v in sizes.items()) >= 8 << 20
+    if os.getuid() == 0:  # the readahead knob in /sys needs root
+        assert max(sizes) == 1 << 20, sizes

@@ -5,9 +5,10 @@ Started by `cachefs mount` (in the background, or in the foreground with --foreg
 exists, or `error: ...` if it could not mount, so the command that started it can return only
 when the mount serves, or fail with the reason. It logs to a file under the cache directory.
 
-After mounting it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only)
-so sequential reads arrive as large requests. SIGTERM or SIGINT unmount cleanly; an external
-`fusermount3 -u` (what `cachefs umount` does) ends the main loop the same way.
+Once serving, it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only) so
+sequential reads arrive as large requests (up to 1 MiB, libfuse's max_pages). SIGTERM or
+SIGINT unmount cleanly; an external `fusermount3 -u` (what `cachefs umount` does) ends the main
+loop the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
@@ -73,8 +75,18 @@ def unescape_mount_path(field: str) -> str:
     return "".join(out)
 
 
-def tune_kernel(config: MountConfig) -> None:
-    """Larger kernel readahead for this mount (root only; skipped quietly otherwise)."""
+def tune_kernel_after_init(config: MountConfig) -> None:
+    """Larger kernel readahead for this mount (root only; skipped quietly otherwise).
+
+    The kernel sets the mount's readahead from the FUSE INIT reply, which the main loop sends:
+    so this runs on a worker thread once the loop serves (a stat of the mount point, answered by
+    the loop, proves it), or the kernel would overwrite the value.
+    """
+    try:
+        os.stat(config.mountpoint)
+    except OSError as e:
+        log.info("mount point not answering, readahead left as is: %s", e)
+        return
     device = mount_device(config.mountpoint)
     if device is None:
         return
@@ -138,7 +150,7 @@ def render_metrics(stats: dict[str, object], info: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def serve(fs: DatasetFS, config: MountConfig) -> None:
+async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None]) -> None:
     metrics = None
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
@@ -146,12 +158,20 @@ async def serve(fs: DatasetFS, config: MountConfig) -> None:
             metrics = MetricsServer(config.metrics, fs, trio.lowlevel.current_trio_token())
             metrics.start()
         nursery.start_soon(_stop_on_signal, nursery)
+        nursery.start_soon(_tune_then_report_ready, config, report)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
             if metrics is not None:
                 metrics.stop()
             nursery.cancel_scope.cancel()
+
+
+async def _tune_then_report_ready(config: MountConfig, report: Callable[[str], None]) -> None:
+    await trio.to_thread.run_sync(tune_kernel_after_init, config, abandon_on_cancel=True)
+    log.info("serving %s@%s (%s) at %s", config.dataset, config.ref, config.commit,
+             config.mountpoint)
+    report("ok")
 
 
 async def _stop_on_signal(nursery: trio.Nursery) -> None:
@@ -184,8 +204,12 @@ def build_fs(config: MountConfig) -> DatasetFS:
 
 def run(config: MountConfig, ready_fd: int | None) -> int:
     """Mount and serve until unmounted; report readiness on `ready_fd`. Returns an exit code."""
+    reported = False
+
     def report(message: str) -> None:
-        if ready_fd is not None:
+        nonlocal reported
+        if ready_fd is not None and not reported:
+            reported = True
             os.write(ready_fd, message.encode() + b"\n")
             os.close(ready_fd)
 
@@ -200,14 +224,11 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
         log.exception("mount failed")
         report(f"error: {type(e).__name__}: {e}")
         return 1
-    tune_kernel(config)
-    log.info("mounted %s@%s (%s) at %s", config.dataset, config.ref, config.commit,
-             config.mountpoint)
-    report("ok")
     try:
-        trio.run(serve, fs, config)
-    except BaseException:
+        trio.run(serve, fs, config, report)
+    except BaseException as e:
         log.exception("mount daemon failed")
+        report(f"error: {type(e).__name__}: {e}")
         pyfuse3.close(unmount=True)
         return 1
     pyfuse3.close(unmount=True)
