@@ -364,3 +364,25 @@ def test_sequential_reads_arrive_as_large_requests(tmp_path: Path, mounts: Mount
     assert sum(k * v for k, v in sizes.items()) >= 8 << 20
     if os.getuid() == 0:  # the readahead knob in /sys needs root
         assert max(sizes) == 1 << 20, sizes
+
+
+def test_mount_t_fuse_cachefs_through_mount8(dataset: Path, mounts: MountSet) -> None:
+    """mount(8) runs /sbin/mount.fuse.cachefs (the documented link to mount.cachefs)."""
+    if os.getuid() != 0:
+        pytest.skip("mount(8) with a helper in /sbin needs root")  # CI runs as root
+    link = Path("/sbin/mount.fuse.cachefs")
+    created = not link.exists()
+    if created:
+        link.symlink_to(Path(sys.executable).with_name("mount.cachefs"))
+    try:
+        mnt = mounts.mountpoint()
+        mounts.points.append(mnt)
+        proc = subprocess.run(["mount", "-t", "fuse.cachefs", "ds@main", str(mnt), "-o",
+                               f"cache_dir={mounts.root / 'cache'},timeout=10"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert (mnt / "ro.txt").read_text() == "read only"
+        assert is_mounted(mnt)
+    finally:
+        if created:
+            link.unlink()

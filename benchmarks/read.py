@@ -1,0 +1,862 @@
+"""Read throughput of cachefs mounts (file:// and S3 origins) against local disk, rclone and s3fs.
+
+What it measures, in one run, on one machine, everything bound to 127.0.0.1:
+
+1. Data. A synthetic ImageNet-like dataset is written with `cachefs.sample.make_sample`
+   (full: 20,000 incompressible files of ~110 KB in 100 class directories, plus four 256 MiB
+   shards; `--quick`: 2,000 files in 20 classes plus two 32 MiB shards). It is committed once to
+   the built-in `local` remote (a `file://` repository under the private XDG_DATA_HOME) and once
+   to an S3 bucket on a moto server started for the run (`tests.servers.MotoServer`, a real
+   `python -m moto.server` on a loopback port). For the peers, the *raw files* (not cachefs
+   chunks) are uploaded as plain objects to a second bucket of the same moto server, so every
+   system reads the same dataset over the same S3 endpoint.
+2. Readers (one code path for every system). Large files: one thread reads each shard whole,
+   one after the other, with 1 MiB `readinto` calls (MB/s). Small files: the small files in one
+   shuffled order (fixed seed, the same list for everyone), `--readers` threads (default 8, like
+   a PyTorch DataLoader) each taking the next file, open + read whole (1 MiB `readinto`) + close
+   (files/s). Every pass checks it read exactly the dataset's bytes.
+3. Baseline "local disk": the source files on the work dir's disk, read once first (warm page
+   cache), then timed: best of `WARM_PASSES` passes.
+4. cachefs (`cachefs mount` through the CLI, default options except `--cache-dir` and
+   `--memory-cache`, see below), once from the file:// remote and once from S3:
+   - large, cold: fresh cache dir, fresh mount, first read;
+   - large, epoch 2: the next passes on the same mount (the kernel page cache: keep_cache);
+   - large, memory tier: the same mount after dropping the mount's pages of those files with
+     `posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` on each file (works on FUSE and needs no
+     root; /proc/sys/vm/drop_caches would also drop the baseline's pages). Checked with the
+     mount's counters: every byte is read through FUSE again, with no SSD or origin access;
+   - large, SSD tier: unmount, mount again on the same cache dir (memory and page cache empty;
+     the cache dir's files may still sit in the host page cache, as on a node right after a
+     fetch), first read;
+   - small, cold: fresh cache dir, fresh mount, first shuffled pass;
+   - small, warm: the next passes on the same mount (page cache; open and release still reach
+     the daemon);
+   - small, SSD tier: remount on the same cache dir, first shuffled pass.
+   Warm figures are the best of `WARM_PASSES` passes (each SSD pass on its own fresh mount, each
+   memory pass after its own page drop). `--memory-cache` (default 1536 MiB) holds the full
+   run's 1 GiB of shards, so the memory tier can be measured at all (the 2.2 GB of small files
+   do not fit: their SSD passes also exercise the memory tier's eviction). The kernel read
+   request sizes the daemon saw during each cold large read come from its `read_request_sizes`
+   counter (`cachefs stats MOUNT --json`).
+5. Peers, from Debian: `rclone mount --vfs-cache-mode full` and `s3fs` (`use_cache`,
+   path-style), each on the raw-object bucket with a fresh cache dir: small cold (first pass),
+   small warm (best of the next `WARM_PASSES` passes), large cold, large warm. Ratios compare
+   cachefs *from S3* with them. Both run with their default tuning, as packaged.
+6. Extent lookup: `benchmarks.lookup` (compiled `FileLayout.pieces` against the pure-Python
+   reference), its `cython_vs_python` ratio.
+
+Ratios are throughputs divided by the baseline's (higher is better): `*_vs_local` against local
+disk with a warm page cache, `*_vs_rclone` / `*_vs_s3fs` cachefs-from-S3 against the peer in
+the same state; `s3_*` keys are the S3-origin variants of the file:// ones. `sync` runs before
+every timed phase so that write-back of an earlier phase is not charged to it.
+
+Isolation and cleanup: XDG_CONFIG_HOME, XDG_DATA_HOME, XDG_STATE_HOME, XDG_CACHE_HOME and TMPDIR
+point into the work dir; AWS_* come from `tests.servers` (test credentials, machine settings such
+as AWS_CA_BUNDLE removed, which rclone needs for a plain-HTTP endpoint). Every mount and process
+the run starts is undone in a `finally`: mounts are lazily unmounted (`fusermount3 -u -z`),
+mount daemons and peer processes still alive afterwards are killed, moto is stopped, and the work
+dir is removed unless `--keep`.
+
+Reproduce (from the repository root, as root for the kernel readahead tuning and the peers'
+installation; a few minutes for --quick, 10+ for the full run):
+
+    apt-get install -y rclone s3fs                       # or let the run install them as root
+    .venv/bin/python -m benchmarks.read --quick          # smoke run
+    .venv/bin/python -m benchmarks.read --json > out.json
+    .venv/bin/python -m benchmarks.read --skip-peers     # without rclone and s3fs
+
+Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it,
+`--readers N` small-file reader threads, `--memory-cache SIZE` for every cachefs mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from benchmarks import lookup as lookup_bench
+from benchmarks.common import (
+    FULL_DATASET,
+    add_common_args,
+    describe_spec,
+    fmt_bytes,
+    log,
+    meets,
+    print_json,
+    print_table,
+    sync,
+    timed,
+    warm_read,
+    work_dir,
+)
+from cachefs.dataset.commit import commit_directory
+from cachefs.dataset.repo import Repository
+from cachefs.fuse.daemon import unescape_mount_path
+from cachefs.fuse.mount import mount_stats
+from cachefs.names import parse_size
+from cachefs.remotes.registry import open_remote_url
+from cachefs.sample import SampleSpec, make_sample
+from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+
+DATASET = "bench"
+AUTHOR = "benchmark@localhost"
+BLOCK = 1 << 20  # every read() asks for 1 MiB
+SHUFFLE_SEED = 7
+WARM_PASSES = 2
+DEFAULT_READERS = 8
+DEFAULT_MEMORY_CACHE = "1536MiB"
+CACHEFS_BUCKET = "cachefs-bench"
+RAW_BUCKET = "raw-bench"
+PEERS = ("rclone", "s3fs")
+MOUNT_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+QUICK_SPEC = SampleSpec(small_files=2_000, small_mean=110 * 1024, classes=20,
+                        large_files=2, large_size=32 << 20, seed=1)
+
+TARGETS = {
+    "epoch2_large_vs_local": ">= 0.8",
+    "warm_small_vs_local": ">= 0.25",
+    "cold_small_vs_rclone": ">= 2",
+    "cold_small_vs_s3fs": ">= 2",
+    "cold_large_vs_rclone": ">= 1",
+    "warm_small_vs_rclone": ">= 1",
+    "warm_small_vs_s3fs": ">= 1",
+    "cython_vs_python": ">= 10",
+}
+
+
+# -- readers ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pass:
+    """One timed read of a file list."""
+
+    files: int
+    bytes: int
+    seconds: float
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def _read_whole(path: str, buf: bytearray) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def read_sequential(paths: list[str]) -> Pass:
+    """Read each file whole, one after the other, in 1 MiB reads, on this thread."""
+    buf = bytearray(BLOCK)
+    start = time.perf_counter()
+    total = sum(_read_whole(p, buf) for p in paths)
+    return Pass(len(paths), total, time.perf_counter() - start)
+
+
+def read_parallel(paths: list[str], threads: int) -> Pass:
+    """Read every file whole with `threads` threads, each taking the next file of `paths`."""
+    counter = itertools.count()  # next() on it is atomic: the threads share one position
+    n = len(paths)
+
+    def worker() -> int:
+        buf = bytearray(BLOCK)
+        total = 0
+        while (i := next(counter)) < n:
+            total += _read_whole(paths[i], buf)
+        return total
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="reader") as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(worker) for _ in range(threads)]
+        total = sum(f.result() for f in futures)
+        seconds = time.perf_counter() - start
+    return Pass(n, total, seconds)
+
+
+def drop_pages(paths: list[str]) -> None:
+    """Drop the page cache of these files only (POSIX_FADV_DONTNEED; FUSE files included)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# -- the run's environment and processes --------------------------------------------------------
+@contextlib.contextmanager
+def private_environment(work: Path) -> Iterator[None]:
+    """XDG dirs and TMPDIR inside the work dir, test AWS credentials; restored afterwards."""
+    saved = dict(os.environ)
+    try:
+        for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
+                         ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
+            path = work / "xdg" / sub
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(path)
+        tmp = work / "tmp"
+        tmp.mkdir(exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)  # moto spools large objects there
+        for name in AWS_UNSET_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(AWS_TEST_ENV)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def mounted_points() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {unescape_mount_path(line.split()[4]) for line in f}
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """True while `pid` runs a command line containing `marker` (not a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return marker in cmdline and state != "Z"
+
+
+def _wait_gone(pid: int, marker: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid, marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class Processes:
+    """Every mount and process the run starts, so that `close` can undo all of them."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.mountpoints: list[Path] = []
+        self.daemons: set[int] = set()  # cachefs mount daemons (not our children)
+        self.children: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def cli(self, *args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "cachefs.cli.main", *args],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cachefs {' '.join(args)} exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:]}")
+        return proc.stdout
+
+    def mount_cachefs(self, remote: str, mountpoint: Path, cache_dir: Path,
+                      memory_cache: int) -> dict[str, Any]:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.mountpoints.append(mountpoint)
+        info = json.loads(self.cli("mount", f"{DATASET}@main", str(mountpoint), "--remote", remote,
+                                   "--cache-dir", str(cache_dir), "--memory-cache",
+                                   str(memory_cache), "--json"))
+        self.daemons.add(int(info["pid"]))
+        return info
+
+    def unmount_cachefs(self, mountpoint: Path) -> None:
+        self.cli("umount", str(mountpoint))  # waits for the daemon to exit
+
+    def start_peer(self, name: str, argv: list[str], mountpoint: Path,
+                   log_path: Path) -> subprocess.Popen[bytes]:
+        """Start a FUSE peer in the foreground (our child) and wait until it is mounted."""
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "ab")  # noqa: SIM115 (closed in close())
+        self._logs.append(log_file)
+        self.mountpoints.append(mountpoint)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append(proc)
+        deadline = time.monotonic() + MOUNT_TIMEOUT_S
+        while str(mountpoint) not in mounted_points():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} did not mount {mountpoint} "
+                                   f"(status {proc.poll()}):\n{tail}")
+            time.sleep(0.05)
+        os.listdir(mountpoint)  # serves
+        return proc
+
+    def stop_peer(self, mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
+        """Unmount (retrying while busy) and wait for the peer to exit."""
+        for _ in range(50):
+            done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                                  timeout=60, check=False)
+            if done.returncode == 0 or str(mountpoint) not in mounted_points():
+                break
+            time.sleep(0.1)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S * 3)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Lazily unmount everything still mounted; kill what did not exit. Never raises."""
+        points = mounted_points()
+        for mountpoint in self.mountpoints:
+            if str(mountpoint) in points:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
+                                   capture_output=True, timeout=30, check=False)
+        for pid in sorted(self.daemons):
+            if not _wait_gone(pid, "cachefs.fuse.daemon", STOP_TIMEOUT_S):
+                log(f"killing mount daemon {pid}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for proc in self.children:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log(f"killing {proc.args[0]} {proc.pid}")
+                    proc.kill()
+                    proc.wait(timeout=STOP_TIMEOUT_S)
+        for log_file in self._logs:
+            log_file.close()
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Data:
+    src: Path
+    small: list[str]  # relative paths, shuffled (the order every small-file pass uses)
+    large: list[str]  # relative paths, sorted
+    small_bytes: int
+    large_bytes: int
+
+    def paths(self, root: Path, kind: str) -> list[str]:
+        return [os.path.join(root, rel) for rel in (self.small if kind == "small" else self.large)]
+
+
+def generate(src: Path, spec: SampleSpec) -> Data:
+    make_sample(src, spec)
+    small = sorted(p.relative_to(src).as_posix() for p in (src / "train").rglob("*.jpg"))
+    large = sorted(p.relative_to(src).as_posix() for p in (src / "shards").glob("*"))
+    random.Random(SHUFFLE_SEED).shuffle(small)
+    size = lambda rel: (src / rel).stat().st_size  # noqa: E731
+    return Data(src, small, large, sum(map(size, small)), sum(map(size, large)))
+
+
+def commit_to(remote_url: str, src: Path) -> float:
+    """Create the dataset in the remote and commit `src` as its first version; seconds."""
+    repo = Repository(open_remote_url(remote_url))
+    try:
+        repo.create_dataset(DATASET)
+        result, seconds = timed(lambda: commit_directory(repo, DATASET, "main", src, "v1",
+                                                         author=AUTHOR))
+        log(f"committed {result.files:,} files, {fmt_bytes(result.bytes)} in {seconds:.1f}s "
+            f"to {remote_url.split('?')[0]}")
+        return seconds
+    finally:
+        repo.remote.close()
+
+
+def upload_raw(server: MotoServer, data: Data) -> float:
+    """The dataset's files as plain objects (key = relative path) in RAW_BUCKET; seconds."""
+    import boto3
+    from botocore.config import Config
+
+    server.create_bucket(RAW_BUCKET)
+    client = boto3.session.Session(
+        aws_access_key_id=AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
+    ).client("s3", endpoint_url=server.endpoint, verify=False,
+             config=Config(max_pool_connections=32))
+
+    def put(rel: str) -> None:
+        path = data.src / rel
+        if path.stat().st_size > 64 << 20:
+            client.upload_file(str(path), RAW_BUCKET, rel)  # multipart
+        else:
+            client.put_object(Bucket=RAW_BUCKET, Key=rel, Body=path.read_bytes())
+
+    start = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, [*data.large, *sorted(data.small)]))
+    finally:
+        client.close()
+    return time.perf_counter() - start
+
+
+# -- measurements -------------------------------------------------------------------------------
+def pass_doc(result: Pass, passes: list[float] | None = None,
+             **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "files": result.files, "bytes": result.bytes, "seconds": round(result.seconds, 4),
+        "files_per_s": round(result.files_per_s, 1), "mb_per_s": round(result.bytes_per_s / 1e6, 1),
+    }
+    if passes is not None:
+        doc["pass_seconds"] = [round(s, 4) for s in passes]
+    doc.update(extra)
+    return doc
+
+
+def checked(result: Pass, expected_bytes: int, what: str) -> Pass:
+    if result.bytes != expected_bytes:
+        raise RuntimeError(f"{what}: read {result.bytes} bytes, expected {expected_bytes}")
+    return result
+
+
+def best_of(passes: int, one: Callable[[], Pass]) -> tuple[Pass, list[float]]:
+    results = [one() for _ in range(passes)]
+    return min(results, key=lambda r: r.seconds), [r.seconds for r in results]
+
+
+COUNTERS = ("read_requests", "read_bytes", "memory_hits", "ssd_hits", "origin_requests",
+            "origin_bytes")
+
+
+def counters(mountpoint: Path) -> dict[str, Any]:
+    return mount_stats(str(mountpoint))
+
+
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    out = {k: int(after[k]) - int(before[k]) for k in COUNTERS}
+    sizes: dict[str, int] = {}
+    for size, count in after["read_request_sizes"].items():
+        diff = count - before["read_request_sizes"].get(size, 0)
+        if diff:
+            sizes[size] = diff
+    out["read_request_sizes"] = sizes  # type: ignore[assignment]
+    return out
+
+
+def measure_local(data: Data, readers: int) -> dict[str, Any]:
+    large = data.paths(data.src, "large")
+    small = data.paths(data.src, "small")
+    warm_read(data.src)  # the page cache holds everything
+    sync()
+    log("local disk, large files (warm page cache)")
+    lg, lg_passes = best_of(WARM_PASSES, lambda: checked(read_sequential(large),
+                                                         data.large_bytes, "local large"))
+    log(f"  {lg.bytes_per_s / 1e6:,.0f} MB/s")
+    log(f"local disk, small files, {readers} threads (warm page cache)")
+    sm, sm_passes = best_of(WARM_PASSES, lambda: checked(read_parallel(small, readers),
+                                                         data.small_bytes, "local small"))
+    log(f"  {sm.files_per_s:,.0f} files/s")
+    return {"large_warm": pass_doc(lg, lg_passes), "small_warm": pass_doc(sm, sm_passes)}
+
+
+def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data: Data,
+                    readers: int, memory_cache: int) -> dict[str, Any]:
+    """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files."""
+    out: dict[str, Any] = {}
+    cache = work / "caches" / label
+    mnt = work / "mnt" / label
+    large, small = data.paths(mnt, "large"), data.paths(mnt, "small")
+
+    def mount() -> None:
+        procs.mount_cachefs(remote, mnt, cache, memory_cache)
+
+    # -- large files --------------------------------------------------------------------------
+    sync()
+    log(f"{label}: large files, cold (fresh cache dir, fresh mount)")
+    mount()
+    before = counters(mnt)
+    cold = checked(read_sequential(large), data.large_bytes, f"{label} cold large")
+    out["large_cold"] = pass_doc(cold, counters=delta(before, counters(mnt)))
+    log(f"  {cold.bytes_per_s / 1e6:,.0f} MB/s; kernel read sizes "
+        f"{out['large_cold']['counters']['read_request_sizes']}")
+
+    log(f"{label}: large files, epoch 2 (kernel page cache)")
+    before = counters(mnt)
+    ep2, ep2_passes = best_of(WARM_PASSES, lambda: checked(
+        read_sequential(large), data.large_bytes, f"{label} epoch 2"))
+    out["large_epoch2"] = pass_doc(ep2, ep2_passes, counters=delta(before, counters(mnt)))
+    log(f"  {ep2.bytes_per_s / 1e6:,.0f} MB/s")
+
+    log(f"{label}: large files, memory tier (page cache dropped with POSIX_FADV_DONTNEED)")
+    mem_passes: list[Pass] = []
+    mem_counters: list[dict[str, Any]] = []
+    for _ in range(WARM_PASSES):
+        drop_pages(large)
+        before = counters(mnt)
+        mem_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} memory"))
+        mem_counters.append(delta(before, counters(mnt)))
+    best = min(range(WARM_PASSES), key=lambda i: mem_passes[i].seconds)
+    c = mem_counters[best]
+    out["large_memory"] = pass_doc(mem_passes[best], [p.seconds for p in mem_passes], counters=c,
+                                   all_through_fuse=c["read_bytes"] >= data.large_bytes,
+                                   memory_only=c["ssd_hits"] == 0 and c["origin_requests"] == 0)
+    log(f"  {mem_passes[best].bytes_per_s / 1e6:,.0f} MB/s; through FUSE "
+        f"{fmt_bytes(c['read_bytes'])}, memory hits {c['memory_hits']}, "
+        f"SSD hits {c['ssd_hits']}, origin {c['origin_requests']}")
+    procs.unmount_cachefs(mnt)
+
+    log(f"{label}: large files, SSD tier (remount, same cache dir)")
+    ssd_passes: list[Pass] = []
+    ssd_counters: list[dict[str, Any]] = []
+    for _ in range(WARM_PASSES):
+        sync()
+        mount()
+        before = counters(mnt)
+        ssd_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} ssd"))
+        ssd_counters.append(delta(before, counters(mnt)))
+        procs.unmount_cachefs(mnt)
+    best = min(range(WARM_PASSES), key=lambda i: ssd_passes[i].seconds)
+    out["large_ssd"] = pass_doc(ssd_passes[best], [p.seconds for p in ssd_passes],
+                                counters=ssd_counters[best])
+    log(f"  {ssd_passes[best].bytes_per_s / 1e6:,.0f} MB/s")
+    shutil.rmtree(cache)
+
+    # -- small files --------------------------------------------------------------------------
+    sync()
+    log(f"{label}: small files, cold, {readers} threads (fresh cache dir, fresh mount)")
+    mount()
+    before = counters(mnt)
+    cold = checked(read_parallel(small, readers), data.small_bytes, f"{label} cold small")
+    out["small_cold"] = pass_doc(cold, counters=delta(before, counters(mnt)))
+    log(f"  {cold.files_per_s:,.0f} files/s")
+
+    log(f"{label}: small files, warm (next passes on the same mount)")
+    before = counters(mnt)
+    warm, warm_passes = best_of(WARM_PASSES, lambda: checked(
+        read_parallel(small, readers), data.small_bytes, f"{label} warm small"))
+    out["small_warm"] = pass_doc(warm, warm_passes, counters=delta(before, counters(mnt)))
+    log(f"  {warm.files_per_s:,.0f} files/s")
+    procs.unmount_cachefs(mnt)
+
+    log(f"{label}: small files, SSD tier (remount, same cache dir)")
+    ssd_passes = []
+    ssd_counters = []
+    for _ in range(WARM_PASSES):
+        sync()
+        mount()
+        before = counters(mnt)
+        ssd_passes.append(checked(read_parallel(small, readers), data.small_bytes,
+                                  f"{label} ssd small"))
+        ssd_counters.append(delta(before, counters(mnt)))
+        procs.unmount_cachefs(mnt)
+    best = min(range(WARM_PASSES), key=lambda i: ssd_passes[i].seconds)
+    out["small_ssd"] = pass_doc(ssd_passes[best], [p.seconds for p in ssd_passes],
+                                counters=ssd_counters[best])
+    log(f"  {ssd_passes[best].files_per_s:,.0f} files/s")
+    shutil.rmtree(cache)
+    return out
+
+
+def peer_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
+              cache: Path) -> list[str]:
+    peers = work / "peers"
+    peers.mkdir(exist_ok=True)
+    if name == "rclone":
+        conf = peers / "rclone.conf"
+        conf.write_text(
+            "[moto]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+            f"access_key_id = {AWS_TEST_ENV['AWS_ACCESS_KEY_ID']}\n"
+            f"secret_access_key = {AWS_TEST_ENV['AWS_SECRET_ACCESS_KEY']}\n"
+            f"region = {AWS_TEST_ENV['AWS_DEFAULT_REGION']}\nendpoint = {server.endpoint}\n")
+        return ["rclone", "mount", f"moto:{RAW_BUCKET}", str(mountpoint), "--config", str(conf),
+                "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--log-level", "NOTICE"]
+    passwd = peers / "s3fs.passwd"
+    passwd.write_text(f"{AWS_TEST_ENV['AWS_ACCESS_KEY_ID']}:"
+                      f"{AWS_TEST_ENV['AWS_SECRET_ACCESS_KEY']}\n")
+    passwd.chmod(0o600)
+    return ["s3fs", RAW_BUCKET, str(mountpoint), "-f", "-o", f"url={server.endpoint}",
+            "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
+            "-o", f"use_cache={cache}", "-o", f"endpoint={AWS_TEST_ENV['AWS_DEFAULT_REGION']}"]
+
+
+def measure_peer(procs: Processes, work: Path, name: str, server: MotoServer, data: Data,
+                 readers: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cache = work / "caches" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt" / name
+    large, small = data.paths(mnt, "large"), data.paths(mnt, "small")
+    sync()
+    proc = procs.start_peer(name, peer_argv(name, server, work, mnt, cache), mnt,
+                            work / "logs" / f"{name}.log")
+    try:
+        log(f"{name}: small files, cold, {readers} threads")
+        cold = checked(read_parallel(small, readers), data.small_bytes, f"{name} cold small")
+        out["small_cold"] = pass_doc(cold)
+        log(f"  {cold.files_per_s:,.0f} files/s")
+        log(f"{name}: small files, warm (next passes)")
+        warm, passes = best_of(WARM_PASSES, lambda: checked(
+            read_parallel(small, readers), data.small_bytes, f"{name} warm small"))
+        out["small_warm"] = pass_doc(warm, passes)
+        log(f"  {warm.files_per_s:,.0f} files/s")
+        log(f"{name}: large files, cold")
+        cold = checked(read_sequential(large), data.large_bytes, f"{name} cold large")
+        out["large_cold"] = pass_doc(cold)
+        log(f"  {cold.bytes_per_s / 1e6:,.0f} MB/s")
+        log(f"{name}: large files, warm (next passes)")
+        warm, passes = best_of(WARM_PASSES, lambda: checked(
+            read_sequential(large), data.large_bytes, f"{name} warm large"))
+        out["large_warm"] = pass_doc(warm, passes)
+        log(f"  {warm.bytes_per_s / 1e6:,.0f} MB/s")
+    finally:
+        procs.stop_peer(mnt, proc)
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def ensure_peers() -> str | None:
+    """None when rclone and s3fs are installed (installing them as root); else why not."""
+    missing = [p for p in PEERS if shutil.which(p) is None]
+    if not missing:
+        return None
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {' '.join(missing)} with apt-get")
+        proc = subprocess.run(["apt-get", "install", "-y", *missing], stdout=sys.stderr,
+                              stderr=sys.stderr, timeout=600, check=False,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        missing = [p for p in PEERS if shutil.which(p) is None]
+        if proc.returncode == 0 and not missing:
+            return None
+    return (f"{' and '.join(missing)} missing: install with `apt-get install -y rclone s3fs` "
+            "(as root), or run with --skip-peers")
+
+
+def measure_lookup(quick: bool) -> dict[str, Any]:
+    args = argparse.Namespace(quick=quick, seed=1, queries=50_000, repeat=5)
+    return lookup_bench.run(args)
+
+
+# -- the run ------------------------------------------------------------------------------------
+def ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 0.0
+
+
+def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
+    local = results["local_disk"]
+    local_mb = local["large_warm"]["mb_per_s"]
+    local_fps = local["small_warm"]["files_per_s"]
+    ratios: dict[str, float] = {}
+    for prefix, system in (("", "cachefs_local"), ("s3_", "cachefs_s3")):
+        r = results[system]
+        ratios[f"{prefix}cold_large_vs_local"] = ratio(r["large_cold"]["mb_per_s"], local_mb)
+        ratios[f"{prefix}warm_ssd_large_vs_local"] = ratio(r["large_ssd"]["mb_per_s"], local_mb)
+        ratios[f"{prefix}warm_memory_large_vs_local"] = ratio(r["large_memory"]["mb_per_s"],
+                                                              local_mb)
+        ratios[f"{prefix}epoch2_large_vs_local"] = ratio(r["large_epoch2"]["mb_per_s"], local_mb)
+        ratios[f"{prefix}cold_small_vs_local"] = ratio(r["small_cold"]["files_per_s"], local_fps)
+        ratios[f"{prefix}warm_small_vs_local"] = ratio(r["small_warm"]["files_per_s"], local_fps)
+        ratios[f"{prefix}warm_ssd_small_vs_local"] = ratio(r["small_ssd"]["files_per_s"],
+                                                           local_fps)
+    s3 = results["cachefs_s3"]
+    for peer in PEERS:
+        if peer not in results:
+            continue
+        p = results[peer]
+        ratios[f"cold_small_vs_{peer}"] = ratio(s3["small_cold"]["files_per_s"],
+                                                p["small_cold"]["files_per_s"])
+        ratios[f"warm_small_vs_{peer}"] = ratio(s3["small_warm"]["files_per_s"],
+                                                p["small_warm"]["files_per_s"])
+        ratios[f"cold_large_vs_{peer}"] = ratio(s3["large_cold"]["mb_per_s"],
+                                                p["large_cold"]["mb_per_s"])
+        ratios[f"warm_large_vs_{peer}"] = ratio(s3["large_epoch2"]["mb_per_s"],
+                                                p["large_warm"]["mb_per_s"])
+    return ratios
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    spec = QUICK_SPEC if args.quick else FULL_DATASET
+    memory_cache = parse_size(args.memory_cache)
+    peers_problem = "--skip-peers" if args.skip_peers else ensure_peers()
+    if peers_problem and not args.skip_peers:
+        raise SystemExit(f"benchmarks.read: {peers_problem}")
+    if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
+        raise SystemExit("benchmarks.read: needs FUSE (/dev/fuse and fusermount3, Debian fuse3)")
+    raw: dict[str, Any] = {
+        "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
+        "read_block": BLOCK, "warm_passes": WARM_PASSES, "memory_cache": memory_cache,
+        "root": os.geteuid() == 0, "peers": None if args.skip_peers else {
+            "rclone": _version(["rclone", "version"]), "s3fs": _version(["s3fs", "--version"])},
+    }
+    results: dict[str, Any] = {}
+    with work_dir(args.dir, args.keep, prefix="cachefs-read-") as work, \
+            private_environment(work):
+        (work / "logs").mkdir()
+        procs = Processes(work)
+        server = MotoServer()
+        try:
+            log(f"generating the dataset: {describe_spec(spec)}")
+            data, raw["generate_s"] = timed(lambda: generate(work / "src", spec))
+            raw.update(small_files=len(data.small), small_bytes=data.small_bytes,
+                       large_files=len(data.large), large_bytes=data.large_bytes)
+            sync()
+            raw["commit_local_s"] = commit_to(
+                "file://" + str(Path(os.environ["XDG_DATA_HOME"]) / "cachefs" / "repo"), data.src)
+            server.start()
+            log(f"moto S3 server at {server.endpoint}")
+            server.create_bucket(CACHEFS_BUCKET)
+            s3_url = (f"s3://{CACHEFS_BUCKET}/repo?endpoint_url={server.endpoint}"
+                      f"&region={AWS_TEST_ENV['AWS_DEFAULT_REGION']}")
+            procs.cli("remote", "add", "s3", s3_url)
+            raw["commit_s3_s"] = commit_to(s3_url, data.src)
+            if not args.skip_peers:
+                log("uploading the raw files for the peers")
+                raw["upload_raw_s"] = upload_raw(server, data)
+                log(f"uploaded in {raw['upload_raw_s']:.1f}s")
+
+            results["local_disk"] = measure_local(data, args.readers)
+            results["cachefs_local"] = measure_cachefs(procs, work, "cachefs_local", "local",
+                                                       data, args.readers, memory_cache)
+            results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
+                                                    args.readers, memory_cache)
+            if not args.skip_peers:
+                for peer in PEERS:
+                    results[peer] = measure_peer(procs, work, peer, server, data, args.readers)
+        finally:
+            procs.close()
+            server.stop()
+    log("extent lookup: compiled against the Python reference")
+    lookup = measure_lookup(args.quick)
+    raw["results"] = results
+    raw["lookup"] = lookup["raw"]
+    raw["read_request_sizes"] = {
+        label: results[label]["large_cold"]["counters"]["read_request_sizes"]
+        for label in ("cachefs_local", "cachefs_s3")}
+    if args.skip_peers:
+        raw["peers_skipped"] = peers_problem
+    ratios = compute_ratios(results)
+    ratios["cython_vs_python"] = lookup["ratios"]["cython_vs_python"]
+    return {"ratios": ratios, "raw": raw, "targets": dict(TARGETS), "quick": bool(args.quick)}
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        return (out.stdout or out.stderr).splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- report -------------------------------------------------------------------------------------
+def print_report(report: dict[str, Any]) -> None:
+    r, raw = report["ratios"], report["raw"]
+    res = raw["results"]
+
+    def verdict(key: str) -> str:
+        if key not in TARGETS:
+            return ""
+        if key not in r:
+            return f"{TARGETS[key]} skipped"
+        return f"{TARGETS[key]} {'ok' if meets(r[key], TARGETS[key]) else 'MISSED'}"
+
+    def mbs(doc: dict[str, Any]) -> str:
+        return f"{doc['mb_per_s']:,.0f} MB/s"
+
+    def fps(doc: dict[str, Any]) -> str:
+        return f"{doc['files_per_s']:,.0f} files/s"
+
+    def row(system: str, case: str, value: str, key: str | None) -> list[str]:
+        if key is None:
+            return [system, case, value, "", "", ""]
+        shown = f"{r[key]:.2f}" if key in r else "-"
+        return [system, case, value, key, shown, verdict(key)]
+
+    rows = [row("local disk", "large, warm page cache", mbs(res["local_disk"]["large_warm"]),
+                None),
+            row("local disk", "small, warm page cache", fps(res["local_disk"]["small_warm"]),
+                None)]
+    for prefix, system, name in (("", "cachefs_local", "cachefs file://"),
+                                 ("s3_", "cachefs_s3", "cachefs S3")):
+        x = res[system]
+        rows += [
+            row(name, "large, cold", mbs(x["large_cold"]), f"{prefix}cold_large_vs_local"),
+            row(name, "large, SSD tier", mbs(x["large_ssd"]), f"{prefix}warm_ssd_large_vs_local"),
+            row(name, "large, memory tier", mbs(x["large_memory"]),
+                f"{prefix}warm_memory_large_vs_local"),
+            row(name, "large, epoch 2 (page cache)", mbs(x["large_epoch2"]),
+                f"{prefix}epoch2_large_vs_local"),
+            row(name, "small, cold", fps(x["small_cold"]), f"{prefix}cold_small_vs_local"),
+            row(name, "small, warm", fps(x["small_warm"]), f"{prefix}warm_small_vs_local"),
+            row(name, "small, SSD tier", fps(x["small_ssd"]), f"{prefix}warm_ssd_small_vs_local"),
+        ]
+    for peer in PEERS:
+        if peer not in res:
+            rows.append(row(peer, "skipped", "", None))
+            continue
+        p = res[peer]
+        rows += [
+            row(peer, "small, cold", fps(p["small_cold"]), f"cold_small_vs_{peer}"),
+            row(peer, "small, warm", fps(p["small_warm"]), f"warm_small_vs_{peer}"),
+            row(peer, "large, cold", mbs(p["large_cold"]), f"cold_large_vs_{peer}"),
+            row(peer, "large, warm", mbs(p["large_warm"]), f"warm_large_vs_{peer}"),
+        ]
+    lk = raw["lookup"]["chunked"]
+    rows.append(row("extent lookup", f"{lk['python_ns_per_query']:,.0f} -> "
+                    f"{lk['cython_ns_per_query']:,.0f} ns/read", "", "cython_vs_python"))
+    title = (f"cachefs read benchmark{' (quick)' if report['quick'] else ''}: "
+             f"{raw['small_files']:,} small files ({fmt_bytes(raw['small_bytes'])}) + "
+             f"{raw['large_files']} large ({fmt_bytes(raw['large_bytes'])})")
+    sizes = "; ".join(
+        f"{label}: " + ", ".join(f"{fmt_bytes(int(k))} x {v}" for k, v in s.items())
+        for label, s in raw["read_request_sizes"].items())
+    notes = [
+        f"Small files: {raw['readers']} reader threads (open + read whole + close, one shuffled "
+        f"order, seed {SHUFFLE_SEED}) for every system; large files: one thread, whole files "
+        f"in 1 MiB reads.",
+        "Ratios: throughput / local disk's (warm page cache); *_vs_rclone / *_vs_s3fs: cachefs "
+        "from S3 / the peer in the same state (moto on 127.0.0.1 for all three).",
+        f"Warm figures: best of {raw['warm_passes']} passes. Memory tier: mount pages dropped "
+        "with posix_fadvise(DONTNEED), every byte re-read through FUSE "
+        f"({'verified' if _memory_verified(res) else 'NOT verified: see raw'}). "
+        f"--memory-cache {fmt_bytes(raw['memory_cache'])}.",
+        f"Kernel read sizes during the cold large reads: {sizes}.",
+        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}.",
+    ]
+    print_table(title, ["system", "case", "throughput", "ratio", "value", "target"], rows, notes)
+
+
+def _memory_verified(res: dict[str, Any]) -> bool:
+    return all(res[s]["large_memory"]["all_through_fuse"]
+               and res[s]["large_memory"]["memory_only"] for s in ("cachefs_local", "cachefs_s3"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.read",
+        description="cachefs mount read throughput against local disk, rclone and s3fs")
+    add_common_args(parser)
+    parser.add_argument("--skip-peers", action="store_true",
+                        help="do not measure rclone and s3fs (e.g. when they are not installed)")
+    parser.add_argument("--readers", type=int, default=DEFAULT_READERS,
+                        help=f"small-file reader threads (default {DEFAULT_READERS})")
+    parser.add_argument("--memory-cache", default=DEFAULT_MEMORY_CACHE,
+                        help=f"--memory-cache of every cachefs mount (default "
+                             f"{DEFAULT_MEMORY_CACHE})")
+    args = parser.parse_args(argv)
+    report = run(args)
+    if args.json:
+        print_json(report)
+    else:
+        print_report(report)
+
+
+if __name__ == "__main__":
+    main()
