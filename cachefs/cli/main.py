@@ -9,6 +9,7 @@ import sys
 from cachefs import __version__
 from cachefs.cli import (
     browse_cmd,
+    csi_cmd,
     dataset_cmd,
     history_cmd,
     materialize_cmd,
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (remote_cmd, dataset_cmd, history_cmd, browse_cmd, materialize_cmd,
-                   mount_cmd):
+                   mount_cmd, csi_cmd):
         module.register(sub, common)
     return parser
 

@@ -1,0 +1,898 @@
+"""The CSI mounter: the process that owns a node's cachefs FUSE mounts and read-only bind mounts.
+
+The gRPC plugin (csi/node.py) never mounts anything itself: it asks the mounter, over a local
+unix socket, to mount a dataset version at a staging path, to bind that path read-only into pod
+target paths, and to undo both. Keeping the mounts in a separate process (its own container in
+the node DaemonSet) means a plugin restart or upgrade never touches them. The mount daemons run
+in their own sessions (`cachefs.fuse.mount.start`), so they survive a restart of the mounter
+too: the mounter only records what it made and keeps it healthy.
+
+Run it as ``python -m csi.mounter --socket PATH --state-dir DIR [--health-interval 2]
+[--cache-dir DIR]`` (or ``cachefs csi mounter ...``); talk to it with `MounterClient`.
+
+Wire protocol (AF_UNIX, SOCK_STREAM, socket mode 0600): one request per connection. The client
+sends one JSON object on one line (at most `MAX_REQUEST_BYTES`, newline-terminated), the mounter
+answers one JSON line and closes:
+
+    -> {"op": "mount", "path": "/abs/staging", "remote": "file:///repo", "dataset": "ds",
+        "ref": "main", "commit": "<64 hex>", "cache_dir": null}
+    <- {"ok": true, "result": null}
+    <- {"ok": false, "error": {"type": "MountError", "message": "..."}}
+
+Ops and their fields: ``ping`` (none); ``mount`` (path, remote, dataset, ref, commit; optional
+cache_dir); ``unmount`` (path); ``bind`` (source, target); ``unbind`` (target); ``status``
+(none; result ``{"mounts": {path: {...MountConfig fields, "state", "pid"}}, "binds":
+{target: source}}``). Every path must be absolute; an unknown op, a missing, unknown or
+mistyped field, bad JSON or an oversized request is answered with a ``UsageError``. ``type``
+names a class of `cachefs.errors`; the client raises that class (so the plugin maps it to a
+gRPC code through its ``grpc_status``); a failure that is not a cachefs error is reported as
+``CachefsError`` (gRPC INTERNAL).
+
+State: ``STATE_DIR/mounter.json`` records every mount (path -> its MountConfig fields) and every
+bind (target -> source); it is rewritten atomically (temp file, fsync, rename) on each change.
+
+Repair design. A mount daemon can die (OOM kill, crash, kill -9); its kernel mount then stays in
+the mount table but every request on it fails with ENOTCONN ("transport endpoint is not
+connected"), and so do the bind mounts made from it, which keep pointing at the dead FUSE
+connection. A health loop (a thread, every ``--health-interval`` seconds and once at start)
+walks the recorded mounts: a mount that is absent from /proc/self/mountinfo, or whose root
+answers stat/getxattr with ENOTCONN, ECONNABORTED or EIO, is repaired by lazily unmounting the
+dead mount (``fusermount3 -u -z``) and starting a new daemon with the same MountConfig at the
+same path. Then it walks the recorded binds: a bind is stale when its target is not a mount
+point, or when the device (major:minor, one per FUSE connection) of the target's top mount
+differs from the device of its source's top mount; a stale bind is lazily unmounted
+(``umount -l``) and bound again (``mount --bind`` then ``mount -o remount,bind,ro``). So pods see
+their data again once the repaired mount is re-bound (with HostToContainer propagation). A
+repair that fails is logged and retried on the next round; entries whose path no longer exists
+are dropped. Healthy mounts are never touched, so restarting the mounter (or the plugin) leaves
+running mounts alone. A daemon that hangs without dying is not detected (the daemon bounds its
+own reads by the origin timeout).
+
+Concurrency: each connection is served in its own thread. Operations lock the paths they touch
+(a mount path; a bind's source and target; always acquired in sorted order, so no deadlock), so
+a slow mount of one volume does not block the others, and the health loop takes the same locks;
+the recorded state itself is guarded by one lock. SIGTERM stops serving (waiting for requests in
+flight) and exits, leaving every mount in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cachefs import errors as cachefs_errors
+from cachefs.config import Config
+from cachefs.errors import CachefsError, LocalIOError, MountError, UsageError
+from cachefs.fs import XATTR_INFO
+from cachefs.fuse import mount as fuse_mount
+from cachefs.fuse.config import MountConfig, default_cache_dir
+from cachefs.fuse.daemon import unescape_mount_path
+from cachefs.names import check_hash, check_name
+
+log = logging.getLogger("cachefs.csi.mounter")
+
+PROTOCOL_VERSION = 1
+STATE_FILE = "mounter.json"
+MAX_REQUEST_BYTES = 64 << 10
+MAX_RESPONSE_BYTES = 64 << 20
+READ_TIMEOUT_S = 10.0  # a client must send its request line within this
+SPAWN_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 60.0
+MAX_UNMOUNT_LAYERS = 8  # bounded loops when several mounts are stacked on one path
+SUN_PATH_MAX = 107
+DEAD_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.EIO})
+
+_STR = (str,)
+_OPT_STR = (str, type(None))
+# op -> {field: (allowed types, required)}
+OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "ping": {},
+    "status": {},
+    "mount": {"path": (_STR, True), "remote": (_STR, True), "dataset": (_STR, True),
+              "ref": (_STR, True), "commit": (_STR, True), "cache_dir": (_OPT_STR, False)},
+    "unmount": {"path": (_STR, True)},
+    "bind": {"source": (_STR, True), "target": (_STR, True)},
+    "unbind": {"target": (_STR, True)},
+}
+PATH_FIELDS = ("path", "source", "target", "cache_dir")
+
+
+# --------------------------------------------------------------------------------------------
+# client
+
+
+class MounterClient:
+    """Talks to a running mounter; every method raises the cachefs error the mounter reported."""
+
+    def __init__(self, socket_path: str, timeout: float = 120.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def mount(self, path: str, *, remote: str, dataset: str, ref: str, commit: str,
+              cache_dir: str | None = None) -> None:
+        self._call("mount", path=path, remote=remote, dataset=dataset, ref=ref, commit=commit,
+                   cache_dir=cache_dir)
+
+    def unmount(self, path: str) -> None:
+        self._call("unmount", path=path)
+
+    def bind(self, source: str, target: str) -> None:
+        self._call("bind", source=source, target=target)
+
+    def unbind(self, target: str) -> None:
+        self._call("unbind", target=target)
+
+    def status(self) -> dict[str, Any]:
+        result = self._call("status")
+        assert isinstance(result, dict)
+        return result
+
+    def _call(self, op: str, **args: Any) -> Any:
+        line = json.dumps({"op": op, **args}).encode() + b"\n"
+        reply = request_raw(self.socket_path, line, self.timeout)
+        try:
+            response = json.loads(reply)
+        except ValueError as e:
+            raise MountError(f"the mounter at {self.socket_path} sent a malformed reply") from e
+        if response.get("ok"):
+            return response.get("result")
+        error = response.get("error") or {}
+        raise error_from_wire(str(error.get("type")), str(error.get("message")))
+
+
+def request_raw(socket_path: str, payload: bytes, timeout: float = 120.0) -> bytes:
+    """Send raw bytes as one request and return the raw reply line (no newline)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(payload)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while b"\n" not in data:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+                if len(data) > MAX_RESPONSE_BYTES:
+                    raise MountError(f"the mounter at {socket_path} sent an oversized reply")
+    except TimeoutError as e:
+        raise MountError(f"the mounter at {socket_path} did not answer within "
+                         f"{timeout:g} s") from e
+    except OSError as e:
+        raise MountError(f"cannot reach the mounter at {socket_path}: "
+                         f"{e.strerror or e}") from e
+    if not data:
+        raise MountError(f"the mounter at {socket_path} closed the connection without answer")
+    return data.split(b"\n", 1)[0]
+
+
+def error_from_wire(type_name: str, message: str) -> CachefsError:
+    cls = getattr(cachefs_errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, CachefsError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return CachefsError(f"{type_name}: {message}")
+
+
+def spawn_mounter(socket_path: str, state_dir: str,
+                  health_interval: float = 2.0) -> subprocess.Popen[bytes]:
+    """Start a mounter process (in its own session) and return once it answers ping.
+
+    Its log goes to STATE_DIR/mounter.log. Raises MountError (and kills it) if it exits or does
+    not answer within SPAWN_TIMEOUT_S.
+    """
+    socket_path, state_dir = os.path.abspath(socket_path), os.path.abspath(state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    log_path = os.path.join(state_dir, "mounter.log")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "csi.mounter", "--socket", socket_path,
+             "--state-dir", state_dir, "--health-interval", str(health_interval)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True, close_fds=True,
+        )
+    client = MounterClient(socket_path, timeout=5.0)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise MountError(f"the mounter exited with status {proc.returncode} "
+                             f"(log: {log_path}): {_tail(log_path)}")
+        try:
+            client.ping()
+            return proc
+        except MountError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(timeout=10)
+                raise MountError(f"the mounter did not answer within {SPAWN_TIMEOUT_S:g} s "
+                                 f"(log: {log_path})") from None
+            time.sleep(0.02)
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        return " | ".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel's mount table and the commands that change it
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    device: str  # major:minor
+    fstype: str
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount of this namespace, in mount order (a later entry on one path is on top)."""
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            left_fields = left.split()
+            entries.append(MountEntry(unescape_mount_path(left_fields[4]), left_fields[2],
+                                      right.split()[0]))
+    return entries
+
+
+def top_mount(table: list[MountEntry], path: str) -> MountEntry | None:
+    found = None
+    for entry in table:
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MountError(f"{' '.join(args)} failed: {e}") from e
+
+
+def _fusermount() -> str:
+    found = shutil.which("fusermount3") or shutil.which("fusermount")
+    if found is None:
+        raise MountError("fusermount3 is not installed (Debian package fuse3)")
+    return found
+
+
+def lazy_unmount_fuse(path: str) -> None:
+    """`fusermount3 -u -z` every cachefs mount stacked at `path`."""
+    for _ in range(MAX_UNMOUNT_LAYERS):
+        if path not in fuse_mount.cachefs_mounts():
+            return
+        proc = _run([_fusermount(), "-u", "-z", path])
+        if proc.returncode != 0:
+            raise MountError(f"fusermount3 -u -z {path} failed: {proc.stderr.strip()}")
+    raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
+
+
+def unmount_all(path: str, lazy: bool) -> bool:
+    """Unmount every mount stacked at `path` (plain umount first unless `lazy`, then -l).
+
+    Returns whether anything was mounted there.
+    """
+    for layer in range(MAX_UNMOUNT_LAYERS):
+        if top_mount(mount_table(), path) is None:
+            return layer > 0
+        proc = _run(["umount", path]) if not lazy else None
+        if proc is None or proc.returncode != 0:
+            proc = _run(["umount", "-l", path])
+            if proc.returncode != 0:
+                raise MountError(f"umount -l {path} failed: {proc.stderr.strip()}")
+    raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
+
+
+def bind_readonly(source: str, target: str) -> None:
+    proc = _run(["mount", "--bind", source, target])
+    if proc.returncode != 0:
+        raise MountError(f"mount --bind {source} {target} failed: {proc.stderr.strip()}")
+    proc = _run(["mount", "-o", "remount,bind,ro", target])
+    if proc.returncode != 0:
+        detail = proc.stderr.strip()
+        with contextlib.suppress(MountError):
+            _run(["umount", "-l", target])
+        raise MountError(f"remounting the bind at {target} read-only failed: {detail}")
+
+
+def probe(path: str) -> str:
+    """"serving", "dead" (mounted, daemon gone) or "absent" (no cachefs mount at `path`)."""
+    if path not in fuse_mount.cachefs_mounts():
+        return "absent"
+    try:
+        os.stat(path)
+        os.getxattr(path, XATTR_INFO.decode())
+    except OSError as e:
+        if e.errno in DEAD_ERRNOS:
+            return "dead"
+        log.warning("mount %s answers with an unexpected error (left alone): %s", path, e)
+    return "serving"
+
+
+def daemon_pid(path: str) -> int | None:
+    try:
+        pid = json.loads(os.getxattr(path, XATTR_INFO.decode())).get("pid")
+    except (OSError, ValueError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def path_exists(path: str) -> bool:
+    """Whether something is at `path` (a dead FUSE mount counts: lstat fails with ENOTCONN)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def ensure_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise LocalIOError(f"cannot create directory {path}: {e.strerror or e}") from e
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} exists and is not a directory")
+
+
+# --------------------------------------------------------------------------------------------
+# state
+
+
+class KeyedLocks:
+    """One reentrant lock per key (a path); `hold` takes several in sorted order."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.RLock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        ordered = sorted(set(keys))
+        taken: list[str] = []
+        try:
+            for key in ordered:
+                with self._guard:
+                    lock, users = self._locks.get(key, (threading.RLock(), 0))
+                    self._locks[key] = (lock, users + 1)
+                lock.acquire()
+                taken.append(key)
+            yield
+        finally:
+            for key in reversed(taken):
+                with self._guard:
+                    lock, users = self._locks[key]
+                    if users == 1:
+                        del self._locks[key]
+                    else:
+                        self._locks[key] = (lock, users - 1)
+                lock.release()
+
+
+_CONFIG_FIELDS = {f.name for f in fields(MountConfig)}
+
+
+class StateStore:
+    """The recorded mounts and binds, saved to STATE_DIR/mounter.json atomically."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, STATE_FILE)
+        self.lock = threading.Lock()
+        self.mounts: dict[str, MountConfig] = {}
+        self.binds: dict[str, str] = {}
+
+    def load(self) -> None:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            mounts = {str(p): MountConfig(**{k: v for k, v in c.items() if k in _CONFIG_FIELDS})
+                      for p, c in data.get("mounts", {}).items()}
+            binds = {str(t): str(s) for t, s in data.get("binds", {}).items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError, CachefsError) as e:
+            raise LocalIOError(f"the mounter state {self.path} is unreadable ({e}); move it "
+                               "away to start with no recorded mounts") from e
+        self.mounts, self.binds = mounts, binds
+
+    def save(self) -> None:
+        """Write the state (caller holds `lock`): temp file, fsync, rename, fsync the dir."""
+        data = {"version": PROTOCOL_VERSION,
+                "mounts": {p: asdict(c) for p, c in sorted(self.mounts.items())},
+                "binds": dict(sorted(self.binds.items()))}
+        directory = os.path.dirname(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=".mounter.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise LocalIOError(f"cannot write the mounter state {self.path}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# the mounter
+
+
+class Mounter:
+    """Mount, bind, unmount and unbind, record all of it, and keep recorded mounts healthy."""
+
+    def __init__(self, state_dir: str, cache_dir: str | None = None) -> None:
+        self.state = StateStore(state_dir)
+        self.locks = KeyedLocks()
+        self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
+
+    # ---- requests
+
+    def handle(self, request: dict[str, Any]) -> Any:
+        args = validate(request)
+        op = args.pop("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "version": PROTOCOL_VERSION}
+        if op == "status":
+            return self.status()
+        if op == "mount":
+            return self.mount(**args)
+        if op == "unmount":
+            return self.unmount(args["path"])
+        if op == "bind":
+            return self.bind(args["source"], args["target"])
+        return self.unbind(args["target"])
+
+    def mount(self, path: str, remote: str, dataset: str, ref: str, commit: str,
+              cache_dir: str | None = None) -> None:
+        check_name(dataset, "dataset name")
+        check_hash(commit, "commit")
+        remote_url = Config.load().url_of(remote)
+        cache = cache_dir or self.cache_dir or os.path.abspath(default_cache_dir())
+        config = MountConfig(remote_url=remote_url, dataset=dataset, ref=ref, commit=commit,
+                             mountpoint=path, cache_dir=cache, uid=0, gid=0,
+                             allow_other=os.getuid() == 0)
+        with self.locks.hold(path):
+            with self.state.lock:
+                recorded = self.state.mounts.get(path)
+                bound_here = path in self.state.binds
+            if bound_here:
+                raise MountError(f"{path} is a bind target, not a mount path")
+            if recorded is not None:
+                if (recorded.dataset, recorded.commit) != (dataset, commit):
+                    raise MountError(
+                        f"{path} already mounts {recorded.dataset}@{recorded.commit[:12]}, not "
+                        f"{dataset}@{commit[:12]}; unmount it first")
+                self._ensure_serving(path, recorded)
+                return
+            state = probe(path)
+            if state == "serving":
+                info = fuse_mount.mount_info(path)
+                if (info.get("dataset"), info.get("commit")) != (dataset, commit):
+                    raise MountError(f"{path} is already a cachefs mount of "
+                                     f"{info.get('dataset')}@{str(info.get('commit'))[:12]}")
+                log.info("adopting the running mount at %s (%s@%s)", path, dataset, commit[:12])
+            else:
+                self._start(path, config)
+            with self.state.lock:
+                self.state.mounts[path] = config
+                self.state.save()
+
+    def unmount(self, path: str) -> None:
+        with self.locks.hold(path):
+            with self.state.lock:
+                if path in self.state.binds:
+                    raise UsageError(f"{path} is a bind target: unbind it, not unmount")
+                bound = sorted(t for t, s in self.state.binds.items() if s == path)
+            if bound:
+                raise MountError(f"{path} is still bound at {', '.join(bound)}; unbind first")
+            for _ in range(MAX_UNMOUNT_LAYERS + 1):
+                state = probe(path)
+                if state == "absent":
+                    break
+                if state == "serving":
+                    fuse_mount.unmount(path)  # waits for the daemon to exit
+                else:
+                    lazy_unmount_fuse(path)
+                log.info("unmounted %s (it was %s)", path, state)
+            else:
+                raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
+            with self.state.lock:
+                if self.state.mounts.pop(path, None) is not None:
+                    self.state.save()
+
+    def bind(self, source: str, target: str) -> None:
+        if source == target:
+            raise UsageError("bind source and target are the same path")
+        with self.locks.hold(source, target):
+            with self.state.lock:
+                recorded = self.state.binds.get(target)
+                source_config = self.state.mounts.get(source)
+                target_is_mount = target in self.state.mounts
+            if target_is_mount:
+                raise MountError(f"{target} is a cachefs mount path, not a bind target")
+            if recorded is not None and recorded != source:
+                raise MountError(f"{target} is already bound to {recorded}; unbind it first")
+            if source_config is not None:
+                self._ensure_serving(source, source_config)
+            elif not os.path.isdir(source):
+                raise UsageError(f"bind source {source} does not exist or is not a directory")
+            if not self._bind_is_current(source, target):
+                if top_mount(mount_table(), target) is not None:
+                    if recorded is None:
+                        raise MountError(f"{target} already has something else mounted")
+                    unmount_all(target, lazy=True)
+                ensure_dir(target)
+                bind_readonly(source, target)
+                log.info("bound %s at %s (read-only)", source, target)
+            with self.state.lock:
+                if self.state.binds.get(target) != source:
+                    self.state.binds[target] = source
+                    self.state.save()
+
+    def unbind(self, target: str) -> None:
+        while True:
+            with self.state.lock:
+                source = self.state.binds.get(target)
+                if target in self.state.mounts:
+                    raise UsageError(f"{target} is a cachefs mount: unmount it, not unbind")
+            with self.locks.hold(target, *([source] if source else [])):
+                with self.state.lock:
+                    if self.state.binds.get(target) != source:
+                        continue  # changed while we waited for the locks
+                if unmount_all(target, lazy=False):
+                    log.info("unbound %s", target)
+                with self.state.lock:
+                    if self.state.binds.pop(target, None) is not None:
+                        self.state.save()
+                return
+
+    def status(self) -> dict[str, Any]:
+        with self.state.lock:
+            mounts = dict(self.state.mounts)
+            binds = dict(self.state.binds)
+        result: dict[str, Any] = {}
+        for path, config in sorted(mounts.items()):
+            state = probe(path)
+            serving = state == "serving"
+            result[path] = {**asdict(config), "state": "serving" if serving else "dead",
+                            "pid": daemon_pid(path) if serving else None}
+        return {"mounts": result, "binds": binds}
+
+    # ---- mounts and repair
+
+    def _start(self, path: str, config: MountConfig) -> None:
+        """Start a daemon at `path`, lazily unmounting a dead mount there first."""
+        lazy_unmount_fuse(path)
+        ensure_dir(path)
+        try:
+            info = fuse_mount.start(config, foreground=False)
+        except BaseException:
+            with contextlib.suppress(CachefsError, OSError):
+                lazy_unmount_fuse(path)
+            raise
+        log.info("mounted %s@%s (%s) at %s, daemon pid %s", config.dataset, config.ref,
+                 config.commit[:12], path, info.get("pid"))
+
+    def _ensure_serving(self, path: str, config: MountConfig) -> None:
+        """Repair the mount at `path` if it is dead or gone (caller holds its lock)."""
+        state = probe(path)
+        if state == "serving":
+            return
+        log.warning("mount %s is %s: restarting its daemon", path, state)
+        self._start(path, config)
+
+    def _bind_is_current(self, source: str, target: str) -> bool:
+        table = mount_table()
+        at_target = top_mount(table, target)
+        if at_target is None:
+            return False
+        at_source = top_mount(table, source)
+        if at_source is None:  # a plain directory source: a mounted target is taken as good
+            return True
+        return at_target.device == at_source.device
+
+    def check_once(self) -> None:
+        """One health round: repair dead mounts, drop vanished entries, re-bind stale binds."""
+        with self.state.lock:
+            mounts = dict(self.state.mounts)
+        for path, config in mounts.items():
+            try:
+                self._check_mount(path, config)
+            except Exception as e:  # one bad mount must not stop the round
+                log.error("repair of %s failed (retried next round): %s", path, e)
+        with self.state.lock:
+            binds = dict(self.state.binds)
+        for target, source in binds.items():
+            try:
+                self._check_bind(target, source)
+            except Exception as e:
+                log.error("re-binding %s at %s failed (retried next round): %s", source,
+                          target, e)
+
+    def _check_mount(self, path: str, config: MountConfig) -> None:
+        with self.locks.hold(path):
+            with self.state.lock:
+                if self.state.mounts.get(path) != config:
+                    return  # unmounted or changed meanwhile
+            state = probe(path)
+            if state == "serving":
+                return
+            if state == "absent" and not path_exists(path):
+                log.warning("mount path %s no longer exists: forgetting its mount", path)
+                with self.state.lock:
+                    self.state.mounts.pop(path, None)
+                    self.state.save()
+                return
+            log.warning("mount %s is %s: restarting its daemon", path, state)
+            self._start(path, config)
+
+    def _check_bind(self, target: str, source: str) -> None:
+        with self.locks.hold(source, target):
+            with self.state.lock:
+                if self.state.binds.get(target) != source:
+                    return
+                source_config = self.state.mounts.get(source)
+            if top_mount(mount_table(), target) is None and not path_exists(target):
+                log.warning("bind target %s no longer exists: forgetting it", target)
+                with self.state.lock:
+                    self.state.binds.pop(target, None)
+                    self.state.save()
+                return
+            if source_config is not None and probe(source) != "serving":
+                return  # the mount pass repairs it first
+            if source_config is None and not os.path.isdir(source):
+                return
+            if self._bind_is_current(source, target):
+                return
+            log.warning("bind of %s at %s is stale: binding again", source, target)
+            unmount_all(target, lazy=True)
+            ensure_dir(target)
+            bind_readonly(source, target)
+            log.info("re-bound %s at %s", source, target)
+
+
+def validate(request: object) -> dict[str, Any]:
+    """The request's fields, checked: known op, required fields, types, absolute paths."""
+    if not isinstance(request, dict):
+        raise UsageError("a request must be a JSON object")
+    op = request.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise UsageError(f"unknown op {op!r} (expected one of: {', '.join(sorted(OPS))})")
+    spec = OPS[op]
+    unknown = sorted(set(request) - set(spec) - {"op"})
+    if unknown:
+        raise UsageError(f"{op}: unknown field(s): {', '.join(unknown)}")
+    args: dict[str, Any] = {"op": op}
+    for name, (types, required) in spec.items():
+        if name not in request:
+            if required:
+                raise UsageError(f"{op}: missing field {name!r}")
+            continue
+        value = request[name]
+        if not isinstance(value, types):
+            raise UsageError(f"{op}: field {name!r} must be a string")
+        if isinstance(value, str) and not value:
+            raise UsageError(f"{op}: field {name!r} must not be empty")
+        if name in PATH_FIELDS and value is not None:
+            value = _check_path(op, name, value)
+        args[name] = value
+    return args
+
+
+def _check_path(op: str, name: str, value: str) -> str:
+    if "\0" in value:
+        raise UsageError(f"{op}: {name} contains a NUL byte")
+    if not os.path.isabs(value):
+        raise UsageError(f"{op}: {name} must be an absolute path, not {value!r}")
+    resolved = os.path.realpath(value)
+    if resolved == "/":
+        raise UsageError(f"{op}: {name} must not be the root directory")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# the server
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(READ_TIMEOUT_S)
+        try:
+            response = {"ok": True, "result": self.server.mounter.handle(self._read(sock))}
+        except CachefsError as e:
+            response = {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
+        except Exception as e:  # reported to the client, never kills the server
+            log.exception("request failed")
+            response = {"ok": False, "error": {"type": "CachefsError",
+                                               "message": f"internal error: {e!r}"}}
+        if not response["ok"]:
+            log.info("request refused: %s: %s", response["error"]["type"],
+                     response["error"]["message"])
+        with contextlib.suppress(OSError):
+            sock.sendall(json.dumps(response).encode() + b"\n")
+
+    def _read(self, sock: socket.socket) -> object:
+        data = b""
+        try:
+            while b"\n" not in data:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+                if len(data) > MAX_REQUEST_BYTES:
+                    raise UsageError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+        except TimeoutError as e:
+            raise UsageError(f"no complete request within {READ_TIMEOUT_S:g} s") from e
+        line = data.split(b"\n", 1)[0]
+        if len(line) > MAX_REQUEST_BYTES:
+            raise UsageError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+        if not line.strip():
+            raise UsageError("empty request")
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"request is not valid JSON: {e}") from e
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = False
+    block_on_close = True  # SIGTERM waits for requests in flight
+    allow_reuse_address = False
+
+    def __init__(self, socket_path: str, mounter: Mounter) -> None:
+        self.mounter = mounter
+        super().__init__(socket_path, _Handler, bind_and_activate=False)
+
+    def server_bind(self) -> None:
+        old = os.umask(0o177)  # the socket is born 0600
+        try:
+            super().server_bind()
+        finally:
+            os.umask(old)
+        os.chmod(self.server_address, 0o600)  # type: ignore[arg-type]
+
+
+def _claim_socket(socket_path: str) -> None:
+    """Remove a stale socket file; refuse if another mounter answers on it."""
+    if not os.path.lexists(socket_path):
+        return
+    try:
+        MounterClient(socket_path, timeout=5.0).ping()
+    except MountError:
+        os.unlink(socket_path)
+        return
+    raise MountError(f"another mounter already serves {socket_path}")
+
+
+def serve(socket_path: str, state_dir: str, health_interval: float,
+          cache_dir: str | None, stop: threading.Event) -> None:
+    """Serve until `stop` is set; mounts are left in place."""
+    if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
+        raise UsageError(f"socket path too long ({len(os.fsencode(socket_path))} > "
+                         f"{SUN_PATH_MAX} bytes): {socket_path}")
+    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
+    mounter = Mounter(state_dir, cache_dir)
+    mounter.state.load()
+    with mounter.state.lock:
+        log.info("state %s: %d mount(s), %d bind(s)", mounter.state.path,
+                 len(mounter.state.mounts), len(mounter.state.binds))
+    _claim_socket(socket_path)
+    server = _Server(socket_path, mounter)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except OSError as e:
+        server.server_close()
+        raise LocalIOError(f"cannot listen on {socket_path}: {e.strerror or e}") from e
+    inode = os.stat(socket_path).st_ino
+
+    def health() -> None:
+        while not stop.is_set():
+            try:
+                mounter.check_once()
+            except Exception:
+                log.exception("health round failed")
+            stop.wait(health_interval)
+
+    health_thread = threading.Thread(target=health, name="mounter-health", daemon=True)
+    serve_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                    name="mounter-serve", daemon=True)
+    health_thread.start()
+    serve_thread.start()
+    log.info("mounter serving on %s (pid %d, health every %g s)", socket_path, os.getpid(),
+             health_interval)
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping; every mount is left in place")
+        server.shutdown()
+        server.server_close()  # joins the requests in flight
+        with contextlib.suppress(OSError):
+            if os.stat(socket_path).st_ino == inode:
+                os.unlink(socket_path)
+        health_thread.join(timeout=COMMAND_TIMEOUT_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cachefs csi mounter",
+        description="Own this node's cachefs FUSE mounts and bind mounts for the CSI plugin, "
+                    "and keep them healthy.")
+    parser.add_argument("--socket", required=True, help="unix socket to serve (mode 0600)")
+    parser.add_argument("--state-dir", required=True,
+                        help=f"directory of the state file ({STATE_FILE})")
+    parser.add_argument("--health-interval", type=float, default=2.0,
+                        help="seconds between health checks (default 2)")
+    parser.add_argument("--cache-dir",
+                        help="SSD cache directory of mounts that name none "
+                             "(default $XDG_CACHE_HOME/cachefs)")
+    args = parser.parse_args(argv)
+    if not args.health_interval > 0:
+        parser.error("--health-interval must be positive")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d received", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        serve(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
+              args.health_interval, args.cache_dir, stop)
+    except CachefsError as e:
+        print(f"cachefs csi mounter: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The CSI plugin process: Identity, Controller and Node services over one unix socket.
+
+`cachefs csi --endpoint unix:///csi/csi.sock --node-id NODE [--mode all|node|controller]`.
+The node part needs a mounter (the process that owns the FUSE mounts): `--mounter-socket` names
+one that runs separately (its own container in the DaemonSet); without it the plugin connects to
+the mounter at STATE_DIR/mounter.sock, starting it first if none answers, so one command is
+enough to try the plugin by hand. Either way the mounter outlives the plugin: restarting the
+plugin touches no mount.
+
+The CSI socket is local (kubelet and the sidecars reach it through a host path); it is created
+with mode 0660 and carries no token, as in every CSI driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from cachefs.errors import UsageError
+from csi.controller import ControllerService
+from csi.identity import IdentityService
+from csi.mounter import MounterClient, spawn_mounter
+from csi.node import NodeService
+from csi.proto import csi_pb2_grpc
+from csi.rpc import DRIVER_NAME
+from csi.state import JsonStore
+
+log = logging.getLogger("cachefs.csi")
+MODES = ("all", "node", "controller")
+
+
+def socket_path(endpoint: str) -> str:
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+    elif endpoint.startswith("/"):
+        path = endpoint
+    else:
+        raise UsageError(f"--endpoint {endpoint!r}: expected unix:///absolute/path.sock")
+    if not path.startswith("/"):
+        raise UsageError(f"--endpoint {endpoint!r}: the socket path must be absolute")
+    return path
+
+
+def connect_mounter(state_dir: Path, mounter_socket: str | None) -> MounterClient:
+    if mounter_socket:
+        client = MounterClient(mounter_socket)
+        client.ping()
+        return client
+    path = str(state_dir / "mounter.sock")
+    client = MounterClient(path)
+    try:
+        client.ping()
+        log.info("using the running mounter at %s", path)
+    except Exception:
+        log.info("starting a mounter at %s", path)
+        spawn_mounter(path, str(state_dir / "mounter"))
+    return client
+
+
+def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | None,
+                 state_dir: Path, mounter_socket: str | None = None,
+                 cache_dir: str | None = None) -> grpc.Server:
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    if mode != "controller" and not node_id:
+        raise UsageError("--node-id is required for the node service")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = socket_path(endpoint)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # a stale socket of an earlier run
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="csi"))
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(mode != "node"), server)
+    if mode != "node":
+        controller = ControllerService(JsonStore(state_dir / "volumes.json"), default_remote)
+        csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
+    if mode != "controller":
+        mounter = connect_mounter(state_dir, mounter_socket)
+        node = NodeService(node_id, mounter, JsonStore(state_dir / "node-volumes.json"),
+                           default_remote, cache_dir)
+        csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    server.add_insecure_port(f"unix://{path}")
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    server = build_server(args.endpoint, args.node_id or "", args.mode, args.default_remote,
+                          state_dir, args.mounter_socket, args.cache_dir)
+    server.start()
+    os.chmod(socket_path(args.endpoint), 0o660)
+    log.info("%s serving %s (mode %s, node %s)", DRIVER_NAME, args.endpoint, args.mode,
+             args.node_id)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0

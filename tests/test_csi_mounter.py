@@ -1,0 +1,311 @@
+"""The CSI mounter with real processes and real mounts: protocol, idempotency, repair, restarts.
+
+Every test runs its own mounter (csi.mounter.spawn_mounter) on a short socket path under /tmp
+and a state directory under the test's tmp_path; at the end (even on failure) every mounter is
+killed, every bind and FUSE mount the test made or the state file recorded is lazily unmounted,
+and every mount daemon still running for them is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cachefs.config import local_repo_url
+from cachefs.errors import InvalidName, MountError, UsageError
+from csi.mounter import (
+    MAX_REQUEST_BYTES,
+    STATE_FILE,
+    MounterClient,
+    request_raw,
+    spawn_mounter,
+)
+from tests.helpers import cli_json, run_cli, snapshot
+from tests.mounting import daemon_pids, is_mounted, wait_for
+
+HEALTH_INTERVAL_S = 0.5
+REPAIR_TIMEOUT_S = 20.0
+
+
+class Node:
+    """One test's mounter(s), and everything they may have mounted, cleaned up at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket_dir = tempfile.mkdtemp(prefix="cfsm-", dir="/tmp")
+        self.socket = os.path.join(self.socket_dir, "mounter.sock")
+        self.state_dir = str(root / "state")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.paths: list[Path] = []
+
+    def spawn(self) -> MounterClient:
+        self.procs.append(spawn_mounter(self.socket, self.state_dir, HEALTH_INTERVAL_S))
+        return MounterClient(self.socket, timeout=60)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.procs[-1]
+
+    def path(self, name: str) -> Path:
+        path = self.root / name
+        self.paths.append(path)
+        return path
+
+    def state(self) -> dict:
+        return json.loads((Path(self.state_dir) / STATE_FILE).read_text())
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        binds, mounts = [], list(self.paths)
+        with contextlib.suppress(OSError, ValueError):
+            state = self.state()
+            binds = [Path(t) for t in state["binds"]]
+            mounts += [Path(p) for p in state["mounts"]]
+        for point in binds + mounts:  # binds first: they hold the FUSE superblocks
+            for _ in range(8):
+                if not is_mounted(point):
+                    break
+                done = point not in binds and subprocess.run(
+                    ["fusermount3", "-u", "-z", str(point)], capture_output=True, timeout=30,
+                    check=False).returncode == 0
+                if not done:
+                    subprocess.run(["umount", "-l", str(point)], capture_output=True,
+                                   timeout=30, check=False)
+        for point in mounts:
+            for pid in daemon_pids(point):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    node = Node(tmp_path.resolve())
+    try:
+        yield node
+    finally:
+        node.cleanup()
+
+
+class Dataset:
+    def __init__(self, src: Path, v1: str, v2: str) -> None:
+        self.src, self.v1, self.v2 = src, v1, v2
+        self.url = local_repo_url()
+        self.expected = snapshot(src)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Dataset:
+    """`ds` in the local remote: v1 (checked against `expected`), then v2 (one file more)."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "hello.txt").write_text("hello from v1\n")
+    (src / "sub" / "data.bin").write_bytes(os.urandom(300_000))
+    run_cli("init", "ds")
+    run_cli("commit", "ds", str(src), "-m", "v1")
+    v1 = cli_json("log", "ds")[0]["commit"]
+    data = Dataset(src, v1, "")
+    v2_src = tmp_path / "src2"
+    shutil.copytree(src, v2_src, symlinks=True)
+    (v2_src / "new.txt").write_text("only in v2\n")
+    run_cli("commit", "ds", str(v2_src), "-m", "v2")
+    data.v2 = cli_json("log", "ds")[0]["commit"]
+    assert data.v2 != data.v1
+    return data
+
+
+def mount_v1(client: MounterClient, path: Path, data: Dataset) -> None:
+    client.mount(str(path), remote=data.url, dataset="ds", ref="main", commit=data.v1)
+
+
+def shows(path: Path, data: Dataset) -> bool:
+    """Whether `path` shows v1 exactly (False while its mount is dead)."""
+    try:
+        return snapshot(path) == data.expected
+    except OSError:
+        return False
+
+
+def one_daemon(path: Path) -> int:
+    pids = daemon_pids(path)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def raw(node: Node, payload: bytes) -> dict:
+    return json.loads(request_raw(node.socket, payload, timeout=30))
+
+
+def test_mount_bind_unbind_unmount_are_idempotent(node: Node, dataset: Dataset) -> None:
+    client = node.spawn()
+    client.ping()
+    assert os.stat(node.socket).st_mode & 0o777 == 0o600
+    staging = node.path("staging")  # created by the mounter
+    with ThreadPoolExecutor(3) as pool:  # concurrent identical requests: one mount
+        list(pool.map(lambda _: mount_v1(client, staging, dataset), range(3)))
+    assert shows(staging, dataset)
+    pid = one_daemon(staging)
+    mount_v1(client, staging, dataset)  # same commit again: nothing changes
+    assert one_daemon(staging) == pid
+    with pytest.raises(MountError, match="already mounts"):
+        client.mount(str(staging), remote=dataset.url, dataset="ds", ref="main",
+                     commit=dataset.v2)
+
+    targets = [node.path("pods/a/volume"), node.path("pods/b/volume")]
+    with ThreadPoolExecutor(4) as pool:  # concurrent, and each twice: idempotent
+        list(pool.map(lambda t: client.bind(str(staging), str(t)), targets * 2))
+    for target in targets:
+        client.bind(str(staging), str(target))
+        assert shows(target, dataset)
+        assert sum(line.split()[4] == str(target)
+                   for line in Path("/proc/self/mountinfo").read_text().splitlines()) == 1
+        with pytest.raises(OSError) as raised:
+            (target / "new_file").write_text("x")
+        assert raised.value.errno == errno.EROFS
+    with pytest.raises(MountError, match="already bound"):
+        client.bind(str(dataset.src), str(targets[0]))
+
+    status = client.status()
+    assert status["binds"] == {str(t): str(staging) for t in targets}
+    entry = status["mounts"][str(staging)]
+    assert (entry["state"], entry["pid"], entry["commit"], entry["dataset"]) == (
+        "serving", pid, dataset.v1, "ds")
+    assert (entry["uid"], entry["gid"], entry["allow_other"]) == (0, 0, os.getuid() == 0)
+    recorded = node.state()
+    assert recorded["binds"] == status["binds"]
+    assert recorded["mounts"][str(staging)]["commit"] == dataset.v1
+
+    with pytest.raises(MountError, match="still bound"):
+        client.unmount(str(staging))
+    for target in targets:
+        client.unbind(str(target))
+        client.unbind(str(target))
+        assert not is_mounted(target) and target.is_dir()  # the directory is the plugin's
+    client.unmount(str(staging))
+    client.unmount(str(staging))
+    assert not is_mounted(staging)
+    wait_for(lambda: not daemon_pids(staging), timeout=10, what="the daemon to exit")
+    assert client.status() == {"mounts": {}, "binds": {}}
+    assert node.state()["mounts"] == {} and node.state()["binds"] == {}
+
+
+def test_a_killed_daemon_is_remounted_and_rebound(node: Node, dataset: Dataset) -> None:
+    client = node.spawn()
+    staging = node.path("staging")
+    mount_v1(client, staging, dataset)
+    targets = [node.path("pod1/vol"), node.path("pod2/vol")]
+    for target in targets:
+        client.bind(str(staging), str(target))
+    old = one_daemon(staging)
+
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: all(shows(t, dataset) for t in targets), timeout=REPAIR_TIMEOUT_S,
+             what="both bind targets to serve again")
+    new = one_daemon(staging)
+    assert new != old
+    assert shows(staging, dataset)
+    status = client.status()
+    assert status["mounts"][str(staging)]["state"] == "serving"
+    assert status["mounts"][str(staging)]["pid"] == new
+    assert status["binds"] == {str(t): str(staging) for t in targets}
+    log = (Path(node.state_dir) / "mounter.log").read_text()
+    assert "restarting its daemon" in log and "re-bound" in log
+
+
+def test_a_mounter_restart_leaves_mounts_alone(node: Node, dataset: Dataset) -> None:
+    client = node.spawn()
+    staging = node.path("staging")
+    target = node.path("pod/vol")
+    mount_v1(client, staging, dataset)
+    client.bind(str(staging), str(target))
+    pid = one_daemon(staging)
+
+    node.proc.kill()  # kill -9: no chance to clean anything up
+    node.proc.wait(timeout=10)
+    client = node.spawn()  # same socket (stale file), same state
+    status = client.status()
+    assert status["mounts"][str(staging)]["state"] == "serving"
+    assert status["mounts"][str(staging)]["pid"] == pid
+    assert status["binds"] == {str(target): str(staging)}
+    time.sleep(3 * HEALTH_INTERVAL_S)  # several health rounds: still the same daemon
+    assert daemon_pids(staging) == [pid]
+    assert shows(target, dataset)
+
+    # SIGTERM: the mounter exits cleanly, the mount stays
+    node.proc.terminate()
+    assert node.proc.wait(timeout=15) == 0
+    assert not os.path.exists(node.socket)
+    assert daemon_pids(staging) == [pid] and shows(target, dataset)
+
+    # the daemon dies while no mounter runs, and a recorded path vanished: the start repairs
+    # the first and forgets the second
+    state = node.state()
+    gone = str(node.root / "gone")
+    state["mounts"][gone] = {**state["mounts"][str(staging)], "mountpoint": gone}
+    (Path(node.state_dir) / STATE_FILE).write_text(json.dumps(state))
+    os.kill(pid, signal.SIGKILL)
+    client = node.spawn()
+    wait_for(lambda: shows(target, dataset), timeout=REPAIR_TIMEOUT_S,
+             what="the bind target to serve again")
+    assert one_daemon(staging) != pid
+    wait_for(lambda: gone not in client.status()["mounts"], timeout=REPAIR_TIMEOUT_S,
+             what="the vanished mount path to be forgotten")
+    assert list(client.status()["mounts"]) == [str(staging)]
+
+
+def test_malformed_requests_are_refused_and_the_mounter_keeps_serving(
+        node: Node, dataset: Dataset) -> None:
+    client = node.spawn()
+    cases = {
+        b"this is not json\n": "not valid JSON",
+        b"[1, 2]\n": "must be a JSON object",
+        b"\n": "empty request",
+        b"": "empty request",
+        b'{"op": "frobnicate"}\n': "unknown op 'frobnicate'",
+        b'{"path": "/x"}\n': "unknown op None",
+        b'{"op": "ping", "extra": 1}\n': "unknown field",
+        b'{"op": "unmount", "path": "relative/dir"}\n': "must be an absolute path",
+        b'{"op": "unmount", "path": 7}\n': "must be a string",
+        b'{"op": "bind", "source": "/a"}\n': "missing field 'target'",
+        b'{"op": "ping", "pad": "' + b"x" * (MAX_REQUEST_BYTES + 10) + b'"}\n':
+            "request larger than",
+    }
+    for payload, message in cases.items():
+        reply = raw(node, payload)
+        assert reply["ok"] is False, payload[:60]
+        assert reply["error"]["type"] == "UsageError", reply
+        assert message in reply["error"]["message"], reply
+    assert raw(node, b'{"op": "ping"}\n')["ok"] is True
+
+    with pytest.raises(UsageError, match="absolute"):
+        client.mount("relative", remote=dataset.url, dataset="ds", ref="main",
+                     commit=dataset.v1)
+    with pytest.raises(UsageError, match="absolute"):
+        client.bind("/tmp", "relative")
+    with pytest.raises(InvalidName, match="commit"):
+        client.mount(str(node.path("m")), remote=dataset.url, dataset="ds", ref="main",
+                     commit="abc")
+    with pytest.raises(MountError):  # a commit that is not in the remote: the daemon fails
+        client.mount(str(node.path("m")), remote=dataset.url, dataset="ds", ref="main",
+                     commit="0" * 64)
+    assert not is_mounted(node.root / "m")
+    client.unbind(str(node.path("never-bound")))  # nothing there: fine
+    client.unmount(str(node.path("never-mounted")))
+    client.ping()
+    assert client.status() == {"mounts": {}, "binds": {}}
+    assert node.proc.poll() is None
