@@ -84,7 +84,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -143,11 +143,12 @@ TARGETS = {
 # -- readers ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pass:
-    """One timed read of a file list."""
+    """One timed read of a file list, with how busy the machine's CPUs were meanwhile."""
 
     files: int
     bytes: int
     seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def files_per_s(self) -> float:
@@ -156,6 +157,43 @@ class Pass:
     @property
     def bytes_per_s(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+# Processes of this run besides this one (mount daemons, moto, peers), whose CPU time counts as
+# ours when telling how much of the machine other tenants used during a pass.
+OWN_PIDS: set[int] = set()
+
+
+def cpu_ticks() -> tuple[list[int], int]:
+    """The machine's CPU time counters (/proc/stat, all CPUs) and the run's own ticks."""
+    with open("/proc/stat") as f:
+        machine = [int(v) for v in f.readline().split()[1:1 + len(CPU_FIELDS)]]
+    own = 0
+    for pid in (os.getpid(), *OWN_PIDS):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            own += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return machine, own
+
+
+def cpu_split(before: tuple[list[int], int], after: tuple[list[int], int]) -> dict[str, float]:
+    """Percent of all CPUs' time in each state between two `cpu_ticks`; `others`: busy time
+    not spent by this run's processes (other tenants of the machine, and kernel threads)."""
+    diff = [b - a for a, b in zip(before[0], after[0])]
+    total = sum(diff) or 1
+    split = dict(zip(CPU_FIELDS, diff))
+    busy = total - split["idle"] - split["iowait"]
+    return {"user": round(100 * (split["user"] + split["nice"]) / total, 1),
+            "system": round(100 * (split["system"] + split["irq"] + split["softirq"]) / total, 1),
+            "iowait": round(100 * split["iowait"] / total, 1),
+            "idle": round(100 * split["idle"] / total, 1),
+            "others": round(100 * max(0, busy - (after[1] - before[1])) / total, 1)}
 
 
 def _read_whole(path: str, buf: bytearray) -> int:
@@ -169,9 +207,11 @@ def _read_whole(path: str, buf: bytearray) -> int:
 def read_sequential(paths: list[str]) -> Pass:
     """Read each file whole, one after the other, in 1 MiB reads, on this thread."""
     buf = bytearray(BLOCK)
+    ticks = cpu_ticks()
     start = time.perf_counter()
     total = sum(_read_whole(p, buf) for p in paths)
-    return Pass(len(paths), total, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Pass(len(paths), total, seconds, cpu_split(ticks, cpu_ticks()))
 
 
 def read_parallel(paths: list[str], threads: int) -> Pass:
@@ -187,11 +227,12 @@ def read_parallel(paths: list[str], threads: int) -> Pass:
         return total
 
     with ThreadPoolExecutor(threads, thread_name_prefix="reader") as pool:
+        ticks = cpu_ticks()
         start = time.perf_counter()
         futures = [pool.submit(worker) for _ in range(threads)]
         total = sum(f.result() for f in futures)
         seconds = time.perf_counter() - start
-    return Pass(n, total, seconds)
+    return Pass(n, total, seconds, cpu_split(ticks, cpu_ticks()))
 
 
 def drop_pages(paths: list[str]) -> None:
@@ -279,6 +320,7 @@ class Processes:
                                    "--cache-dir", str(cache_dir), "--memory-cache",
                                    str(memory_cache), "--json"))
         self.daemons.add(int(info["pid"]))
+        OWN_PIDS.add(int(info["pid"]))
         return info
 
     def unmount_cachefs(self, mountpoint: Path) -> None:
@@ -294,6 +336,7 @@ class Processes:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append(proc)
+        OWN_PIDS.add(proc.pid)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while str(mountpoint) not in mounted_points():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -415,6 +458,7 @@ def pass_doc(result: Pass, passes: list[float] | None = None,
     doc: dict[str, Any] = {
         "files": result.files, "bytes": result.bytes, "seconds": round(result.seconds, 4),
         "files_per_s": round(result.files_per_s, 1), "mb_per_s": round(result.bytes_per_s / 1e6, 1),
+        "cpu_percent": result.cpu,
     }
     if passes is not None:
         doc["pass_seconds"] = [round(s, 4) for s in passes]
@@ -684,6 +728,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK_SPEC if args.quick else FULL_DATASET
+    OWN_PIDS.clear()
     memory_cache = parse_size(args.memory_cache)
     peers_problem = "--skip-peers" if args.skip_peers else ensure_peers()
     if peers_problem and not args.skip_peers:
@@ -693,7 +738,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
         "read_block": BLOCK, "warm_passes": WARM_PASSES, "memory_cache": memory_cache,
-        "root": os.geteuid() == 0, "peers": None if args.skip_peers else {
+        "root": os.geteuid() == 0, "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+        "peers": None if args.skip_peers else {
             "rclone": _version(["rclone", "version"]), "s3fs": _version(["s3fs", "--version"])},
     }
     results: dict[str, Any] = {}
@@ -711,6 +757,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raw["commit_local_s"] = commit_to(
                 "file://" + str(Path(os.environ["XDG_DATA_HOME"]) / "cachefs" / "repo"), data.src)
             server.start()
+            if server._proc is not None:  # its CPU time is the run's own
+                OWN_PIDS.add(server._proc.pid)
             log(f"moto S3 server at {server.endpoint}")
             server.create_bucket(CACHEFS_BUCKET)
             s3_url = (f"s3://{CACHEFS_BUCKET}/repo?endpoint_url={server.endpoint}"
@@ -733,6 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             procs.close()
             server.stop()
+    raw["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     log("extent lookup: compiled against the Python reference")
     lookup = measure_lookup(args.quick)
     raw["results"] = results

@@ -72,6 +72,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from benchmarks.common import (
     add_common_args,
     fmt_bytes,
@@ -201,26 +203,29 @@ def wide_names(count: int) -> list[str]:
     return [f"img_{i:07d}.jpg" for i in range(count)]
 
 
-def build_wide(repo: Repository, count: int) -> str:
+def build_wide(repo: Repository, count: int) -> tuple[str, str]:
+    """`wide`: one directory of `count` files. Returns (commit, that directory's tree)."""
     repo.create_dataset(WIDE)
     files = SyntheticFiles(repo)
     entries = [files.entry(name, i) for i, name in enumerate(wide_names(count))]
-    return store_commit(repo, WIDE, [store_dir(repo, WIDE_DIR, entries)], files)
+    directory = store_dir(repo, WIDE_DIR, entries)
+    return store_commit(repo, WIDE, [directory], files), directory.hash
 
 
-def build_all(repo_path: Path, sizes: Sizes, raw: dict[str, Any]) -> str:
-    """Build the three datasets in a fresh repository; return a leaf tree of the big one."""
+def build_all(repo_path: Path, sizes: Sizes, raw: dict[str, Any]) -> tuple[str, str]:
+    """Build the three datasets in a fresh repository; return (a leaf tree of the big one, the
+    wide directory's tree)."""
     repo = Repository(LocalRemote(repo_path))
     try:
         log(f"building {BIG}: {sizes.files:,} files in {sizes.dirs:,} directories")
         (_, leaf), raw["build_big_s"] = timed(lambda: build_big(repo, sizes))
         build_tiny(repo)
         log(f"building {WIDE}: one directory of {sizes.wide:,} files")
-        _, raw["build_wide_s"] = timed(lambda: build_wide(repo, sizes.wide))
+        (_, wide), raw["build_wide_s"] = timed(lambda: build_wide(repo, sizes.wide))
         log(f"built in {raw['build_big_s']:.1f}s + {raw['build_wide_s']:.1f}s")
     finally:
         repo.close()
-    return leaf
+    return leaf, wide
 
 
 def tree_entry_bytes(repo_path: Path, tree: str) -> float:
@@ -234,6 +239,23 @@ def tree_entry_bytes(repo_path: Path, tree: str) -> float:
     finally:
         tracemalloc.stop()
     return used / len(decoded.entries)
+
+
+def tree_load_costs(repo_path: Path, tree: str) -> tuple[float, float]:
+    """Seconds to decode (and validate) a stored tree, and to verify it by hash alone.
+
+    The daemon decodes a tree it fetches twice (once to verify it, in `object_is_intact`, and
+    once in `TieredStore.tree`); the hash-only figure is what verification alone needs.
+    """
+    stored = LocalRemote(repo_path).get(tree_key(tree))
+    decode_s = min(timed(lambda: decode_tree(tree, stored))[1] for _ in range(2))
+
+    def verify() -> None:
+        body = zstandard.ZstdDecompressor().decompress(stored[4:], max_output_size=1 << 30)
+        if hash_bytes(stored[:4] + body) != tree:
+            raise RuntimeError(f"tree {tree} does not match its name")
+
+    return decode_s, min(timed(verify)[1] for _ in range(2))
 
 
 def make_local_dir(path: Path, names: list[str]) -> None:
@@ -277,12 +299,12 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[4] == str(mountpoint) for line in f)
 
 
-def rss_bytes(pid: int) -> int:
-    """VmRSS of a process, in bytes."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or another /proc/PID/status memory field, e.g. VmHWM) of a process, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 class Mounts:
@@ -436,7 +458,7 @@ class FuseRequestCounter:
 
     A request starts with its total length and opcode (two little-endian u32): a read whose
     first u32 equals its return value is a FUSE request. strace slows the daemon down, so
-    nothing is timed while it is attached.
+    nothing timed runs while it is attached.
     """
 
     def __init__(self, pid: int, out: Path) -> None:
@@ -451,7 +473,17 @@ class FuseRequestCounter:
                 raise RuntimeError("strace could not attach to the mount daemon")
             time.sleep(0.05)
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # detaches; the daemon runs on
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def counts(self) -> dict[str, int]:
+        """Requests by opcode name, most frequent first (call after `stop`)."""
         found: Counter[str] = Counter()
         for line in self.out.read_text(errors="replace").splitlines():
             match = _READ_LINE.search(line)
@@ -464,14 +496,15 @@ class FuseRequestCounter:
                 found[FUSE_OPCODES.get(opcode, f"op{opcode}")] += 1
         return dict(found.most_common())
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # detaches, the daemon runs on
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+def count_requests(pid: int, out: Path, path: Path) -> tuple[dict[str, int], float]:
+    """FUSE requests that one `ls -l PATH` sends to daemon `pid`, and its (traced) seconds."""
+    counter = FuseRequestCounter(pid, out)
+    try:
+        seconds = ls_l(path)
+    finally:
+        counter.stop()
+    return counter.counts(), seconds
 
 
 def memory_phase(mounts: Mounts, sizes: Sizes, raw: dict[str, Any]) -> None:
@@ -513,6 +546,7 @@ def memory_phase(mounts: Mounts, sizes: Sizes, raw: dict[str, Any]) -> None:
     _, raw["rewalk_s"] = timed(lambda: walk(point))
     log(f"second walk: {raw['rewalk_s']:.1f}s")
     sample("rewalk")
+    raw["rss_peak"] = rss_bytes(pid, "VmHWM")
     mounts.unmount(point)
 
     held = walked["inodes"] - mounted["inodes"]
@@ -567,31 +601,33 @@ def ls_phase(mounts: Mounts, work: Path, sizes: Sizes, raw: dict[str, Any]) -> N
     raw["ls_mount_inodes"] = mounts.stats(point)["inodes"]
 
     if shutil.which("strace") is None:
-        raw["strace"] = "strace is not installed: no request counts"
+        raw["strace"] = "strace is not installed: no syscall or request counts"
         mounts.unmount(point)
         return
-    log("strace -c of ls -l (untimed): mount (warm), local")
-    raw["ls_syscalls_mount"] = strace_ls(target, work / "strace-ls-mount.txt")
-    raw["ls_syscalls_local"] = strace_ls(local, work / "strace-ls-local.txt")
+    try:
+        log("strace -c of ls -l (untimed): mount (warm), local")
+        raw["ls_syscalls_mount"] = strace_ls(target, work / "strace-ls-mount.txt")
+        raw["ls_syscalls_local"] = strace_ls(local, work / "strace-ls-local.txt")
+    except (OSError, subprocess.SubprocessError) as e:
+        raw["strace"] = f"strace -c ls -l failed: {e}"
     mounts.unmount(point)
+    if "strace" in raw:
+        log(raw["strace"])
+        return
 
     point, _ = mounts.mount(WIDE, "ls-requests")
-    counter = FuseRequestCounter(mounts.pid(point), work / "strace-daemon.txt")
+    pid = mounts.pid(point)
+    log("counting the FUSE requests of a cold and a warm ls -l (strace on the daemon, untimed)")
     try:
-        log("counting FUSE requests of a cold ls -l (strace on the daemon, untimed)")
-        raw["ls_requests_cold_traced_s"] = ls_l(point / WIDE_DIR)
-        raw["ls_requests_cold"] = counter.counts()
-        seen = sum(raw["ls_requests_cold"].values())
-        log("... and of a warm one")
-        raw["ls_requests_warm_traced_s"] = ls_l(point / WIDE_DIR)
-        total = counter.counts()
-        raw["ls_requests_warm"] = {
-            k: total[k] - raw["ls_requests_cold"].get(k, 0) for k in total
-            if total[k] - raw["ls_requests_cold"].get(k, 0)}
-        log(f"requests: cold {raw['ls_requests_cold']}, warm {raw['ls_requests_warm']} "
-            f"({seen:,} + {sum(raw['ls_requests_warm'].values()):,})")
-    finally:
-        counter.stop()
+        raw["ls_requests_cold"], raw["ls_requests_cold_traced_s"] = count_requests(
+            pid, work / "strace-daemon-cold.txt", point / WIDE_DIR)
+        raw["ls_requests_warm"], raw["ls_requests_warm_traced_s"] = count_requests(
+            pid, work / "strace-daemon-warm.txt", point / WIDE_DIR)
+        log(f"requests: cold {_requests(raw['ls_requests_cold'])}; "
+            f"warm {_requests(raw['ls_requests_warm'])}")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raw["strace"] = f"counting FUSE requests with strace failed: {e}"
+        log(raw["strace"])
     mounts.unmount(point)
 
 
@@ -607,9 +643,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with work_dir(args.dir, args.keep, prefix="cachefs-scale-") as work, private_xdg(work):
         repo_path = work / "repo"
         remote_url = "file://" + str(repo_path)
-        leaf = build_all(repo_path, sizes, raw)
+        leaf, wide = build_all(repo_path, sizes, raw)
         gc.collect()  # the builder's object cache held every tree: free it before measuring
         raw["tree_entry_bytes"] = tree_entry_bytes(repo_path, leaf)
+        raw["wide_tree_decode_s"], raw["wide_tree_hash_verify_s"] = tree_load_costs(
+            repo_path, wide)
 
         mounts = Mounts(work, remote_url)
         try:
@@ -703,10 +741,15 @@ def print_report(report: dict[str, Any]) -> None:
         f"{raw.get('rss_within_bound_without_tree_cache', 'n/a')}; adding the tree cache: "
         f"{fmt_bytes(raw.get('rss_bound_with_tree_cache') or 0)} -> within: "
         f"{raw.get('rss_within_bound_with_tree_cache', 'n/a')}.",
+        f"Tree load: decoding the {raw['wide_entries']:,}-entry tree takes "
+        f"{raw['wide_tree_decode_s']:.2f}s (the daemon decodes a fetched tree twice: to verify "
+        f"it, then to use it); verifying it by hash alone takes "
+        f"{raw['wide_tree_hash_verify_s']:.3f}s.",
         f"drop_caches: {raw['drop_caches']}.",
         f"ls -l syscalls on the mount: {_requests(raw.get('ls_syscalls_mount'))}.",
         f"FUSE requests reaching the daemon, cold ls -l: {_requests(raw.get('ls_requests_cold'))}"
         f"; warm: {_requests(raw.get('ls_requests_warm'))}.",
+        *([raw["strace"]] if "strace" in raw else []),
         f"{raw['cpus']} CPUs.",
     ]
     print_table(title, ["phase", "seconds", "figure", "value", "target"], rows, notes)
