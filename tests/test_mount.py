@@ -78,9 +78,8 @@ def test_every_file_and_attribute_matches_the_source(dataset: Path, mounts: Moun
     content_hash = os.getxattr(mnt / "ro.txt", "user.cachefs.hash").decode()
     entry = cli_json("ls", "ds:ro.txt")[0]
     assert content_hash == entry["hash"]
-    info = cli_json("mounts")
-    assert [(m["mountpoint"], m["dataset"], m["commit"], m["state"]) for m in info] == [
-        (str(mnt), "ds", commit, "serving")]
+    info = [m for m in cli_json("mounts") if m["mountpoint"] == str(mnt)]  # other mounts may run
+    assert [(m["dataset"], m["commit"], m["state"]) for m in info] == [("ds", commit, "serving")]
     assert info[0]["pid"] in daemon_pids(mnt)
 
 

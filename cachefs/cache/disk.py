@@ -95,8 +95,10 @@ def _temp_size(name: str) -> int:
     return int(size) if size.isdigit() else 0
 
 
-def _scan(objects: str, remove_stale_temps: bool) -> tuple[list[_Entry], int]:
-    """Every complete entry under `objects`, and the bytes in use (in-flight writes included)."""
+def _scan(objects: str, remove_stale_temps: bool,
+          exclude: str | None = None) -> tuple[list[_Entry], int]:
+    """Every complete entry under `objects`, and the bytes in use (in-flight writes included,
+    except the temporary file `exclude`: the caller's own, which it counts itself)."""
     entries: list[_Entry] = []
     total = 0
     stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
@@ -114,6 +116,8 @@ def _scan(objects: str, remove_stale_temps: bool) -> tuple[list[_Entry], int]:
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 if f.name.startswith(_TMP_PREFIX):
+                    if f.path == exclude:
+                        continue
                     if st.st_mtime_ns >= stale_before:
                         total += max(st.st_size, _temp_size(f.name))
                     elif remove_stale_temps:
@@ -297,17 +301,24 @@ class DiskCache:
             return
         if not self._space_left_for(size):
             return
+        # Write first, reserve second: an eviction scan by any thread or process then always
+        # sees this write (as its temporary file) once it is counted, so the shared total can
+        # only ever be too high, never too low.
         try:
-            if not self._reserve(size):
-                return
-        except OSError as e:
-            self._error("reserve", key, e)
-            return
-        try:
-            stored = self._write(path, data)
+            tmp = self._write_temp(path, data)
         except OSError as e:
             self._error("write", key, e)
-            stored = False
+            return
+        try:
+            if not self._reserve(size, own_temp=tmp):
+                return
+            stored = self._publish(tmp, path)
+        except OSError as e:
+            self._error("write", key, e)
+            return
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
         if not stored:
             self._release(size)
             return
@@ -386,14 +397,14 @@ class DiskCache:
         os.pwrite(self._fd, _COUNTER.pack(max(0, used)), 0)
         self._used_estimate = max(0, used)
 
-    def _reserve(self, size: int) -> bool:
+    def _reserve(self, size: int, own_temp: str | None = None) -> bool:
         """Count `size` more bytes as used, evicting first if needed; False if it cannot fit."""
         with self._locked() as held:
             if not held:
                 return False
             used = self._read_counter()
             if used + size > self._capacity:
-                used = self._evict(size)
+                used = self._evict(size, own_temp)
                 if used + size > self._capacity:
                     self._write_counter(used)
                     return False
@@ -409,9 +420,9 @@ class DiskCache:
         except OSError as e:
             self._error("release", "state", e)
 
-    def _evict(self, size: int) -> int:
+    def _evict(self, size: int, own_temp: str | None = None) -> int:
         """Under the lock: rescan and delete oldest entries to make room; return bytes used."""
-        entries, total = _scan(self._objects, remove_stale_temps=True)
+        entries, total = _scan(self._objects, remove_stale_temps=True, exclude=own_temp)
         if total + size <= self._capacity:
             return total
         goal = int(self._capacity * self._low_water)
@@ -439,8 +450,8 @@ class DiskCache:
                   evicted_bytes)
         return total
 
-    def _write(self, path: str, data: bytes) -> bool:
-        """Write `data` to a temporary file and link it to `path`; False if it was there."""
+    def _write_temp(self, path: str, data: bytes) -> str:
+        """Write `data` to a temporary file beside `path` (its name carries the size)."""
         tmp = os.path.join(
             os.path.dirname(path), f"{_TMP_PREFIX}{len(data)}-{secrets.token_hex(8)}"
         )
@@ -451,26 +462,31 @@ class DiskCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, flags, 0o666)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                now = time.time_ns()
-                os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, path)  # never replaces: the first writer of an object wins
-            except FileExistsError:
-                return False
-            except OSError as e:
-                if e.errno not in _NO_HARDLINKS:
-                    raise
-                os.replace(tmp, path)  # a file system without hard links: same bytes anyway
-            return True
-        finally:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            now = time.time_ns()
+            os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
+        except BaseException:
+            os.close(fd)
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    @staticmethod
+    def _publish(tmp: str, path: str) -> bool:
+        """Link the written temporary file to `path`; False if the entry was already there."""
+        try:
+            os.link(tmp, path)  # never replaces: the first writer of an object wins
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in _NO_HARDLINKS:
+                raise
+            os.replace(tmp, path)  # a file system without hard links: same bytes anyway
+        return True
 
     def _touch(self, path: str, mtime_ns: int) -> None:
         """Mark an entry as just used, unless that was done less than touch_interval_s ago."""
