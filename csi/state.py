@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cachefs.errors import ConfigError
+
 
 class JsonStore:
     """A dict of records persisted as one JSON file."""
@@ -25,6 +27,12 @@ class JsonStore:
             self.records: dict[str, dict[str, Any]] = json.loads(path.read_text())
         except FileNotFoundError:
             self.records = {}
+        except (OSError, ValueError) as e:
+            # Refuse rather than start empty: forgetting volumes would orphan their mounts.
+            raise ConfigError(f"state file {path} is unreadable ({e}); repair or move it "
+                              "away (volumes it lists must then be cleaned up by hand)") from e
+        if not isinstance(self.records, dict):
+            raise ConfigError(f"state file {path} does not hold a JSON object")
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self.lock:

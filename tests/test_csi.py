@@ -351,3 +351,18 @@ def test_killed_mount_daemon_is_repaired(plugin: Plugin, dataset: dict[str, str]
 
     wait_for(all_readable, timeout=30, what="the targets to be served again")
     assert daemons_of(plugin) != [daemon]
+
+
+def test_corrupt_state_file_is_refused_clearly(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
+    try:
+        (root / "state").mkdir()
+        (root / "state" / "volumes.json").write_text('{"pvc-1": {"volume_id": ')  # torn write
+        proc = subprocess.run(
+            [sys.executable, "-m", "cachefs.cli.main", "csi", "--mode", "controller",
+             "--endpoint", f"unix://{root}/csi.sock", "--state-dir", str(root / "state")],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2
+        assert "volumes.json is unreadable" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
