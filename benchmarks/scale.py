@@ -35,7 +35,9 @@ under the work dir) and a `file://` repository in the work dir:
    say where the time goes: `strace -c` of `ls -l` on the mount (syscalls of ls: getdents64,
    statx, lgetxattr per file), and, on another fresh mount, an strace of the daemon's reads of
    /dev/fuse that counts the FUSE requests (LOOKUP, GETATTR, GETXATTR, READDIRPLUS, ...) that
-   reached Python during a cold and a warm `ls -l`.
+   reached Python during a cold and a warm `ls -l`. Also measured in this process: the time to
+   decode (and validate) the `wide` directory's stored tree, and to verify it by hash alone,
+   since a cold listing pays for decoding it (the daemon decodes a fetched tree twice).
 
 Every mount is unmounted at the end (`cachefs umount`, and in any case `fusermount3 -u -z` plus
 SIGKILL of a daemon still serving a benchmark mount point), also when a phase fails.
@@ -44,7 +46,11 @@ Reproduce (from the repository root, with the project's virtualenv; needs /dev/f
 for the drop_caches phase):
 
     .venv/bin/python -m benchmarks.scale --quick          # 100k files, 10k-entry dir: ~1 min
-    .venv/bin/python -m benchmarks.scale --json > out.json # 1M files, 100k-entry dir
+    .venv/bin/python -m benchmarks.scale --json > out.json # 1M files, 100k-entry dir: ~8 min
+
+The full run needs about 1.2 GB for the mount daemon and as much for the kernel's inodes. On a
+machine shared with other work the timings (not the memory figures) vary by tens of percent:
+compare several runs.
 
 Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it.
 """

@@ -20,11 +20,13 @@ neighbours in path order.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -192,12 +194,17 @@ class DatasetFS:
             blocks=(e.size + 511) // 512, mtime_ns=e.mtime_ns,
         )
 
-    async def readdir(self, ino: int, start: int) -> list[tuple[int, Inode]]:
-        """Entries from index `start` on, as (next index, inode); each inode's lookup count is
-        raised only when the caller confirms the kernel took it (see `confirm_readdir`)."""
+    async def readdir(self, ino: int, start: int) -> Iterator[tuple[int, TreeEntry]]:
+        """Entries from index `start` on, as (next index, entry). The caller makes an inode of
+        each (`readdir_inode`) only as the kernel takes it: the kernel takes a buffer's worth
+        per request, so creating inodes for the whole rest of a 100,000-entry directory on
+        every request would be quadratic."""
         node = self.inode(ino)
         entries = await self._children(node)
-        return [(i + 1, self._remember(ino, e)) for i, e in enumerate(entries[start:], start)]
+        return ((i + 1, e) for i, e in enumerate(itertools.islice(entries, start, None), start))
+
+    def readdir_inode(self, parent: int, entry: TreeEntry) -> Inode:
+        return self._remember(parent, entry)
 
     @staticmethod
     def confirm_readdir(node: Inode) -> None:
@@ -292,6 +299,10 @@ class DatasetFS:
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         node = self.inode(ino)
+        if not name.startswith(b"user."):
+            # Not ENODATA: on EOPNOTSUPP, ls and cp stop asking for security.selinux and
+            # system.posix_acl_* on this file system, instead of two requests per file.
+            raise FsError(errno.EOPNOTSUPP)
         if name == XATTR_COMMIT:
             return self.commit.encode()
         if name == XATTR_HASH and node.entry.kind is Kind.FILE:

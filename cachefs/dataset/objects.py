@@ -181,7 +181,15 @@ def encode(obj: Tree | Commit) -> tuple[str, bytes]:
     return hash_bytes(canonical), stored
 
 
-def _decode_body(name: str, stored: bytes, magic: bytes, what: str) -> object:
+_META_KINDS = {TREE_MAGIC: "tree", COMMIT_MAGIC: "commit"}
+
+
+def check_stored_meta(name: str, stored: bytes, magic: bytes) -> bytes:
+    """Decompress a stored tree or commit and check it against its name; return the body.
+
+    This is the integrity check (cheap: no parsing); decoding validates the content besides.
+    """
+    what = _META_KINDS[magic]
     if stored[:4] != magic:
         raise CorruptObject(f"{what} {name} is corrupt: bad header", name)
     try:
@@ -190,6 +198,11 @@ def _decode_body(name: str, stored: bytes, magic: bytes, what: str) -> object:
         raise CorruptObject(f"{what} {name} is corrupt: {e}", name) from e
     if hash_bytes(magic + body) != name:
         raise CorruptObject(f"{what} {name} is corrupt: its bytes do not match its hash", name)
+    return body
+
+
+def _decode_body(name: str, stored: bytes, magic: bytes, what: str) -> object:
+    body = check_stored_meta(name, stored, magic)
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as e:

@@ -37,6 +37,9 @@ from cachefs.remotes.registry import open_remote_url
 
 log = logging.getLogger("cachefs.daemon")
 
+DECODED_ENTRY_BYTES = 720  # a decoded tree entry in memory (measured: benchmarks.scale)
+MIN_TREE_CACHE_ENTRIES = 10_000
+
 
 def fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -187,9 +190,12 @@ def build_fs(config: MountConfig) -> DatasetFS:
     chunk_size = repo.dataset(config.dataset).chunk_size
     disk = DiskCache(Path(config.cache_dir), capacity_bytes=config.cache_size,
                      verify=object_is_intact)
-    store = TieredStore(repo, MemoryCache(config.memory_cache), disk,
+    # --memory-cache bounds both in-memory caches: 3/4 for chunks, 1/4 for decoded trees.
+    tree_entries = max(MIN_TREE_CACHE_ENTRIES, config.memory_cache // 4 // DECODED_ENTRY_BYTES)
+    store = TieredStore(repo, MemoryCache(config.memory_cache * 3 // 4), disk,
                         origin_timeout=config.origin_timeout,
-                        origin_parallelism=config.origin_parallelism)
+                        origin_parallelism=config.origin_parallelism,
+                        tree_cache_entries=tree_entries)
     commit = trio.run(store.commit, config.commit)
     info = {
         "dataset": config.dataset, "ref": config.ref, "commit": config.commit,

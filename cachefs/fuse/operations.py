@@ -99,15 +99,13 @@ class CachefsOperations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        rows = await self.fs.readdir(fh, start_id)
-        untaken = []
-        for i, (next_id, node) in enumerate(rows):
-            if not pyfuse3.readdir_reply(token, os.fsencode(node.entry.name),
-                                         _entry(self.fs, node), next_id):
-                untaken = [n for _, n in rows[i:]]
+        for next_id, entry in await self.fs.readdir(fh, start_id):
+            node = self.fs.readdir_inode(fh, entry)
+            if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), _entry(self.fs, node),
+                                         next_id):
+                self.fs.drop_unreferenced([node])  # the buffer is full: the kernel took none
                 break
             self.fs.confirm_readdir(node)
-        self.fs.drop_unreferenced(untaken)
 
     async def releasedir(self, fh: int) -> None:
         pass
