@@ -116,7 +116,8 @@ DATASET = "bench"
 AUTHOR = "benchmark@localhost"
 BLOCK = 1 << 20  # every read() asks for 1 MiB
 SHUFFLE_SEED = 7
-WARM_PASSES = 2
+WARM_PASSES = 2  # memory and SSD tiers, peers' warm passes
+PAGE_CACHE_PASSES = 5  # local disk, epoch 2, cachefs warm small: short passes, noisier
 DEFAULT_READERS = 8
 DEFAULT_MEMORY_CACHE = "1536MiB"
 CACHEFS_BUCKET = "cachefs-bench"
@@ -159,6 +160,7 @@ class Pass:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+MIN_CPU_TICKS = 100  # a pass shorter than this (in 10 ms ticks, all CPUs) gets no CPU split
 CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
@@ -189,6 +191,8 @@ def cpu_split(before: tuple[list[int], int], after: tuple[list[int], int]) -> di
     total = sum(diff) or 1
     split = dict(zip(CPU_FIELDS, diff))
     busy = total - split["idle"] - split["iowait"]
+    if total < MIN_CPU_TICKS:  # too short for 10 ms ticks to say anything
+        return {}
     return {"user": round(100 * (split["user"] + split["nice"]) / total, 1),
             "system": round(100 * (split["system"] + split["irq"] + split["softirq"]) / total, 1),
             "iowait": round(100 * split["iowait"] / total, 1),
@@ -502,11 +506,11 @@ def measure_local(data: Data, readers: int) -> dict[str, Any]:
     warm_read(data.src)  # the page cache holds everything
     sync()
     log("local disk, large files (warm page cache)")
-    lg, lg_passes = best_of(WARM_PASSES, lambda: checked(read_sequential(large),
+    lg, lg_passes = best_of(PAGE_CACHE_PASSES, lambda: checked(read_sequential(large),
                                                          data.large_bytes, "local large"))
     log(f"  {lg.bytes_per_s / 1e6:,.0f} MB/s")
     log(f"local disk, small files, {readers} threads (warm page cache)")
-    sm, sm_passes = best_of(WARM_PASSES, lambda: checked(read_parallel(small, readers),
+    sm, sm_passes = best_of(PAGE_CACHE_PASSES, lambda: checked(read_parallel(small, readers),
                                                          data.small_bytes, "local small"))
     log(f"  {sm.files_per_s:,.0f} files/s")
     return {"large_warm": pass_doc(lg, lg_passes), "small_warm": pass_doc(sm, sm_passes)}
@@ -535,7 +539,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
 
     log(f"{label}: large files, epoch 2 (kernel page cache)")
     before = counters(mnt)
-    ep2, ep2_passes = best_of(WARM_PASSES, lambda: checked(
+    ep2, ep2_passes = best_of(PAGE_CACHE_PASSES, lambda: checked(
         read_sequential(large), data.large_bytes, f"{label} epoch 2"))
     out["large_epoch2"] = pass_doc(ep2, ep2_passes, counters=delta(before, counters(mnt)))
     log(f"  {ep2.bytes_per_s / 1e6:,.0f} MB/s")
@@ -585,7 +589,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
 
     log(f"{label}: small files, warm (next passes on the same mount)")
     before = counters(mnt)
-    warm, warm_passes = best_of(WARM_PASSES, lambda: checked(
+    warm, warm_passes = best_of(PAGE_CACHE_PASSES, lambda: checked(
         read_parallel(small, readers), data.small_bytes, f"{label} warm small"))
     out["small_warm"] = pass_doc(warm, warm_passes, counters=delta(before, counters(mnt)))
     log(f"  {warm.files_per_s:,.0f} files/s")
@@ -737,7 +741,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("benchmarks.read: needs FUSE (/dev/fuse and fusermount3, Debian fuse3)")
     raw: dict[str, Any] = {
         "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
-        "read_block": BLOCK, "warm_passes": WARM_PASSES, "memory_cache": memory_cache,
+        "read_block": BLOCK, "warm_passes": WARM_PASSES,
+        "page_cache_passes": PAGE_CACHE_PASSES, "memory_cache": memory_cache,
         "root": os.geteuid() == 0, "loadavg_start": [round(v, 2) for v in os.getloadavg()],
         "peers": None if args.skip_peers else {
             "rclone": _version(["rclone", "version"]), "s3fs": _version(["s3fs", "--version"])},
@@ -872,14 +877,23 @@ def print_report(report: dict[str, Any]) -> None:
         f"in 1 MiB reads.",
         "Ratios: throughput / local disk's (warm page cache); *_vs_rclone / *_vs_s3fs: cachefs "
         "from S3 / the peer in the same state (moto on 127.0.0.1 for all three).",
-        f"Warm figures: best of {raw['warm_passes']} passes. Memory tier: mount pages dropped "
+        f"Warm figures: best of {raw['page_cache_passes']} passes for page-cache states (local "
+        f"disk, epoch 2, cachefs small warm), of {raw['warm_passes']} for memory, SSD and the "
+        "peers' warm passes. Memory tier: mount pages dropped "
         "with posix_fadvise(DONTNEED), every byte re-read through FUSE "
         f"({'verified' if _memory_verified(res) else 'NOT verified: see raw'}). "
         f"--memory-cache {fmt_bytes(raw['memory_cache'])}.",
         f"Kernel read sizes during the cold large reads: {sizes}.",
-        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}.",
+        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}; CPU "
+        f"used by other processes during the timed passes: up to {_others_max(res):.0f}% of "
+        "the machine (raw: cpu_percent.others).",
     ]
     print_table(title, ["system", "case", "throughput", "ratio", "value", "target"], rows, notes)
+
+
+def _others_max(res: dict[str, Any]) -> float:
+    return max((doc["cpu_percent"].get("others", 0.0)
+                for system in res.values() for doc in system.values()), default=0.0)
 
 
 def _memory_verified(res: dict[str, Any]) -> bool:
