@@ -34,6 +34,13 @@ def check_entry_name(name: str) -> str:
     return name
 
 
+def check_entry_bytes(raw: bytes) -> bytes:
+    """`check_entry_name` for a raw (undecoded) name, as trees store it."""
+    if not raw or raw in (b".", b"..") or b"/" in raw or b"\0" in raw:
+        raise InvalidName(f"invalid entry name {raw!r} in a tree")
+    return raw
+
+
 def check_hash(value: str, what: str = "object name") -> str:
     """Return `value` if it is a full lowercase hex BLAKE3 name."""
     if len(value) != HASH_HEX_LEN or not _HEX_RE.fullmatch(value):
