@@ -25,3 +25,17 @@ def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["quick"] is True
     assert not list(work.iterdir())  # the work dir was removed
+
+
+def test_scale_benchmark_quick_json(tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--quick", "--json", "--dir", str(work)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["ratios"]) >= {"mount_1m_vs_10", "ls_l_100k_vs_local"}
+    assert result["raw"]["per_inode_bytes"] > 0
+    assert not list(work.iterdir())
