@@ -171,6 +171,7 @@ class Pass:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+DISTURBED_PERCENT = 10.0  # others' CPU share from which a pass is listed as disturbed
 MIN_CPU_TICKS = 100  # a pass shorter than this (in 10 ms ticks, all CPUs) gets no CPU split
 CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
@@ -589,6 +590,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     log(f"  {cold.bytes_per_s / 1e6:,.0f} MB/s; kernel read sizes "
         f"{out['large_cold']['counters']['read_request_sizes']}")
 
+    sync()  # the cold read's SSD writes must not be written back during the next passes
     log(f"{label}: large files, epoch 2 (kernel page cache)")
     before = counters(mnt)
     ep2, ep2_passes, beside = interleaved(PAGE_CACHE_PASSES, local.large_pass, lambda: checked(
@@ -603,6 +605,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     mem_counters: list[dict[str, Any]] = []
     for _ in range(WARM_PASSES):
         drop_pages(large)
+        sync()
         before = counters(mnt)
         mem_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} memory"))
         mem_counters.append(delta(before, counters(mnt)))
@@ -641,6 +644,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     out["small_cold"] = pass_doc(cold, counters=delta(before, counters(mnt)))
     log(f"  {cold.files_per_s:,.0f} files/s")
 
+    sync()
     log(f"{label}: small files, warm (next passes on the same mount)")
     before = counters(mnt)
     warm, warm_passes, beside = interleaved(PAGE_CACHE_PASSES, local.small_pass, lambda: checked(
@@ -707,15 +711,18 @@ def measure_peer(procs: Processes, work: Path, name: str, server: MotoServer, da
         cold = checked(read_parallel(small, readers), data.small_bytes, f"{name} cold small")
         out["small_cold"] = pass_doc(cold)
         log(f"  {cold.files_per_s:,.0f} files/s")
+        sync()
         log(f"{name}: small files, warm (next passes)")
         warm, passes = best_of(WARM_PASSES, lambda: checked(
             read_parallel(small, readers), data.small_bytes, f"{name} warm small"))
         out["small_warm"] = pass_doc(warm, passes)
         log(f"  {warm.files_per_s:,.0f} files/s")
+        sync()
         log(f"{name}: large files, cold")
         cold = checked(read_sequential(large), data.large_bytes, f"{name} cold large")
         out["large_cold"] = pass_doc(cold)
         log(f"  {cold.bytes_per_s / 1e6:,.0f} MB/s")
+        sync()
         log(f"{name}: large files, warm (next passes)")
         warm, passes = best_of(WARM_PASSES, lambda: checked(
             read_sequential(large), data.large_bytes, f"{name} warm large"))
@@ -870,6 +877,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     raw["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     raw["results"] = results
+    raw["disturbed_passes"] = {  # others >= 10% of the machine during the pass
+        f"{system}.{case}": doc["cpu_percent"]["others"]
+        for system, cases in results.items() for case, doc in cases.items()
+        if doc["cpu_percent"].get("others", 0.0) >= DISTURBED_PERCENT}
     raw["lookup"] = lookup["raw"]
     raw["read_request_sizes"] = {
         label: results[label]["large_cold"]["counters"]["read_request_sizes"]
@@ -901,17 +912,22 @@ def print_report(report: dict[str, Any]) -> None:
             return f"{TARGETS[key]} skipped"
         return f"{TARGETS[key]} {'ok' if meets(r[key], TARGETS[key]) else 'MISSED'}"
 
+    def others(doc: dict[str, Any]) -> str:
+        share = doc["cpu_percent"].get("others")
+        return "-" if share is None else f"{share:.0f}%"
+
     def mbs(doc: dict[str, Any]) -> str:
-        return f"{doc['mb_per_s']:,.0f} MB/s"
+        return f"{doc['mb_per_s']:,.0f} MB/s\t{others(doc)}"
 
     def fps(doc: dict[str, Any]) -> str:
-        return f"{doc['files_per_s']:,.0f} files/s"
+        return f"{doc['files_per_s']:,.0f} files/s\t{others(doc)}"
 
     def row(system: str, case: str, value: str, key: str | None) -> list[str]:
+        value, _, busy = value.partition("\t")
         if key is None:
-            return [system, case, value, "", "", ""]
+            return [system, case, value, busy, "", "", ""]
         shown = f"{r[key]:.2f}" if key in r else "-"
-        return [system, case, value, key, shown, verdict(key)]
+        return [system, case, value, busy, key, shown, verdict(key)]
 
     rows = [row("local disk", "large, warm page cache", mbs(res["local_disk"]["large_warm"]),
                 None),
@@ -952,6 +968,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{label}: " + ", ".join(f"{fmt_bytes(int(k))} x {v}" for k, v in s.items())
         for label, s in raw["read_request_sizes"].items())
     notes = [
+        *(["--quick: a smoke run; its page-cache passes last milliseconds, so its ratios are not "
+           "figures to compare with the targets."] if report["quick"] else []),
         f"Small files: {raw['readers']} reader threads (open + read whole + close, one shuffled "
         f"order, seed {SHUFFLE_SEED}) for every system; large files: one thread, whole files "
         f"in 1 MiB reads.",
@@ -967,16 +985,13 @@ def print_report(report: dict[str, Any]) -> None:
         *([f"This machine runs a {raw['damon_pageout']}: cache files and the file:// "
             "repository are re-read from disk when idle that long."] if raw["damon_pageout"]
           else []),
-        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}; CPU "
-        f"used by other processes during the timed passes: up to {_others_max(res):.0f}% of "
-        "the machine (raw: cpu_percent.others).",
+        "others: share of the machine's CPU time that other processes (other tenants, kernel "
+        "threads) used during the pass ('-': too short to tell); a high one marks a disturbed "
+        "figure.",
+        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}.",
     ]
-    print_table(title, ["system", "case", "throughput", "ratio", "value", "target"], rows, notes)
-
-
-def _others_max(res: dict[str, Any]) -> float:
-    return max((doc["cpu_percent"].get("others", 0.0)
-                for system in res.values() for doc in system.values()), default=0.0)
+    print_table(title, ["system", "case", "throughput", "others", "ratio", "value", "target"],
+                rows, notes)
 
 
 def _memory_verified(res: dict[str, Any]) -> bool:
@@ -997,6 +1012,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"--memory-cache of every cachefs mount (default "
                              f"{DEFAULT_MEMORY_CACHE})")
     args = parser.parse_args(argv)
+    # A plain `kill` must unwind through the cleanup (mounts, daemons, moto, peers) too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = run(args)
     if args.json:
         print_json(report)
