@@ -39,3 +39,21 @@ def test_scale_benchmark_quick_json(tmp_path: Path) -> None:
     assert set(result["ratios"]) >= {"mount_1m_vs_10", "ls_l_100k_vs_local"}
     assert result["raw"]["per_inode_bytes"] > 0
     assert not list(work.iterdir())
+
+
+def test_read_benchmark_quick_json(tmp_path: Path) -> None:
+    """The mount read benchmark end to end on a small dataset (peers skipped: no Debian
+    rclone/s3fs needed in CI; the full run installs and measures them)."""
+    work = tmp_path / "bench"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.read", "--quick", "--skip-peers", "--json", "--dir",
+         str(work)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["ratios"]) >= {"epoch2_large_vs_local", "warm_small_vs_local",
+                                     "cython_vs_python"}
+    assert all(v > 0 for v in result["ratios"].values())
+    assert not list(work.iterdir())
