@@ -17,7 +17,6 @@ dict), the disk tier and the origin on worker threads.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,7 +101,6 @@ class TieredStore:
         self._trees: OrderedDict[str, Tree] = OrderedDict()
         self._tree_entries = 0
         self._tree_entries_limit = tree_cache_entries
-        self.started = time.monotonic()
 
     # -- objects --------------------------------------------------------------------------
     async def get(self, key: str, *, into_memory: bool = True) -> bytes:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from cachefs.errors import LocalIOError, MountError, NotFound, UsageError
 from cachefs.fs import XATTR_INFO, XATTR_STATS
@@ -173,9 +172,3 @@ def _wait_exit(pid: int, timeout: float) -> None:
         time.sleep(0.02)
     raise MountError(f"mount daemon {pid} did not exit within {timeout:g} s")
 
-
-def log_tail(config: MountConfig, lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(config.log_path).read_text().splitlines()[-lines:])
-    except OSError:
-        return ""
