@@ -130,3 +130,11 @@ class PermissionDenied(CachefsError):
     errno = _errno.EACCES
     exit_code = 9
     grpc_status = "PERMISSION_DENIED"
+
+
+class RepositoryBusy(CachefsError):
+    """The repository is locked by an operation that excludes this one (gc against writers)."""
+
+    errno = _errno.EBUSY
+    exit_code = 12
+    grpc_status = "UNAVAILABLE"

@@ -4,6 +4,10 @@
   so no test reads or writes the real home, the real config or real AWS settings.
 - `moto_server` (session): one `tests.servers.MotoServer` subprocess, always stopped at the end.
 - `s3_url`: a fresh, empty bucket on that server, as an ``s3://`` remote URL with a prefix.
+- `oss_server` (session): one `tests.oss_server.OSSServer` (in-memory, V4 signatures checked) on
+  127.0.0.1 with one bucket, always stopped at the end.
+- `oss_url`: a fresh prefix in that bucket as an ``oss://`` remote URL, with the test OSS
+  credentials in the environment (where the remote reads them).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from tests.mounting import MountSet
+from tests.oss_server import OSS_TEST_BUCKET, OSS_TEST_ENV, OSS_UNSET_ENV, OSSServer
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
 
 # CI must not depend on luck: there, property tests replay the same examples every run
@@ -40,7 +45,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setenv(var, str(home / sub))
     for var, value in AWS_TEST_ENV.items():
         monkeypatch.setenv(var, value)
-    for var in AWS_UNSET_ENV:
+    for var in AWS_UNSET_ENV + OSS_UNSET_ENV:
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -62,6 +67,26 @@ def s3_url(moto_server: MotoServer) -> str:
     bucket = f"cachefs-test-{uuid.uuid4().hex[:16]}"
     moto_server.create_bucket(bucket)
     return f"s3://{bucket}/some/prefix?endpoint_url={moto_server.endpoint}&region=us-east-1"
+
+
+@pytest.fixture(scope="session")
+def oss_server() -> Iterator[OSSServer]:
+    """An OSS-protocol server on 127.0.0.1 with bucket `OSS_TEST_BUCKET`, stopped at the end."""
+    server = OSSServer(OSS_TEST_ENV["OSS_ACCESS_KEY_ID"], OSS_TEST_ENV["OSS_ACCESS_KEY_SECRET"])
+    try:
+        server.start()
+        server.create_bucket(OSS_TEST_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def oss_url(oss_server: OSSServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``oss://BUCKET/PREFIX?endpoint=...&region=...`` under a new prefix, credentials set."""
+    for var, value in OSS_TEST_ENV.items():
+        monkeypatch.setenv(var, value)
+    return oss_server.url_for(OSS_TEST_BUCKET, f"t-{uuid.uuid4().hex[:16]}/some/prefix")
 
 
 @pytest.fixture

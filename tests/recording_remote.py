@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from cachefs.remotes.base import Remote
+from cachefs.remotes.base import ObjectInfo, Remote
 
 
 class RecordingRemote:
@@ -36,6 +36,10 @@ class RecordingRemote:
     def list(self, prefix: str) -> Iterator[str]:
         self.calls.append(("list", prefix))
         return self.inner.list(prefix)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        self.calls.append(("list_info", prefix))
+        return self.inner.list_info(prefix)
 
     def delete(self, key: str) -> None:
         self.calls.append(("delete", key))

@@ -22,10 +22,22 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=init)
 
     p = sub.add_parser("datasets", parents=[common], formatter_class=HelpFormatter,
-                       help="list the datasets of a remote",
+                       help="list (or remove) the datasets of a remote",
+                       description="Without a subcommand, list the datasets of the remote.",
                        epilog="examples:\n  cachefs datasets\n  cachefs datasets --remote team "
-                              "--json\n")
+                              "--json\n  cachefs datasets rm scratch\n")
     p.set_defaults(func=datasets)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    rm = actions.add_parser(
+        "rm", parents=[common], formatter_class=HelpFormatter,
+        help="delete a dataset's branches and tags",
+        description="Delete every branch and tag of DATASET, and the dataset itself. Its data "
+                    "is removed later by `cachefs gc`, once nothing else reaches it and the gc "
+                    "grace period has passed; until then the reflog still reaches it.",
+        epilog="examples:\n  cachefs datasets rm scratch\n  cachefs gc --grace 0  "
+               "# then reclaim the space now\n")
+    rm.add_argument("dataset", metavar="DATASET")
+    rm.set_defaults(func=remove_dataset)
 
 
 def init(args: argparse.Namespace) -> int:
@@ -68,4 +80,19 @@ def datasets(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['name']:<24} {(r['main'] or '-')[:12]:<12} {r['files']:>10} "
                   f"{format_size(r['bytes']):>11}  {r['updated'] or '-'}")
+    return 0
+
+
+def remove_dataset(args: argparse.Namespace) -> int:
+    check_name(args.dataset, "dataset name")
+    repo = open_repository(args)
+    removed = repo.delete_dataset(args.dataset)
+    if args.json:
+        print_json({"dataset": args.dataset, "removed_refs": removed})
+    else:
+        for ref, commit in removed.items():
+            print(f"deleted {ref.replace('heads/', 'branch ').replace('tags/', 'tag ')} "
+                  f"(was {commit[:12]})")
+        print(f"removed dataset {args.dataset} from {repo.remote.url}; its data is reclaimed "
+              "by `cachefs gc` once nothing else reaches it and the grace period has passed")
     return 0

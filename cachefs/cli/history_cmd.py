@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import unquote, urlparse
 
 from cachefs.cli.common import (
     HelpFormatter,
@@ -13,22 +14,30 @@ from cachefs.cli.common import (
     progress_for,
 )
 from cachefs.dataset.commit import commit_directory
+from cachefs.dataset.importer import import_prefix
 from cachefs.dataset.refs import RefKind
 from cachefs.errors import UsageError
 from cachefs.names import check_name, format_size, parse_address
+from cachefs.remotes.registry import BACKENDS, open_remote_url
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "commit", parents=[common], formatter_class=HelpFormatter,
-        help="commit a directory as a new version",
+        help="commit a directory (or a bucket prefix) as a new version",
         description="Record DIR as the next version of DATASET on BRANCH (default main). Files "
                     "unchanged since the last commit from DIR are not re-read; content already "
-                    "in the remote is not uploaded again; small files are packed together.",
+                    "in the remote is not uploaded again; small files are packed together. "
+                    "Paths matching DIR/.cachefsignore (gitignore syntax) are left out.\n\n"
+                    "DIR may also be an object-store prefix (s3://BUCKET/PREFIX/ or "
+                    "oss://BUCKET/PREFIX/?endpoint=..., with the same options as remotes): "
+                    "the objects are streamed through hashing and packing without a local copy, "
+                    "and a re-import does not read objects whose size and ETag are unchanged.",
         epilog="examples:\n  cachefs commit imagenet ./imagenet -m 'initial import'\n"
-               "  cachefs commit imagenet@relabel ./imagenet -m 'fix labels' --json\n")
+               "  cachefs commit imagenet@relabel ./imagenet -m 'fix labels' --json\n"
+               "  cachefs commit imagenet s3://raw-data/imagenet/ -m 'import from S3'\n")
     p.add_argument("target", metavar="DATASET[@BRANCH]")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR|URL")
     p.add_argument("-m", "--message", required=True, help="what changed")
     p.add_argument("--author", help="author (default: user@host)")
     p.add_argument("--allow-empty", action="store_true",
@@ -68,21 +77,43 @@ def commit(args: argparse.Namespace) -> int:
     address = parse_address(args.target, allow_path=False)
     branch = check_name(address.ref_or_default, "branch name")
     repo = open_repository(args)
-    result = commit_directory(repo, address.dataset, branch, args.directory, args.message,
-                              author=args.author, progress=progress_for(args),
-                              allow_empty=args.allow_empty, workers=args.workers)
+    skipped: list[str] = []
+    scheme = urlparse(args.directory).scheme
+    if scheme in BACKENDS and scheme != "file":
+        source = open_remote_url(args.directory)
+        try:
+            result, skipped = import_prefix(
+                repo, address.dataset, branch, source, args.message, author=args.author,
+                progress=progress_for(args), allow_empty=args.allow_empty, workers=args.workers)
+        finally:
+            source.close()
+    else:
+        directory = args.directory
+        if scheme == "file":
+            directory = unquote(urlparse(directory).path)
+        result = commit_directory(repo, address.dataset, branch, directory, args.message,
+                                  author=args.author, progress=progress_for(args),
+                                  allow_empty=args.allow_empty, workers=args.workers)
     if args.json:
         print_json({"commit": result.commit, "files": result.files, "bytes": result.bytes,
                     "new_bytes": result.new_bytes, "new_meta_bytes": result.new_meta_bytes,
                     "parent": result.parent, "read_bytes": result.read_bytes,
-                    "reused_files": result.reused_files, "unchanged": result.unchanged})
-    elif result.unchanged:
+                    "reused_files": result.reused_files, "unchanged": result.unchanged,
+                    "ignored": result.ignored, "skipped": skipped})
+        return 0
+    for key in skipped[:10]:
+        print(f"warning: skipped {key!r}: not a usable path", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"warning: ... and {len(skipped) - 10} more keys skipped", file=sys.stderr)
+    if result.unchanged:
         print(f"nothing changed: {address.dataset}@{branch} stays at {result.commit[:12]}")
     else:
         print(f"[{address.dataset}@{branch} {result.commit[:12]}] {result.files} files, "
               f"{format_size(result.bytes)}; uploaded {format_size(result.new_bytes)} new data "
               f"+ {format_size(result.new_meta_bytes)} metadata "
-              f"({result.reused_files} files unchanged, not re-read)")
+              f"({result.reused_files} files unchanged, not re-read"
+              + (f"; {result.ignored} entries ignored by .cachefsignore)" if result.ignored
+                 else ")"))
     return 0
 
 

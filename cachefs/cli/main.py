@@ -11,10 +11,12 @@ from cachefs.cli import (
     browse_cmd,
     csi_cmd,
     dataset_cmd,
+    gc_cmd,
     history_cmd,
     materialize_cmd,
     mount_cmd,
     remote_cmd,
+    transfer_cmd,
 )
 from cachefs.cli.common import HelpFormatter, common_options
 from cachefs.errors import CachefsError
@@ -47,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (remote_cmd, dataset_cmd, history_cmd, browse_cmd, materialize_cmd,
-                   mount_cmd, csi_cmd):
+    for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, browse_cmd,
+                   materialize_cmd, mount_cmd, gc_cmd, csi_cmd):
         module.register(sub, common)
     return parser
 

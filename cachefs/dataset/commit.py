@@ -20,15 +20,18 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from blake3 import blake3
 
+from cachefs.dataset.ignore import IgnoreRules
+from cachefs.dataset.locks import RepositoryLock
 from cachefs.dataset.objects import Commit, Extent, Kind, Tree, TreeEntry, encode, hash_bytes
 from cachefs.dataset.packing import ChunkPacker, ChunkSlot, PendingExtent
-from cachefs.dataset.refs import who_am_i
+from cachefs.dataset.refs import RefValue, who_am_i
 from cachefs.dataset.repo import Repository, chunk_key, tree_key
 from cachefs.dataset.scanindex import ScanIndex, ScanRecord, is_racy
 from cachefs.errors import LocalIOError, NotFound, RefNotFound, UsageError
@@ -48,6 +51,7 @@ class CommitResult:
     read_bytes: int
     reused_files: int
     unchanged: bool = False
+    ignored: int = 0  # entries left out by .cachefsignore
 
 
 class ChunkUploader:
@@ -114,6 +118,7 @@ class _File:
     content_hash: str = ""
     extents: list[PendingExtent] = field(default_factory=list)
     size: int = 0
+    etag: str = ""  # objects imported from a bucket: identity instead of the stat fields
 
 
 @dataclass
@@ -142,14 +147,16 @@ def _read_exactly(f, n: int) -> bytes:  # type: ignore[no-untyped-def]
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class DirectoryCommitter:
-    """One commit of one directory; use `commit_directory`."""
+class Committer:
+    """What every commit source shares: packing, uploading, building trees (`run_commit`).
 
-    def __init__(self, repo: Repository, dataset: str, source: Path, progress: Progress,
+    A subclass supplies the two source-specific passes: `scan` (what is there, reusing what the
+    scan index shows unchanged) and `read_files` (read the rest through `add_content`)."""
+
+    def __init__(self, repo: Repository, dataset: str, progress: Progress,
                  workers: int | None) -> None:
         self.repo = repo
         self.dataset = dataset
-        self.source = source
         self.progress = progress
         self.chunk_size = repo.dataset(dataset).chunk_size
         parallelism = workers or getattr(repo.remote, "parallelism", 4)
@@ -157,10 +164,118 @@ class DirectoryCommitter:
         self.packer = ChunkPacker(self.chunk_size, self.uploader.seal)
         self.files: list[_File] = []
         self.read_bytes = 0
+        self.ignore: IgnoreRules | None = None
+        self.ignored = 0  # entries left out by .cachefsignore (an ignored directory counts once)
 
     @property
     def reused_files(self) -> int:
         return sum(1 for f in self.files if f.record is not None)
+
+    def scan(self, index: ScanIndex | None) -> _Dir:
+        raise NotImplementedError
+
+    def read_files(self, known: KnownContents) -> None:
+        raise NotImplementedError
+
+    def reuse_recorded(self, file: _File) -> bool:
+        """Take a file's content from its scan-index record, if it has one."""
+        if file.record is None:
+            return False
+        file.content_hash = file.record.content_hash
+        file.extents = [PendingExtent.of(x) for x in file.record.extents]
+        file.size = file.record.size
+        return True
+
+    def add_content(self, file: _File, known: KnownContents,
+                    read_piece: Callable[[], bytes]) -> None:
+        """Hash and pack one file whose content `read_piece` returns a chunk size at a time
+        (short only at the end, then b"")."""
+        if file.st.st_size < self.chunk_size:
+            data = read_piece()
+            if len(data) < self.chunk_size:  # the common case: the whole small file
+                file.size = len(data)
+                file.content_hash = hash_bytes(data)
+                reused = known.get(file.content_hash)
+                if reused is not None:
+                    file.extents = reused
+                elif data:
+                    file.extents = known.add(file.content_hash, [self.packer.add_small(data)])
+                return
+            first: bytes | None = data  # it grew past one chunk since the scan
+        else:
+            first = None
+        hasher = blake3()
+        extents = []
+        while True:
+            piece = first if first is not None else read_piece()
+            first = None
+            if not piece:
+                break
+            hasher.update(piece)
+            file.size += len(piece)
+            extents.append(self.packer.add_whole(piece))
+        file.content_hash = hasher.hexdigest()
+        file.extents = known.add(file.content_hash, extents)
+
+    # -- pass 3: trees --------------------------------------------------------------------
+    def build_trees(self, root: _Dir) -> tuple[str, list[dict[str, bytes]], int, int]:
+        """Encode every tree bottom-up; return (root tree, [{key: stored}] by height, files,
+        bytes). Height 0 holds trees without subdirectories; each later level refers only to
+        earlier ones, which is the order they are stored in."""
+        levels: list[dict[str, bytes]] = []
+        totals = [0, 0]
+
+        def build(node: _Dir) -> tuple[str, int]:
+            entries = []
+            height = 0
+            for child in node.children:
+                st = child.st
+                mode = stat.S_IMODE(st.st_mode)
+                if isinstance(child, _Dir):
+                    name, child_height = build(child)
+                    height = max(height, child_height + 1)
+                    entries.append(TreeEntry(child.name, Kind.DIR, mode, 0, st.st_mtime_ns, name))
+                elif isinstance(child, _Link):
+                    target = os.fsencode(child.target)
+                    entries.append(TreeEntry(child.name, Kind.SYMLINK, mode, len(target),
+                                             st.st_mtime_ns, hash_bytes(target),
+                                             target=child.target))
+                else:
+                    totals[0] += 1
+                    totals[1] += child.size
+                    entries.append(TreeEntry(
+                        child.name, Kind.FILE, mode, child.size, st.st_mtime_ns,
+                        child.content_hash, tuple(x.resolve() for x in child.extents)))
+            tree = Tree.from_entries(entries)
+            name, stored = encode(tree)
+            while len(levels) <= height:
+                levels.append({})
+            levels[height][tree_key(name)] = stored
+            return name, height
+
+        root_name, _ = build(root)
+        return root_name, levels, totals[0], totals[1]
+
+    def store_trees(self, levels: list[dict[str, bytes]]) -> int:
+        """Store the trees the remote lacks, a level at a time from the bottom, so a stored tree
+        never refers to one that is not stored yet (even if the commit is interrupted)."""
+        present = self.repo.remote.has([k for level in levels for k in level])
+        written = 0
+        for level in levels:
+            missing = [(k, v) for k, v in level.items() if k not in present]
+            for future in [self.uploader.run(self.repo.remote.put, k, v) for k, v in missing]:
+                future.result()
+            written += sum(len(v) for _, v in missing)
+        return written
+
+
+class DirectoryCommitter(Committer):
+    """One commit of one local directory; use `commit_directory`."""
+
+    def __init__(self, repo: Repository, dataset: str, source: Path, progress: Progress,
+                 workers: int | None) -> None:
+        super().__init__(repo, dataset, progress, workers)
+        self.source = source
 
     # -- pass 1: scan ---------------------------------------------------------------------
     def scan(self, index: ScanIndex | None) -> _Dir:
@@ -171,6 +286,7 @@ class DirectoryCommitter:
         if not stat.S_ISDIR(root_st.st_mode):
             raise UsageError(f"{self.source} is not a directory")
         root = _Dir("", root_st)
+        self.ignore = IgnoreRules.load(self.source)
         self._scan_dir(root, self.source, "", index)
         return root
 
@@ -184,6 +300,9 @@ class DirectoryCommitter:
             path = rel + entry.name
             try:
                 st = entry.stat(follow_symlinks=False)
+                if self.ignore is not None and self.ignore.ignores(path, stat.S_ISDIR(st.st_mode)):
+                    self.ignored += 1
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     child = _Dir(entry.name, st)
                     node.children.append(child)
@@ -205,10 +324,7 @@ class DirectoryCommitter:
         to_read = sum(f.st.st_size for f in self.files if f.record is None)
         self.progress.start(to_read, "B", "commit")
         for file in self.files:
-            if file.record is not None:
-                file.content_hash = file.record.content_hash
-                file.extents = [PendingExtent.of(x) for x in file.record.extents]
-                file.size = file.record.size
+            if self.reuse_recorded(file):
                 continue
             try:
                 self._read_file(file, known)
@@ -220,74 +336,7 @@ class DirectoryCommitter:
 
     def _read_file(self, file: _File, known: KnownContents) -> None:
         with open(self.source / file.path, "rb", buffering=0) as f:
-            if file.st.st_size < self.chunk_size:
-                data = _read_exactly(f, self.chunk_size)
-                if len(data) < self.chunk_size:  # the common case: the whole small file
-                    file.size = len(data)
-                    file.content_hash = hash_bytes(data)
-                    reused = known.get(file.content_hash)
-                    if reused is not None:
-                        file.extents = reused
-                    elif data:
-                        file.extents = known.add(file.content_hash,
-                                                 [self.packer.add_small(data)])
-                    return
-                first: bytes | None = data  # it grew past one chunk since the scan
-            else:
-                first = None
-            hasher = blake3()
-            extents = []
-            while True:
-                piece = first if first is not None else _read_exactly(f, self.chunk_size)
-                first = None
-                if not piece:
-                    break
-                hasher.update(piece)
-                file.size += len(piece)
-                extents.append(self.packer.add_whole(piece))
-            file.content_hash = hasher.hexdigest()
-            file.extents = known.add(file.content_hash, extents)
-
-    # -- pass 3: trees --------------------------------------------------------------------
-    def build_trees(self, root: _Dir) -> tuple[str, dict[str, bytes], int, int]:
-        """Encode every tree bottom-up; return (root tree, {key: stored}, files, bytes)."""
-        encoded: dict[str, bytes] = {}
-        totals = [0, 0]
-
-        def build(node: _Dir) -> str:
-            entries = []
-            for child in node.children:
-                st = child.st
-                mode = stat.S_IMODE(st.st_mode)
-                if isinstance(child, _Dir):
-                    entries.append(TreeEntry(child.name, Kind.DIR, mode, 0, st.st_mtime_ns,
-                                             build(child)))
-                elif isinstance(child, _Link):
-                    target = os.fsencode(child.target)
-                    entries.append(TreeEntry(child.name, Kind.SYMLINK, mode, len(target),
-                                             st.st_mtime_ns, hash_bytes(target),
-                                             target=child.target))
-                else:
-                    totals[0] += 1
-                    totals[1] += child.size
-                    entries.append(TreeEntry(
-                        child.name, Kind.FILE, mode, child.size, st.st_mtime_ns,
-                        child.content_hash, tuple(x.resolve() for x in child.extents)))
-            tree = Tree.from_entries(entries)
-            name, stored = encode(tree)
-            encoded[tree_key(name)] = stored
-            return name
-
-        root_name = build(root)
-        return root_name, encoded, totals[0], totals[1]
-
-    def store_trees(self, encoded: dict[str, bytes]) -> int:
-        present = self.repo.remote.has(encoded)
-        missing = [(k, v) for k, v in encoded.items() if k not in present]
-        for future in [self.uploader.run(self.repo.remote.put, k, v) for k, v in missing]:
-            future.result()
-        return sum(len(v) for _, v in missing)
-
+            self.add_content(file, known, lambda: _read_exactly(f, self.chunk_size))
 
 class KnownContents:
     """Content hash -> extents, from the parent version and from this commit so far.
@@ -324,6 +373,20 @@ class KnownContents:
         return self.get(content_hash) or self._new.setdefault(content_hash, extents)
 
 
+def check_branch(repo: Repository, dataset: str, branch: str) -> RefValue:
+    """The branch a commit will move (absent only for a dataset's first version)."""
+    repo.dataset(dataset)
+    if repo.refs.read(dataset, "tags", branch).commit is not None:
+        raise UsageError(f"{branch!r} is a tag of {dataset!r}; tags are fixed, commit to a branch")
+    head = repo.refs.read(dataset, "heads", branch)
+    if head.commit is None and repo.refs.list(dataset, "heads"):
+        raise RefNotFound(
+            f"branch {branch!r} does not exist in dataset {dataset!r} "
+            f"(create it first: cachefs branch {dataset} {branch} [START])"
+        )
+    return head
+
+
 def commit_directory(
     repo: Repository,
     dataset: str,
@@ -336,38 +399,39 @@ def commit_directory(
     workers: int | None = None,
 ) -> CommitResult:
     """Commit the directory `source` as the next version of `dataset` on `branch`."""
-    progress = progress or NoProgress()
     source_path = Path(source).absolute()
     if not source_path.is_dir():
         raise NotFound(f"source directory {source} does not exist or is not a directory")
-    repo.dataset(dataset)
-    if repo.refs.read(dataset, "tags", branch).commit is not None:
-        raise UsageError(f"{branch!r} is a tag of {dataset!r}; tags are fixed, commit to a branch")
-    head = repo.refs.read(dataset, "heads", branch)
-    if head.commit is None and repo.refs.list(dataset, "heads"):
-        raise RefNotFound(
-            f"branch {branch!r} does not exist in dataset {dataset!r} "
-            f"(create it first: cachefs branch {dataset} {branch} [START])"
-        )
-    index_path = ScanIndex.path_for(repo.remote.url, dataset, source_path)
+    head = check_branch(repo, dataset, branch)
+    committer = DirectoryCommitter(repo, dataset, source_path, progress or NoProgress(), workers)
+    return run_commit(committer, branch, head, str(source_path), message, author, allow_empty)
+
+
+def run_commit(committer: Committer, branch: str, head: RefValue, source_id: str,
+               message: str, author: str | None, allow_empty: bool) -> CommitResult:
+    """Scan, read, store and record one commit; the branch moves last, by compare-and-swap.
+
+    `source_id` names the source for the scan index (a directory, or a bucket URL)."""
+    repo, dataset, progress = committer.repo, committer.dataset, committer.progress
+    index_path = ScanIndex.path_for(repo.remote.url, dataset, source_id)
     index = ScanIndex.load(index_path)
     if index is not None and (head.commit is None or index.commit != head.commit):
         index = None
-
-    committer = DirectoryCommitter(repo, dataset, source_path, progress, workers)
+    lock = RepositoryLock(repo.remote, "writer").acquire()  # gc's sweep waits for us
     scan_started_ns = time.time_ns()
     try:
         root = committer.scan(index)
         committer.read_files(KnownContents.of_parent(repo, index, head.commit))
         committer.uploader.wait()
-        tree, encoded, files, total_bytes = committer.build_trees(root)
+        tree, levels, files, total_bytes = committer.build_trees(root)
         if (not allow_empty and head.commit is not None
                 and repo.get_commit(head.commit).tree == tree):
             log.info("nothing changed since %s", head.commit)
             _save_index(index_path, head.commit, scan_started_ns, committer.files)
             return CommitResult(head.commit, head.commit, files, total_bytes, 0, 0,
-                                committer.read_bytes, committer.reused_files, unchanged=True)
-        meta_bytes = committer.store_trees(encoded)
+                                committer.read_bytes, committer.reused_files, unchanged=True,
+                                ignored=committer.ignored)
+        meta_bytes = committer.store_trees(levels)
         commit = Commit(
             tree=tree,
             parents=(head.commit,) if head.commit else (),
@@ -385,9 +449,11 @@ def commit_directory(
     finally:
         committer.uploader.close()
         progress.close()
+        lock.release()
     _save_index(index_path, commit_name, scan_started_ns, committer.files)
     return CommitResult(commit_name, head.commit, files, total_bytes, committer.uploader.new_bytes,
-                        meta_bytes + commit_bytes, committer.read_bytes, committer.reused_files)
+                        meta_bytes + commit_bytes, committer.read_bytes, committer.reused_files,
+                        ignored=committer.ignored)
 
 
 def _save_index(path: Path, commit: str, scan_started_ns: int, files: list[_File]) -> None:
@@ -395,8 +461,9 @@ def _save_index(path: Path, commit: str, scan_started_ns: int, files: list[_File
         f.path: f.record if f.record is not None else ScanRecord(
             f.size, f.st.st_mtime_ns, f.st.st_ctime_ns, f.st.st_ino, f.content_hash,
             tuple(x.resolve() for x in f.extents),
-            racy=f.size != f.st.st_size
-            or is_racy(f.st.st_mtime_ns, f.st.st_ctime_ns, scan_started_ns),
+            racy=not f.etag and (f.size != f.st.st_size
+                                 or is_racy(f.st.st_mtime_ns, f.st.st_ctime_ns, scan_started_ns)),
+            etag=f.etag,
         )
         for f in files
     }

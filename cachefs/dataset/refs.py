@@ -23,12 +23,13 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from cachefs.errors import CorruptObject, InvalidName, RefConflict, RemoteUnsupported
 from cachefs.names import check_hash, check_name
-from cachefs.remotes.base import Remote
+from cachefs.remotes.base import ObjectInfo, Remote
 
 log = logging.getLogger("cachefs.refs")
 
@@ -43,6 +44,12 @@ class RefValue:
 
     commit: str | None
     generation: int
+
+
+class RefAddress(NamedTuple):
+    dataset: str
+    kind: RefKind
+    name: str
 
 
 @dataclass(frozen=True)
@@ -189,3 +196,20 @@ class GenerationRefStore:
     def history(self, dataset: str, kind: RefKind, name: str) -> list[RefLogEntry]:
         return [self._load(dataset, kind, name, g)
                 for g in reversed(self._generations(dataset, kind, name))]
+
+    def all_generations(self) -> Iterator[tuple[RefAddress, int, ObjectInfo]]:
+        """Every generation object of every ref of every dataset (for gc), in key order."""
+        for info in self.remote.list_info("refs/"):
+            parts = info.key.split("/")
+            if (len(parts) == 5 and parts[2] in KINDS and len(parts[4]) == _GEN_DIGITS
+                    and parts[4].isdigit()):
+                address = RefAddress(parts[1], parts[2], parts[3])  # type: ignore[arg-type]
+                yield address, int(parts[4]), info
+
+    def load(self, address: RefAddress, generation: int) -> RefLogEntry:
+        return self._load(address.dataset, address.kind, address.name, generation)
+
+    def delete_generation(self, address: RefAddress, generation: int) -> None:
+        """Drop one old generation (gc). Never the newest: that one is the ref's value."""
+        self.remote.delete(self._prefix(address.dataset, address.kind, address.name)
+                           + f"{generation:0{_GEN_DIGITS}d}")

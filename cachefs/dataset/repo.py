@@ -142,6 +142,19 @@ class Repository:
             raise CorruptObject(f"settings of dataset {name!r} are corrupt: {e}") from e
         return DatasetSettings(name, int(doc["chunk_size"]), int(doc.get("created_ns", 0)))
 
+    def delete_dataset(self, name: str) -> dict[str, str]:
+        """Delete every branch and tag of a dataset, then the dataset; return {ref: commit}.
+
+        Only refs go: the data stays until `gc` finds nothing reaches it, and the reflog keeps
+        the deleted refs' commits reachable for gc's grace period."""
+        self.dataset(name)
+        removed: dict[str, str] = {}
+        for kind in KINDS:
+            for ref in self.refs.list(name, kind):
+                removed[f"{kind}/{ref}"] = self.delete_ref(name, kind, ref)
+        self.remote.delete(f"datasets/{name}")
+        return removed
+
     def datasets(self) -> list[str]:
         return [key.split("/", 1)[1] for key in self.remote.list("datasets/")]
 

@@ -27,7 +27,7 @@ from cachefs.dataset.objects import Extent
 
 log = logging.getLogger("cachefs.scanindex")
 
-INDEX_VERSION = 2  # hashes kept as hex strings: no conversion per file on load/save
+INDEX_VERSION = 3  # v3: an ETag per record (imports from buckets)
 RACY_WINDOW_NS = 1_000_000_000
 
 
@@ -40,6 +40,7 @@ class ScanRecord:
     content_hash: str
     extents: tuple[Extent, ...]
     racy: bool
+    etag: str = ""  # set for objects imported from a bucket: (size, etag) identifies them
 
 
 def is_racy(mtime_ns: int, ctime_ns: int, scan_started_ns: int) -> bool:
@@ -64,8 +65,15 @@ class ScanIndex:
             return None
         return rec
 
+    def lookup_object(self, key: str, size: int, etag: str) -> ScanRecord | None:
+        """The record for a bucket object if its size and ETag are unchanged since it was read."""
+        rec = self.records.get(key)
+        if rec is None or not rec.etag or (rec.size, rec.etag) != (size, etag):
+            return None
+        return rec
+
     @staticmethod
-    def path_for(remote_url: str, dataset: str, source: Path) -> Path:
+    def path_for(remote_url: str, dataset: str, source: Path | str) -> Path:
         key = blake3(f"{remote_url}\0{dataset}\0{source}".encode()).hexdigest()[:32]
         return state_dir() / "scan" / f"{key}.idx"
 
@@ -79,12 +87,12 @@ class ScanIndex:
                 return None
             records = {}
             for row in doc["records"]:
-                name, size, mtime, ctime, ino, content, flat, racy = row
+                name, size, mtime, ctime, ino, content, flat, racy, etag = row
                 extents = tuple(
                     Extent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)
                 )
                 records[os.fsdecode(name)] = ScanRecord(
-                    size, mtime, ctime, ino, content, extents, racy
+                    size, mtime, ctime, ino, content, extents, racy, etag
                 )
             return cls(doc["commit"], doc["scan_started_ns"], records)
         except FileNotFoundError:
@@ -96,7 +104,7 @@ class ScanIndex:
     def save(self, path: Path) -> None:
         rows = [
             [os.fsencode(name), r.size, r.mtime_ns, r.ctime_ns, r.inode, r.content_hash,
-             [v for x in r.extents for v in (x.chunk, x.offset, x.length)], r.racy]
+             [v for x in r.extents for v in (x.chunk, x.offset, x.length)], r.racy, r.etag]
             for name, r in self.records.items()
         ]
         doc = {"version": INDEX_VERSION, "commit": self.commit,

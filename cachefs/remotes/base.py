@@ -11,7 +11,16 @@ Keys are '/'-separated ASCII paths built by the repository layer, never from raw
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
+
+
+class ObjectInfo(NamedTuple):
+    """One listed object: what a store's listing reports without reading the object."""
+
+    key: str
+    size: int
+    mtime_ns: int  # last modification, by the store's clock (S3 LastModified, file mtime)
+    etag: str  # changes whenever the content does (S3/OSS ETag; size+mtime on files)
 
 
 @runtime_checkable
@@ -38,6 +47,10 @@ class Remote(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Yield every key starting with `prefix`, in lexicographic order."""
+        ...
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like `list`, with each object's size, modification time and ETag (one listing)."""
         ...
 
     def delete(self, key: str) -> None:

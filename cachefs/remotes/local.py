@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from cachefs.errors import ConfigError, ObjectNotFound, RemoteError
+from cachefs.remotes.base import ObjectInfo
 
 log = logging.getLogger("cachefs.remotes.local")
 
@@ -139,6 +140,14 @@ class LocalRemote:
                 if not name.startswith(".") and (rel + name).startswith(prefix)
             )
         return iter(sorted(found))
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since it was listed
+            yield ObjectInfo(key, st.st_size, st.st_mtime_ns, f"{st.st_size:x}-{st.st_mtime_ns:x}")
 
     def delete(self, key: str) -> None:
         try:

@@ -16,6 +16,7 @@ from cachefs.remotes.base import Remote
 BACKENDS: dict[str, tuple[str, str]] = {
     "file": ("cachefs.remotes.local", "LocalRemote"),
     "s3": ("cachefs.remotes.s3", "S3Remote"),
+    "oss": ("cachefs.remotes.oss", "OSSRemote"),
 }
 
 

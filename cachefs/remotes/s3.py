@@ -22,6 +22,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
+from cachefs.remotes.base import ObjectInfo
 
 log = logging.getLogger("cachefs.remotes.s3")
 
@@ -169,11 +170,19 @@ class S3Remote:
         return {k for k, ok in zip(keys, self._executor().map(self._exists, keys)) if ok}
 
     def list(self, prefix: str) -> Iterator[str]:
+        return (info.key for info in self.list_info(prefix))
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix) :]
+                    yield ObjectInfo(
+                        item["Key"][len(self.prefix) :],
+                        int(item["Size"]),
+                        int(item["LastModified"].timestamp() * 1e9),
+                        str(item.get("ETag", "")).strip('"'),
+                    )
         except Exception as e:
             raise self._translate(e, prefix, "listing") from e
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -251,6 +252,28 @@ class RemoteContract:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda k: remote.put(k, b""), keys))
         assert list(remote.list("many/")) == keys
+
+    def test_list_info_matches_list(self, listed: Remote) -> None:
+        for prefix in ("", "a/b/", "zzz"):
+            infos = list(listed.list_info(prefix))
+            assert [i.key for i in infos] == list(listed.list(prefix))
+        sizes = {i.key: i.size for i in listed.list_info("")}
+        assert sizes == {k: len(listed.get(k)) for k in self.KEYS}
+
+    def test_list_info_times_and_etags(self, remote: Remote) -> None:
+        before_ns = time.time_ns()
+        remote.put("obj", b"first")
+        (first,) = remote.list_info("obj")
+        # Store clocks may be second-granular (S3 LastModified) and a little skewed.
+        assert abs(first.mtime_ns - before_ns) < 120 * 10**9
+        assert first.etag
+        remote.put("obj", b"second, longer")
+        (second,) = remote.list_info("obj")
+        assert second.size == len(b"second, longer")
+        assert second.etag != first.etag
+        remote.put("same", b"first")
+        (same,) = remote.list_info("same")
+        assert same.size == first.size
 
     # --- delete ----------------------------------------------------------------------------
 
