@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import base64
 import calendar
-import contextlib
 import hashlib
 import hmac
 import http.client
 import ipaddress
-import socket
 import string
 import threading
 import time
@@ -40,12 +38,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from tests.servers import LOOPBACK, wait_until
+from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, wait_until
 
 # The key every test client and the session's server use, and the machine variables that must
 # not leak into tests; nothing reaches real OSS.
@@ -692,27 +689,9 @@ class OSSServer:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as oss2's pooled connections expect
-    timeout = 30  # an idle or stalled client connection is dropped after this long
+class _Handler(KeepAliveHandler):
     disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: pytest shows nothing useful from per-request lines
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _serve(self) -> None:
         body = self._read_body()  # always, so that the connection stays in step
@@ -734,30 +713,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _serve
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False
-    block_on_close = True  # server_close() joins every handler thread
-
+class _Server(LoopbackHTTPServer):
     def __init__(self, oss: OSSServer) -> None:
         self.oss = oss
-        self._clients: set[socket.socket] = set()
-        self._clients_lock = threading.Lock()
-        super().__init__((LOOPBACK, 0), _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._clients_lock:
-            self._clients.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._clients_lock:
-            self._clients.discard(request)
-        super().shutdown_request(request)
-
-    def drop_clients(self) -> None:
-        """Cut every open client connection, so that handler threads end now."""
-        with self._clients_lock:
-            clients = list(self._clients)
-        for sock in clients:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        super().__init__(_Handler)

@@ -200,10 +200,12 @@ _HOP_BY_HOP = {
 }
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as boto3's pooled connections expect
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive request handler (as pooled SDK connections expect), quiet, that
+    reads plain and chunked request bodies."""
+
+    protocol_version = "HTTP/1.1"
     timeout = 30  # an idle or stalled client connection is dropped after this long
-    server: _ProxyServer
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: pytest shows nothing useful from per-request lines
@@ -220,6 +222,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 parts.append(self.rfile.read(size))
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+
+class _ProxyHandler(KeepAliveHandler):
+    server: _ProxyServer
 
     def _forward(self) -> None:
         body = self._read_body()
@@ -262,17 +268,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
 
 
-class _ProxyServer(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server on 127.0.0.1 (a free port) whose stop never waits on clients:
+    it tracks open connections so `drop_clients` can cut them before `server_close` joins."""
+
     daemon_threads = False
     block_on_close = True  # server_close() joins every handler thread
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream_host = upstream_host
-        self.upstream_port = upstream_port
-        self.stripped = 0  # how many If-None-Match headers were dropped
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self._clients: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
-        super().__init__((LOOPBACK, 0), _ProxyHandler)
+        super().__init__((LOOPBACK, 0), handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._clients_lock:
@@ -291,6 +297,14 @@ class _ProxyServer(ThreadingHTTPServer):
         for sock in clients:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+class _ProxyServer(LoopbackHTTPServer):
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.stripped = 0  # how many If-None-Match headers were dropped
+        super().__init__(_ProxyHandler)
 
 
 class IgnoringPutIfAbsentProxy:

@@ -11,6 +11,7 @@ Keys are '/'-separated ASCII paths built by the repository layer, never from raw
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol, runtime_checkable
 
 
@@ -64,3 +65,36 @@ class Remote(Protocol):
     def close(self) -> None:
         """Release connections and threads; calling it twice is harmless."""
         ...
+
+
+class HeadProbing:
+    """For HTTP object stores: `has` as parallel HEAD requests, `list` from `list_info`.
+
+    A backend sets `parallelism` and `pool_name` and implements `_exists` (one HEAD) and
+    `list_info`; `close` must call `_close_pool`."""
+
+    parallelism: int
+    pool_name: str
+    _pool: ThreadPoolExecutor | None = None
+
+    def _exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        raise NotImplementedError
+
+    def has(self, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        if len(keys) <= 1:
+            return {k for k in keys if self._exists(k)}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix=self.pool_name)
+        return {k for k, ok in zip(keys, self._pool.map(self._exists, keys)) if ok}
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return (info.key for info in self.list_info(prefix))
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -23,8 +23,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -35,7 +34,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import ObjectInfo
+from cachefs.remotes.base import HeadProbing, ObjectInfo
 
 log = logging.getLogger("cachefs.remotes.oss")
 
@@ -91,8 +90,10 @@ def _credentials_missing() -> list[str]:
     return [name for name in _CREDENTIAL_VARS if not os.environ.get(name)]
 
 
-class OSSRemote:
+class OSSRemote(HeadProbing):
     """A remote stored as objects under an OSS bucket prefix."""
+
+    pool_name = "cachefs-oss"
 
     def __init__(
         self,
@@ -162,7 +163,6 @@ class OSSRemote:
             enable_crc=False,
             app_name="cachefs",
         )
-        self._pool: ThreadPoolExecutor | None = None
         log.debug("opened %s at %s (region %s)", self.url, endpoint, region)
 
     @classmethod
@@ -300,20 +300,6 @@ class OSSRemote:
         except ObjectNotFound:
             return False
 
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="cachefs-oss")
-        return self._pool
-
-    def has(self, keys: Iterable[str]) -> set[str]:
-        keys = list(keys)
-        if len(keys) <= 1:
-            return {k for k in keys if self._exists(k)}
-        return {k for k, ok in zip(keys, self._executor().map(self._exists, keys)) if ok}
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return (info.key for info in self.list_info(prefix))
-
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         token = ""
         while True:
@@ -350,9 +336,7 @@ class OSSRemote:
         """OSS acknowledges a PUT only once it is durable: nothing to do."""
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self._close_pool()
         self._session.session.close()  # the pooled connections (closing twice is harmless)
 
     def __repr__(self) -> str:

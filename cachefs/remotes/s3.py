@@ -11,8 +11,7 @@ S3 error codes are mapped to cachefs exceptions in one table, chaining the origi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
 from cachefs.errors import (
@@ -22,7 +21,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import ObjectInfo
+from cachefs.remotes.base import HeadProbing, ObjectInfo
 
 log = logging.getLogger("cachefs.remotes.s3")
 
@@ -38,8 +37,10 @@ def _error_code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
-class S3Remote:
+class S3Remote(HeadProbing):
     """A remote stored as objects under a bucket prefix."""
+
+    pool_name = "cachefs-s3"
 
     def __init__(
         self,
@@ -76,7 +77,6 @@ class S3Remote:
             region_name=region,
             config=Config(**config_kwargs),
         )
-        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_url(cls, url: str) -> S3Remote:
@@ -158,20 +158,6 @@ class S3Remote:
                 return False
             raise self._translate(e, key, "checking") from e
 
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="cachefs-s3")
-        return self._pool
-
-    def has(self, keys: Iterable[str]) -> set[str]:
-        keys = list(keys)
-        if len(keys) <= 1:
-            return {k for k in keys if self._exists(k)}
-        return {k for k, ok in zip(keys, self._executor().map(self._exists, keys)) if ok}
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return (info.key for info in self.list_info(prefix))
-
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
@@ -197,9 +183,7 @@ class S3Remote:
         """S3 acknowledges a PUT only once it is durable: nothing to do."""
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self._close_pool()
         self._client.close()  # the pooled connections (closing twice is harmless)
 
     def __repr__(self) -> str:
