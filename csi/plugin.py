@@ -7,6 +7,9 @@ the mounter at STATE_DIR/mounter.sock, starting it first if none answers, so one
 enough to try the plugin by hand. Either way the mounter outlives the plugin: restarting the
 plugin touches no mount.
 
+The node plugin can also serve the node's resource inventory over HTTP (`--inventory-listen`)
+and keep it on its Node object (`--publish-inventory`): `csi.inventory`, `csi.publish`.
+
 The CSI socket is local (kubelet and the sidecars reach it through a host path); it is created
 with mode 0660 and carries no token, as in every CSI driver.
 """
@@ -14,21 +17,27 @@ with mode 0660 and carries no token, as in every CSI driver.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from cachefs.errors import UsageError
+from cachefs.fuse.config import default_cache_dir
 from csi.controller import ControllerService
 from csi.identity import IdentityService
+from csi.inventory import collect_inventory
+from csi.kube import core_api
 from csi.mounter import MounterClient, spawn_mounter
 from csi.node import NodeService
 from csi.proto import csi_pb2_grpc
+from csi.publish import InventoryServer, NodePublisher
 from csi.rpc import DRIVER_NAME
 from csi.state import JsonStore
 
@@ -90,17 +99,51 @@ def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | N
     return server
 
 
+def inventory_services(args: argparse.Namespace) -> list[Any]:
+    """The inventory endpoint and Node publisher the flags ask for (not started yet)."""
+    listen = getattr(args, "inventory_listen", None)
+    publish = getattr(args, "publish_inventory", False)
+    if not listen and not publish:
+        return []
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    collect = functools.partial(collect_inventory, cache_dir,
+                                node_name=getattr(args, "node_id", None))
+    services: list[Any] = []
+    if listen:
+        try:
+            services.append(InventoryServer(listen, collect))
+        except ValueError as e:
+            raise UsageError(f"--inventory-listen: {e}") from e
+        except OSError as e:
+            raise UsageError(f"--inventory-listen {listen}: cannot listen there: {e}") from e
+    if publish:
+        if args.mode == "controller" or not args.node_id:
+            raise UsageError("--publish-inventory needs the node service and --node-id")
+        interval = getattr(args, "inventory_interval", 60.0)
+        if interval <= 0:
+            raise UsageError("--inventory-interval must be positive")
+        api = core_api(getattr(args, "kube_api", None), getattr(args, "kube_token_file", None))
+        services.append(NodePublisher(api, args.node_id, collect, interval=interval,
+                                      watch_dir=cache_dir))
+    return services
+
+
 def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
+    services = inventory_services(args)
     server = build_server(args.endpoint, args.node_id or "", args.mode, args.default_remote,
                           state_dir, args.mounter_socket, args.cache_dir)
     server.start()
     os.chmod(socket_path(args.endpoint), 0o660)
     log.info("%s serving %s (mode %s, node %s)", DRIVER_NAME, args.endpoint, args.mode,
              args.node_id)
+    for service in services:
+        service.start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+    for service in services:
+        service.stop()
     server.stop(grace=5).wait()
     return 0

@@ -57,3 +57,22 @@ def test_read_benchmark_quick_json(tmp_path: Path) -> None:
                                      "cython_vs_python"}
     assert all(v > 0 for v in result["ratios"].values())
     assert not list(work.iterdir())
+
+
+def test_remotes_benchmark_quick_json(tmp_path: Path) -> None:
+    """Push, import and gc against a moto S3 server started by the benchmark itself."""
+    work = tmp_path / "bench"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.remotes", "--quick", "--json", "--dir", str(work)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["ratios"]) >= {"push_vs_upload", "repush_vs_push",
+                                     "incremental_push_vs_push", "import_vs_download",
+                                     "reimport_vs_import", "gc_vs_list"}
+    assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
+    assert result["raw"]["gc_objects_s"] > 0
+    assert result["quick"] is True
+    assert not list(work.iterdir())  # the work dir was removed

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import cli_json, run_cli
 
 COMMANDS = ["remote", "init", "commit", "log", "branch", "tag", "ls", "cat", "diff", "checkout",
-            "verify", "datasets", "push", "pull", "gc"]
+            "verify", "datasets", "push", "pull", "gc", "scheduler-extender"]
 
 
 @pytest.fixture

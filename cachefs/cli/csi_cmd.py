@@ -15,6 +15,11 @@ EXAMPLES = """examples:
       --mounter-socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi
   # the controller Deployment (with csi-provisioner):
   cachefs csi --mode controller --endpoint unix:///csi/csi.sock --default-remote team
+  # the node plugin, also serving its inventory and publishing it on its Node object:
+  cachefs csi --mode node --node-id $NODE_NAME --cache-dir /var/cache/cachefs \\
+      --inventory-listen 0.0.0.0:9810 --publish-inventory
+  # this node's inventory (CPU, memory, NUMA, GPUs, RDMA, NICs, cache, cached datasets):
+  cachefs csi inventory --cache-dir /var/cache/cachefs
 
 Volumes name a dataset version with three parameters / volume attributes: remote (URL or
 configured remote name; default --default-remote), dataset, ref (default main). Every volume
@@ -38,6 +43,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="a separately running mounter (default: STATE_DIR/mounter.sock, "
                         "started if needed)")
     p.add_argument("--cache-dir", help="SSD cache directory shared by the node's mounts")
+    inv = p.add_argument_group(
+        "node inventory", "CPU, memory, NUMA, GPUs, RDMA, NICs, the cache disk and the dataset\n"
+        "versions cached on the node (see `cachefs csi inventory --help`)")
+    inv.add_argument("--inventory-listen", metavar="HOST:PORT",
+                     help="serve GET /inventory (JSON) and /healthz over HTTP, e.g. "
+                          "0.0.0.0:9810 (default: off)")
+    inv.add_argument("--publish-inventory", action="store_true",
+                     help="keep the inventory on this node's Node object (--node-id): labels "
+                          "cachefs.io/gpu-count, gpu-model, rdma and the annotation "
+                          "cachefs.io/inventory; needs get and patch on nodes")
+    inv.add_argument("--inventory-interval", type=float, default=60.0, metavar="SECONDS",
+                     help="republish at least this often (default 60); changes to GPUs, RDMA "
+                          "or the cached datasets are published at once")
+    inv.add_argument("--kube-api", metavar="URL",
+                     help="Kubernetes API server (default: the in-cluster configuration)")
+    inv.add_argument("--kube-token-file", metavar="FILE",
+                     help="bearer token for --kube-api")
     p.set_defaults(func=run_plugin)
     roles = p.add_subparsers(dest="role", required=False, metavar="ROLE")
     m = roles.add_parser("mounter", help="run the mounter: the process that owns FUSE mounts",
@@ -50,6 +72,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     m.add_argument("--cache-dir", dest="mounter_cache_dir",
                    help="default SSD cache directory of the mounts")
     m.set_defaults(func=run_mounter)
+    i = roles.add_parser("inventory", parents=[common], formatter_class=HelpFormatter,
+                         help="print this node's resource inventory",
+                         description="Print this node's resources and the dataset versions "
+                                     "cached in its cache directory:\na summary, or with --json "
+                                     "the document the node plugin serves and publishes.")
+    i.add_argument("--cache-dir", dest="inventory_cache_dir", metavar="DIR",
+                   help="SSD cache directory to report on (default: the csi --cache-dir, else "
+                        "the user's default cache directory)")
+    i.set_defaults(func=run_inventory)
 
 
 def run_plugin(args: argparse.Namespace) -> int:
@@ -66,3 +97,19 @@ def run_mounter(args: argparse.Namespace) -> int:
     if args.mounter_cache_dir:
         argv += ["--cache-dir", args.mounter_cache_dir]
     return main(argv)
+
+
+def run_inventory(args: argparse.Namespace) -> int:
+    import os
+
+    from cachefs.cli.common import print_json
+    from cachefs.fuse.config import default_cache_dir
+    from csi.inventory import collect_inventory, describe
+
+    cache_dir = args.inventory_cache_dir or args.cache_dir or str(default_cache_dir())
+    inventory = collect_inventory(os.path.abspath(cache_dir))
+    if args.json:
+        print_json(inventory)
+    else:
+        print(describe(inventory))
+    return 0

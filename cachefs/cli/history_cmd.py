@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             noun, parents=[common], formatter_class=HelpFormatter,
             help=f"list, create or delete {noun}es" if noun == "branch" else "list, create or "
                                                                              "delete tags",
-            description=(f"Without NAME, list the {noun}es of DATASET. With NAME, create it at "
-                         "START (default: main). "
+            description=(f"Without NAME, list the {'branches' if noun == 'branch' else 'tags'} "
+                         "of DATASET. With NAME, create it at START (default: main). "
                          + ("Branches move with each commit." if noun == "branch" else
                             "Tags never move: name a tag in training jobs for reproducibility.")),
             epilog=f"examples:\n  cachefs {noun} imagenet\n  cachefs {noun} imagenet "
@@ -165,7 +165,8 @@ def ref_cmd(args: argparse.Namespace) -> int:
             for n, c in refs.items():
                 print(f"{n:<32} {c[:12]}")
             if not refs:
-                print(f"no {args.noun}es in {args.dataset}", file=sys.stderr)
+                plural = "branches" if args.noun == "branch" else "tags"
+                print(f"no {plural} in {args.dataset}", file=sys.stderr)
         return 0
     start = repo.resolve(args.dataset, args.start).commit
     repo.set_ref(args.dataset, kind, args.name, start, f"{args.noun}: created from "

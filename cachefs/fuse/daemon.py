@@ -4,6 +4,8 @@ Started by `cachefs mount` (in the background, or in the foreground with --foreg
 `MountConfig` as JSON and a pipe to report readiness on: it writes `ok` once the kernel mount
 exists, or `error: ...` if it could not mount, so the command that started it can return only
 when the mount serves, or fail with the reason. It logs to a file under the cache directory.
+Once mounted, it records the version it serves in CACHE_DIR/versions/ (what the node
+inventory reports as cached; `cachefs.cache.versions`).
 
 Once serving, it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only) so
 sequential reads arrive as large requests (up to 1 MiB, libfuse's max_pages). SIGTERM or
@@ -28,6 +30,7 @@ import trio
 from cachefs.cache.disk import DiskCache
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.tiered import TieredStore, object_is_intact
+from cachefs.cache.versions import record_version
 from cachefs.dataset.repo import Repository
 from cachefs.errors import CachefsError
 from cachefs.fs import DatasetFS, MountOptions
@@ -230,6 +233,11 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
         log.exception("mount failed")
         report(f"error: {type(e).__name__}: {e}")
         return 1
+    # What the node inventory reports as cached here (best effort: failures are only logged).
+    # A commit mounted by its hash (prefix) adds no ref.
+    ref = "" if config.commit.startswith(config.ref) else config.ref
+    record_version(config.cache_dir, config.dataset, config.commit,
+                   config.remote_url.split("?")[0], ref)
     try:
         trio.run(serve, fs, config, report)
     except BaseException as e:
