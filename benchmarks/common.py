@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cachefs.sample import SampleSpec
+from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV
 
 T = TypeVar("T")
 
@@ -172,3 +173,25 @@ def print_table(title: str, header: list[str], rows: list[list[str]],
     out += ["", *notes] if notes else []
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()
+
+
+@contextmanager
+def private_environment(work: Path) -> Iterator[None]:
+    """XDG dirs and TMPDIR inside the work dir, test AWS credentials; restored afterwards."""
+    saved = dict(os.environ)
+    try:
+        for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
+                         ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
+            path = work / "xdg" / sub
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(path)
+        tmp = work / "tmp"
+        tmp.mkdir(exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)  # moto spools large objects there
+        for name in AWS_UNSET_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(AWS_TEST_ENV)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -93,7 +93,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +109,7 @@ from benchmarks.common import (
     meets,
     print_json,
     print_table,
+    private_environment,
     sync,
     timed,
     warm_read,
@@ -121,7 +122,7 @@ from cachefs.fuse.mount import mount_stats
 from cachefs.names import parse_size
 from cachefs.remotes.registry import open_remote_url
 from cachefs.sample import SampleSpec, make_sample
-from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+from tests.servers import AWS_TEST_ENV, MotoServer
 
 DATASET = "bench"
 AUTHOR = "benchmark@localhost"
@@ -262,26 +263,6 @@ def drop_pages(paths: list[str]) -> None:
 
 
 # -- the run's environment and processes --------------------------------------------------------
-@contextlib.contextmanager
-def private_environment(work: Path) -> Iterator[None]:
-    """XDG dirs and TMPDIR inside the work dir, test AWS credentials; restored afterwards."""
-    saved = dict(os.environ)
-    try:
-        for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
-                         ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
-            path = work / "xdg" / sub
-            path.mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(path)
-        tmp = work / "tmp"
-        tmp.mkdir(exist_ok=True)
-        os.environ["TMPDIR"] = str(tmp)  # moto spools large objects there
-        for name in AWS_UNSET_ENV:
-            os.environ.pop(name, None)
-        os.environ.update(AWS_TEST_ENV)
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def mounted_points() -> set[str]:

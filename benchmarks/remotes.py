@@ -74,7 +74,6 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +89,7 @@ from benchmarks.common import (
     log,
     print_json,
     print_table,
+    private_environment,
     rate,
     sync,
     timed,
@@ -106,7 +106,7 @@ from cachefs.remotes.base import Remote
 from cachefs.remotes.local import LocalRemote
 from cachefs.remotes.registry import open_remote_url
 from cachefs.sample import make_sample
-from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+from tests.servers import AWS_TEST_ENV, MotoServer
 
 DATASET = "bench"
 GC_DATASET = "scratch"  # the second dataset, deleted before gc
@@ -129,26 +129,6 @@ BETTER = {
 }
 
 
-@contextlib.contextmanager
-def private_environment(work: Path) -> Iterator[None]:
-    """XDG dirs and TMPDIR inside the work dir, test AWS credentials; restored afterwards."""
-    saved = dict(os.environ)
-    try:
-        for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
-                         ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
-            path = work / "xdg" / sub
-            path.mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(path)
-        tmp = work / "tmp"
-        tmp.mkdir(exist_ok=True)
-        os.environ["TMPDIR"] = str(tmp)  # moto spools large objects there
-        for name in AWS_UNSET_ENV:
-            os.environ.pop(name, None)
-        os.environ.update(AWS_TEST_ENV)
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def s3_url(server: MotoServer, prefix: str) -> str:
