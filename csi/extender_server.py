@@ -21,18 +21,16 @@ on 127.0.0.1, or a cluster-internal Service).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
 from cachefs.errors import UsageError
+from cachefs.httpserver import BaseHandler, BodyError, ServiceHTTPServer, parse_listen
 from csi import extender
 from csi.extender import ExtenderArgs, NodeFacts, WantedVersion
 from csi.rpc import DRIVER_NAME
@@ -212,72 +210,22 @@ class Extender:
         return result
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BaseHandler):
     server: ExtenderServer
-    protocol_version = "HTTP/1.1"  # the scheduler's Go client keeps connections open
     server_version = "cachefs-scheduler-extender"
     timeout = 120  # an idle connection is dropped after this long
+    logger = log
 
     ROUTES = {"/filter": "POST", "/prioritize": "POST", "/healthz": "GET"}
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, code: int, payload: Any, close: bool = False,
               headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.send_body(code, data, "application/json", headers, close=close)
 
     def _error(self, code: int, message: str, close: bool = False,
                headers: dict[str, str] | None = None) -> None:
         self._send(code, {"error": message}, close=close, headers=headers)
-
-    def _read_body(self) -> bytes | None:
-        """The request body; None after answering 400/413 (the connection is then closed)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts, total = [], 0
-            while True:
-                line = self.rfile.readline(1024)
-                try:
-                    size = int(line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    self._error(400, "malformed chunked request body", close=True)
-                    return None
-                total += size
-                if total > MAX_BODY:
-                    self._error(413, f"request body over {MAX_BODY} bytes", close=True)
-                    return None
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline(1024)
-        text = self.headers.get("Content-Length")
-        if text is None:
-            return b""
-        try:
-            length = int(text)
-            if length < 0:
-                raise ValueError(text)
-        except ValueError:
-            self._error(400, f"invalid Content-Length {text!r}", close=True)
-            return None
-        if length > MAX_BODY:
-            self._error(413, f"request body of {length} bytes is over the limit of "
-                             f"{MAX_BODY}", close=True)
-            return None
-        return self.rfile.read(length)
 
     def _route(self) -> None:
         path = "/" + urlsplit(self.path).path.strip("/")
@@ -293,8 +241,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             self._send(200, "ok")
             return
-        body = self._read_body()
-        if body is None:
+        try:
+            body = self.read_body(MAX_BODY)
+        except BodyError as e:
+            self._error(e.code, str(e), close=True)
             return
         if not body.strip():
             self._error(400, "the request body is empty: expected ExtenderArgs JSON")
@@ -322,72 +272,21 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _route
 
 
-class ExtenderServer(ThreadingHTTPServer):
+class ExtenderServer(ServiceHTTPServer):
     """The extender's threading HTTP server; `start()` serves in a thread, `stop()` ends it
     and every open connection."""
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
+    thread_name = "scheduler-extender"
 
     def __init__(self, address: tuple[str, int], ext: Extender) -> None:
         self.extender = ext
-        self._clients: set[socket.socket] = set()
-        self._clients_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}"
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._clients_lock:
-            self._clients.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._clients_lock:
-            self._clients.discard(request)
-        super().shutdown_request(request)
-
-    def start(self) -> ExtenderServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="scheduler-extender", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, cut open connections, close; safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self.shutdown()
-            thread.join(timeout)
-        with self._clients_lock:
-            clients = list(self._clients)
-        for sock in clients:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self.server_close()
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT or :PORT (every interface)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdecimal() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 0.0.0.0:8888")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 def build_server(listen: str, api: Any | None, node_ttl: float = NODE_TTL_S) -> ExtenderServer:
     kube = KubeReader(api, node_ttl=node_ttl) if api is not None else None
     try:
-        return ExtenderServer(parse_listen(listen), Extender(kube))
+        return ExtenderServer(parse_listen(listen, "--listen"), Extender(kube))
     except OSError as e:
         raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from e
 

@@ -112,8 +112,6 @@ def inventory_services(args: argparse.Namespace) -> list[Any]:
     if listen:
         try:
             services.append(InventoryServer(listen, collect))
-        except ValueError as e:
-            raise UsageError(f"--inventory-listen: {e}") from e
         except OSError as e:
             raise UsageError(f"--inventory-listen {listen}: cannot listen there: {e}") from e
     if publish:

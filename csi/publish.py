@@ -25,15 +25,15 @@ up to `interval`); it never stops the plugin. The service account needs ``get`` 
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
+from cachefs.httpserver import TEXT_PLAIN, BaseHandler, ServiceHTTPServer, parse_listen
 from csi import labels
 
 log = logging.getLogger("cachefs.csi.publish")
@@ -44,80 +44,50 @@ ANNOTATION_LIMIT = 200_000  # bytes; the API server refuses more than 256 KiB of
 
 # -- HTTP ---------------------------------------------------------------------------------------
 
-class InventoryServer:
+class _InventoryHandler(BaseHandler):
+    server: InventoryServer
+    logger = log
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/healthz":
+            self.send_body(200, b"ok\n", TEXT_PLAIN)
+        elif path == "/inventory":
+            try:
+                body = json.dumps(self.server.collect(), indent=1).encode() + b"\n"
+            except Exception as e:
+                log.exception("collecting the inventory failed")
+                self.send_body(500, f"{type(e).__name__}: {e}\n".encode(), TEXT_PLAIN)
+                return
+            self.send_body(200, body, "application/json")
+        else:
+            self.send_body(404, b"not found: try /inventory or /healthz\n", TEXT_PLAIN)
+
+    do_HEAD = do_GET
+
+    def _not_allowed(self) -> None:
+        self.send_not_allowed("GET, HEAD")
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+
+
+class InventoryServer(ServiceHTTPServer):
     """``GET /inventory`` and ``GET /healthz`` on `address` (HOST:PORT; port 0: a free one)."""
 
+    thread_name = "cachefs-inventory-http"
+
     def __init__(self, address: str, collect: Collect) -> None:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT, not {address!r}")
-        collect_fn = collect
+        self.collect = collect
+        super().__init__(parse_listen(address, "--inventory-listen"), _InventoryHandler)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
 
-            def _send(self, code: int, body: bytes, content_type: str,
-                      extra: dict[str, str] | None = None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (extra or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
-                elif path == "/inventory":
-                    try:
-                        body = json.dumps(collect_fn(), indent=1).encode() + b"\n"
-                    except Exception as e:
-                        log.exception("collecting the inventory failed")
-                        self._send(500, f"{type(e).__name__}: {e}\n".encode(),
-                                   "text/plain; charset=utf-8")
-                        return
-                    self._send(200, body, "application/json")
-                else:
-                    self._send(404, b"not found: try /inventory or /healthz\n",
-                               "text/plain; charset=utf-8")
-
-            do_HEAD = do_GET
-
-            def _not_allowed(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if 0 < length <= 1 << 20:
-                    self.rfile.read(length)
-                else:
-                    self.close_connection = True
-                self._send(405, b"method not allowed\n", "text/plain; charset=utf-8",
-                           {"Allow": "GET, HEAD"})
-
-            do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("inventory http: " + format, *args)
-
-        self.server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self._thread = threading.Thread(target=self.server.serve_forever,
-                                        kwargs={"poll_interval": 0.2}, daemon=True,
-                                        name="cachefs-inventory-http")
-
-    def start(self) -> InventoryServer:
-        self._thread.start()
-        log.info("serving the node inventory on http://%s:%d/inventory",
-                 self.server.server_address[0], self.port)
+    def start(self, name: str | None = None, poll_interval: float = 0.2) -> Self:
+        super().start(name, poll_interval)
+        log.info("serving the node inventory on %s/inventory", self.url)
         return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.server.shutdown()
-            self._thread.join(10)
-        self.server.server_close()
 
 
 # -- the Node object ------------------------------------------------------------------------

@@ -137,17 +137,9 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
 class _Handler(KeepAliveHandler):
     server: _Server
 
-    def _answer(self, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def _handle(self) -> None:
         api: FakeKubeAPI = self.server.api
-        raw = self._read_body()
+        raw = self.read_body()
         url = urlsplit(self.path)
         path = unquote(url.path)
         content_type = self.headers.get("Content-Type")
@@ -171,7 +163,7 @@ class _Handler(KeepAliveHandler):
             code, payload = api.dispatch(self.command, path, parse_qs(url.query), media, body)
         except KubeError as e:
             code, payload = e.code, status_object(e.code, e.message)
-        self._answer(code, payload)
+        self.send_body(code, json.dumps(payload).encode(), "application/json")
 
     do_GET = do_PATCH = do_POST = do_PUT = do_DELETE = _handle
 
@@ -200,7 +192,6 @@ class FakeKubeAPI:
         self.fail_status: int | None = None
         self.port = 0
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._version = 0
 
     @property
@@ -340,23 +331,14 @@ class FakeKubeAPI:
             raise RuntimeError("fake Kubernetes API already running")
         self._server = _Server(self, self.port)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name=f"fake-kube-api:{self.port}", daemon=True)
-        self._thread.start()
+        self._server.start(f"fake-kube-api:{self.port}")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and cut open connections; the store is kept. Safe to call twice."""
         server, self._server = self._server, None
-        thread, self._thread = self._thread, None
-        if server is None:
-            return
-        server.shutdown()
-        if thread is not None:
-            thread.join(timeout)
-        server.drop_clients()
-        server.server_close()
+        if server is not None:
+            server.stop(timeout)
 
     def __enter__(self) -> Self:
         return self.start()

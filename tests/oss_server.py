@@ -255,7 +255,6 @@ class OSSServer:
         self._counts: Counter[str] = Counter()
         self._error_counts: Counter[str] = Counter()
         self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.port = 0
 
     # --- set-up and inspection (no HTTP, no signature) ----------------------------------------
@@ -322,13 +321,7 @@ class OSSServer:
             raise RuntimeError("OSS server already started")
         self._httpd = _Server(self)
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"oss-test-server:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._httpd.start(f"oss-test-server:{self.port}")
         try:
             wait_until(self._responds, self.startup_timeout, f"OSS test server on {self.endpoint}")
         except BaseException:
@@ -340,14 +333,8 @@ class OSSServer:
     def stop(self) -> None:
         """Stop accepting, cut open connections, join every thread; safe to call twice."""
         httpd, self._httpd = self._httpd, None
-        thread, self._thread = self._thread, None
-        if httpd is None:
-            return
-        if thread is not None:
-            httpd.shutdown()
-            thread.join(self.stop_timeout)
-        httpd.drop_clients()
-        httpd.server_close()
+        if httpd is not None:
+            httpd.stop(self.stop_timeout)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -694,7 +681,7 @@ class _Handler(KeepAliveHandler):
     server: _Server
 
     def _serve(self) -> None:
-        body = self._read_body()  # always, so that the connection stays in step
+        body = self.read_body()  # always, so that the connection stays in step
         headers = {name.lower(): value for name, value in self.headers.items()}
         response = self.server.oss.handle(self.command, self.path, headers, body)
         if self.command != "HEAD" or "Content-Length" not in response.headers:

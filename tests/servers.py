@@ -19,11 +19,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
+
+from cachefs.httpserver import BaseHandler, ServiceHTTPServer
 
 LOOPBACK = "127.0.0.1"
 
@@ -200,35 +201,18 @@ _HOP_BY_HOP = {
 }
 
 
-class KeepAliveHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive request handler (as pooled SDK connections expect), quiet, that
-    reads plain and chunked request bodies."""
+class KeepAliveHandler(BaseHandler):
+    """`BaseHandler` (HTTP/1.1 keep-alive, as pooled SDK connections expect; `read_body` for
+    plain and chunked request bodies) that drops idle or stalled clients."""
 
-    protocol_version = "HTTP/1.1"
     timeout = 30  # an idle or stalled client connection is dropped after this long
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: pytest shows nothing useful from per-request lines
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
 
 class _ProxyHandler(KeepAliveHandler):
     server: _ProxyServer
 
     def _forward(self) -> None:
-        body = self._read_body()
+        body = self.read_body()
         upstream = http.client.HTTPConnection(
             self.server.upstream_host, self.server.upstream_port, timeout=30
         )
@@ -268,35 +252,18 @@ class _ProxyHandler(KeepAliveHandler):
     do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
 
 
-class LoopbackHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server on 127.0.0.1 (a free port) whose stop never waits on clients:
-    it tracks open connections so `drop_clients` can cut them before `server_close` joins."""
+class LoopbackHTTPServer(ServiceHTTPServer):
+    """A `ServiceHTTPServer` on 127.0.0.1 (a free port) whose `stop` also joins every handler
+    thread (after cutting their connections, so it never waits on clients)."""
 
     daemon_threads = False
     block_on_close = True  # server_close() joins every handler thread
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._clients: set[socket.socket] = set()
-        self._clients_lock = threading.Lock()
         super().__init__((LOOPBACK, 0), handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._clients_lock:
-            self._clients.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._clients_lock:
-            self._clients.discard(request)
-        super().shutdown_request(request)
-
-    def drop_clients(self) -> None:
-        """Cut every open client connection, so that handler threads end now."""
-        with self._clients_lock:
-            clients = list(self._clients)
-        for sock in clients:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    def start(self, name: str | None = None, poll_interval: float = 0.05) -> Self:
+        return super().start(name, poll_interval)
 
 
 class _ProxyServer(LoopbackHTTPServer):
@@ -315,7 +282,6 @@ class IgnoringPutIfAbsentProxy:
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self._server = _ProxyServer(host, int(port or 80))
         self.port = int(self._server.server_address[1])
-        self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
@@ -327,23 +293,12 @@ class IgnoringPutIfAbsentProxy:
         return self._server.stripped
 
     def start(self) -> Self:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"put-if-absent-ignoring-proxy:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start(f"put-if-absent-ignoring-proxy:{self.port}")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, cut open connections, join every thread; safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._server.shutdown()
-            thread.join(timeout)
-        self._server.drop_clients()
-        self._server.server_close()
+        self._server.stop(timeout)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cachefs.config import _xdg
 from cachefs.errors import UsageError
+from cachefs.httpserver import parse_listen
 
 DEFAULT_MEMORY_CACHE = 512 << 20
 DEFAULT_ORIGIN_TIMEOUT_S = 30.0
@@ -50,9 +51,7 @@ class MountConfig:
         if self.origin_timeout <= 0:
             raise UsageError("--timeout must be positive")
         if self.metrics is not None:
-            host, _, port = self.metrics.rpartition(":")
-            if not host or not port.isdigit():
-                raise UsageError(f"--metrics {self.metrics!r}: expected HOST:PORT")
+            parse_listen(self.metrics, "--metrics")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

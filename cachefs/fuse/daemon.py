@@ -15,12 +15,10 @@ loop the same way.
 
 from __future__ import annotations
 
-import http.server
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from cachefs.errors import CachefsError
 from cachefs.fs import DatasetFS, MountOptions
 from cachefs.fuse.config import MountConfig
 from cachefs.fuse.operations import CachefsOperations
+from cachefs.httpserver import BaseHandler, ServiceHTTPServer, parse_listen
 from cachefs.remotes.registry import open_remote_url
 
 log = logging.getLogger("cachefs.daemon")
@@ -109,39 +108,29 @@ def tune_kernel_after_init(config: MountConfig) -> None:
         log.info("could not raise max_background (%s): %s", background, e)
 
 
-class MetricsServer:
+class _MetricsHandler(BaseHandler):
+    server: MetricsServer
+    protocol_version = "HTTP/1.0"  # one request a connection, as this endpoint always served
+    logger = log
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] != "/metrics":
+            self.send_error(404)
+            return
+        stats = trio.from_thread.run_sync(self.server.fs.stats, trio_token=self.server.token)
+        self.send_body(200, render_metrics(stats, self.server.fs.info).encode(),
+                       "text/plain; version=0.0.4")
+
+
+class MetricsServer(ServiceHTTPServer):
     """Prometheus text exposition of the mount's counters, on a loopback-or-given address."""
 
+    thread_name = "cachefs-metrics"
+
     def __init__(self, address: str, fs: DatasetFS, token: trio.lowlevel.TrioToken) -> None:
-        host, _, port = address.rpartition(":")
-        fs_ref, token_ref = fs, token
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                stats = trio.from_thread.run_sync(fs_ref.stats, trio_token=token_ref)
-                body = render_metrics(stats, fs_ref.info).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("metrics: " + format, *args)
-
-        self.server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                       name="cachefs-metrics")
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.fs = fs
+        self.token = token
+        super().__init__(parse_listen(address, "--metrics"), _MetricsHandler)
 
 
 def render_metrics(stats: dict[str, object], info: dict[str, object]) -> str:
