@@ -1,9 +1,9 @@
-"""The CSI gRPC stubs: committed stubs are current, match the spec, and work over a unix socket.
+"""The gRPC stubs: committed stubs are current, match their .proto, and work over a socket.
 
 proto/csi.proto is the CSI spec's csi.proto (v1.10.0) and csi/proto/*_pb2*.py are generated
-from it by scripts/gen_proto.sh and committed. Regenerating here and comparing bytes makes a
-stale stub (or a hand edit) fail CI; the field-number checks guard what csi-sanity and real
-kubelets depend on.
+from it by scripts/gen_proto.sh and committed; so are storage_server/proto/*_pb2*.py, from
+proto/storage.proto. Regenerating here and comparing bytes makes a stale stub (or a hand edit)
+fail CI; the field-number checks guard what csi-sanity and real kubelets depend on.
 """
 
 import hashlib
@@ -20,11 +20,15 @@ import pytest
 from google.protobuf import descriptor_pb2, wrappers_pb2
 
 from csi.proto import CSI_SPEC_VERSION, csi_pb2, csi_pb2_grpc
+from storage_server.proto import storage_pb2, storage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "csi.proto"
 STUBS = ROOT / "csi" / "proto"
 GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py")
+STORAGE_STUBS = ROOT / "storage_server" / "proto"
+STORAGE_GENERATED = ("storage_pb2.py", "storage_pb2.pyi", "storage_pb2_grpc.py")
+STORAGE_RPCS = ["Put", "Get", "Has", "Delete", "ListKeys", "Stat", "Compact", "Verify"]
 
 # sha256 of the spec's csi.proto at v1.10.0: proto/csi.proto is a verbatim copy, never edited.
 SPEC_SHA256 = "4502573d55327b1ab42a0d72454a4d90c0106987227de762ead273e94b16600e"
@@ -82,27 +86,31 @@ def test_proto_is_the_unmodified_spec_file():
 
 
 def test_committed_stubs_are_current(tmp_path):
-    out = tmp_path / "stubs"
     generator = metadata.version("grpcio-tools")
-    recorded = csi_pb2_grpc.GRPC_GENERATED_VERSION
-    assert generator == recorded, (
-        f"grpcio-tools {generator} is installed but the committed stubs came from {recorded}: "
-        "install the version pinned in pyproject.toml's test extra"
-    )
+    for recorded in (csi_pb2_grpc.GRPC_GENERATED_VERSION,
+                     storage_pb2_grpc.GRPC_GENERATED_VERSION):
+        assert generator == recorded, (
+            f"grpcio-tools {generator} is installed but the committed stubs came from "
+            f"{recorded}: install the version pinned in pyproject.toml's test extra"
+        )
+    csi_out, storage_out = tmp_path / "csi", tmp_path / "storage"
     env = dict(os.environ, PYTHON=sys.executable)
     subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)],
+        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(csi_out), str(storage_out)],
         check=True,
         env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
-    assert sorted(p.name for p in out.iterdir()) == sorted(GENERATED)
-    committed = sorted(p.name for p in STUBS.iterdir() if "_pb2" in p.name)
-    assert committed == sorted(GENERATED)
-    stale = [name for name in GENERATED if (out / name).read_bytes() != (STUBS / name).read_bytes()]
-    assert not stale, f"stale stubs {stale}: run scripts/gen_proto.sh and commit the result"
+    for out, stubs, generated in ((csi_out, STUBS, GENERATED),
+                                  (storage_out, STORAGE_STUBS, STORAGE_GENERATED)):
+        assert sorted(p.name for p in out.iterdir()) == sorted(generated)
+        committed = sorted(p.name for p in stubs.iterdir() if "_pb2" in p.name)
+        assert committed == sorted(generated)
+        stale = [name for name in generated
+                 if (out / name).read_bytes() != (stubs / name).read_bytes()]
+        assert not stale, f"stale stubs {stale}: run scripts/gen_proto.sh and commit the result"
 
 
 def test_stubs_import_package_relative():
@@ -110,6 +118,24 @@ def test_stubs_import_package_relative():
     assert "\nfrom . import csi_pb2 as csi__pb2\n" in text
     assert "\nimport csi_pb2" not in text
     assert csi_pb2_grpc.csi__pb2 is csi_pb2
+    text = (STORAGE_STUBS / "storage_pb2_grpc.py").read_text()
+    assert "\nfrom . import storage_pb2 as storage__pb2\n" in text
+    assert "\nimport storage_pb2" not in text
+    assert storage_pb2_grpc.storage__pb2 is storage_pb2
+
+
+def test_storage_service_shape():
+    assert storage_pb2.DESCRIPTOR.name == "storage.proto"
+    assert storage_pb2.DESCRIPTOR.package == "cachefs.storage.v1"
+    service = storage_pb2.DESCRIPTOR.services_by_name["Storage"]
+    assert service.full_name == "cachefs.storage.v1.Storage"
+    assert [m.name for m in service.methods] == STORAGE_RPCS
+    for method in service.methods:
+        assert not method.client_streaming and not method.server_streaming, method.name
+    assert _field(storage_pb2.Needle, "key").number == 1
+    assert _field(storage_pb2.Needle, "data").number == 2
+    assert _field(storage_pb2.GetRequest, "offset").type == _field(
+        storage_pb2.GetRequest, "offset").TYPE_INT64  # signed: a negative offset is refused
 
 
 def test_package_and_field_numbers_match_the_spec():

@@ -17,6 +17,7 @@ from cachefs.cli import (
     mount_cmd,
     remote_cmd,
     scheduler_cmd,
+    storage_cmd,
     transfer_cmd,
 )
 from cachefs.cli.common import HelpFormatter, common_options
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, browse_cmd,
-                   materialize_cmd, mount_cmd, gc_cmd, csi_cmd, scheduler_cmd):
+                   materialize_cmd, mount_cmd, gc_cmd, csi_cmd, scheduler_cmd, storage_cmd):
         module.register(sub, common)
     return parser
 

@@ -1,0 +1,171 @@
+"""The needle: one stored object inside a segment file (byte table: storage_server/FORMAT.md).
+
+A needle is a 56-byte header, the data, an 8-byte footer and zero padding to a multiple of 8:
+
+    header  magic u32 | version u8 | flags u8 | reserved u16 | size u32 | cookie u32 |
+            sequence u64 | key 32 bytes
+    footer  magic u32 | crc32 u32 (zlib.crc32 of header + data)
+
+All integers are little-endian. `decode_needle` is strict: any deviation from the layout raises
+`CorruptObject` naming the field, so a torn, overwritten or foreign needle is never taken for
+data. `parse_header` checks only the header, which is what a recovery scan needs to learn the
+length of the needle before reading the rest.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from cachefs.errors import CorruptObject, InvalidName
+
+HEADER_MAGIC = 0x484E4643  # b"CFNH" little-endian: cachefs needle header
+FOOTER_MAGIC = 0x464E4643  # b"CFNF": cachefs needle footer
+FORMAT_VERSION = 1
+KEY_BYTES = 32
+MAX_DATA_BYTES = 64 << 20  # a cachefs chunk is at most 64 MiB
+ALIGNMENT = 8
+
+FLAG_TOMBSTONE = 0x01
+KNOWN_FLAGS = FLAG_TOMBSTONE
+
+_HEADER = struct.Struct("<IBBHII Q32s")
+_FOOTER = struct.Struct("<II")
+HEADER_BYTES = _HEADER.size  # 56
+FOOTER_BYTES = _FOOTER.size  # 8
+assert HEADER_BYTES == 56 and FOOTER_BYTES == 8
+
+
+@dataclass(frozen=True, slots=True)
+class NeedleHeader:
+    """The fixed fields of a needle, as read from its first `HEADER_BYTES` bytes."""
+
+    flags: int
+    size: int
+    cookie: int
+    sequence: int
+    key: bytes
+
+    @property
+    def length(self) -> int:
+        """Bytes the whole needle occupies in its segment, padding included."""
+        return needle_size(self.size)
+
+    @property
+    def tombstone(self) -> bool:
+        return bool(self.flags & FLAG_TOMBSTONE)
+
+
+@dataclass(frozen=True, slots=True)
+class Needle:
+    """A decoded, verified needle; `data` is a view into the buffer it was decoded from."""
+
+    key: bytes
+    cookie: int
+    flags: int
+    sequence: int
+    data: memoryview
+
+    @property
+    def tombstone(self) -> bool:
+        return bool(self.flags & FLAG_TOMBSTONE)
+
+
+def needle_size(data_len: int) -> int:
+    """Bytes a needle holding `data_len` bytes of data occupies, padding included."""
+    return _align(HEADER_BYTES + data_len + FOOTER_BYTES)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+
+
+def check_key(key: bytes) -> None:
+    """Refuse anything but exactly 32 bytes (a BLAKE3 chunk hash) as a needle key."""
+    if not isinstance(key, bytes | bytearray | memoryview) or len(key) != KEY_BYTES:
+        shown = len(key) if isinstance(key, bytes | bytearray | memoryview) else type(key).__name__
+        raise InvalidName(f"needle key: must be {KEY_BYTES} bytes, got {shown}")
+
+
+def encode_needle(key: bytes, data: bytes | memoryview, cookie: int, flags: int = 0,
+                  sequence: int = 0) -> bytes:
+    """The bytes of one needle. `cookie` is a u32, `sequence` a u64 (the volume's write
+    order, which decides between two needles of one key; see FORMAT.md)."""
+    check_key(key)
+    if len(data) > MAX_DATA_BYTES:
+        raise InvalidName(f"needle data: {len(data)} bytes, at most {MAX_DATA_BYTES}")
+    if flags & ~KNOWN_FLAGS or not 0 <= flags <= 0xFF:
+        raise InvalidName(f"needle flags: unknown bits in {flags:#x}")
+    if flags & FLAG_TOMBSTONE and len(data):
+        raise InvalidName("needle flags: a tombstone carries no data")
+    if not 0 <= cookie <= 0xFFFFFFFF:
+        raise InvalidName(f"needle cookie: {cookie} is not a u32")
+    if not 0 <= sequence <= 0xFFFFFFFFFFFFFFFF:
+        raise InvalidName(f"needle sequence: {sequence} is not a u64")
+    size = len(data)
+    total = needle_size(size)
+    buf = bytearray(total)
+    _HEADER.pack_into(buf, 0, HEADER_MAGIC, FORMAT_VERSION, flags, 0, size, cookie, sequence,
+                      bytes(key))
+    end = HEADER_BYTES + size
+    buf[HEADER_BYTES:end] = data
+    crc = zlib.crc32(memoryview(buf)[:end])
+    _FOOTER.pack_into(buf, end, FOOTER_MAGIC, crc)
+    return bytes(buf)
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> NeedleHeader:
+    """Check and decode the header at the start of `buf` (at least `HEADER_BYTES` long)."""
+    if len(buf) < HEADER_BYTES:
+        raise CorruptObject(f"needle truncated: {len(buf)} bytes, the header alone is "
+                            f"{HEADER_BYTES}")
+    magic, version, flags, reserved, size, cookie, sequence, key = _HEADER.unpack_from(buf, 0)
+    if magic != HEADER_MAGIC:
+        raise CorruptObject(f"needle header magic: {magic:#010x}, expected {HEADER_MAGIC:#010x}")
+    if version != FORMAT_VERSION:
+        raise CorruptObject(f"needle format version: {version}, this build reads "
+                            f"{FORMAT_VERSION}")
+    if flags & ~KNOWN_FLAGS:
+        raise CorruptObject(f"needle flags: unknown bits in {flags:#04x}")
+    if reserved:
+        raise CorruptObject(f"needle reserved field: {reserved:#06x}, must be zero")
+    if size > MAX_DATA_BYTES:
+        raise CorruptObject(f"needle size: {size} bytes, at most {MAX_DATA_BYTES}")
+    if flags & FLAG_TOMBSTONE and size:
+        raise CorruptObject(f"needle size: a tombstone with {size} bytes of data")
+    return NeedleHeader(flags=flags, size=size, cookie=cookie, sequence=sequence, key=key)
+
+
+def decode_needle(buf: bytes | bytearray | memoryview, expect_key: bytes | None = None,
+                  expect_cookie: int | None = None) -> Needle:
+    """Check every field of the needle that is exactly `buf` and return it. Raises
+    `CorruptObject` naming what is wrong: header fields, length, footer magic, checksum,
+    padding, or a key or cookie other than the expected one."""
+    view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf.cast("B")
+    header = parse_header(view)
+    name = expect_key.hex() if expect_key is not None else header.key.hex()
+    total = header.length
+    if len(view) < total:
+        raise CorruptObject(f"needle truncated: {len(view)} of {total} bytes", name)
+    if len(view) > total:
+        raise CorruptObject(f"needle length: {len(view)} bytes, its size field says {total}",
+                            name)
+    end = HEADER_BYTES + header.size
+    footer_magic, crc = _FOOTER.unpack_from(view, end)
+    if footer_magic != FOOTER_MAGIC:
+        raise CorruptObject(f"needle footer magic: {footer_magic:#010x}, expected "
+                            f"{FOOTER_MAGIC:#010x}", name)
+    actual = zlib.crc32(view[:end])
+    if actual != crc:
+        raise CorruptObject(f"needle checksum: crc32 {actual:#010x}, footer says {crc:#010x}",
+                            name)
+    if any(view[end + FOOTER_BYTES:]):
+        raise CorruptObject("needle padding: not zero", name)
+    if expect_key is not None and header.key != expect_key:
+        raise CorruptObject(f"needle key: {header.key.hex()}, expected {expect_key.hex()}", name)
+    if expect_cookie is not None and header.cookie != expect_cookie:
+        raise CorruptObject(f"needle cookie: {header.cookie:#010x}, expected "
+                            f"{expect_cookie:#010x}", name)
+    return Needle(key=header.key, cookie=header.cookie, flags=header.flags,
+                  sequence=header.sequence, data=view[HEADER_BYTES:end])

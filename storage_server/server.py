@@ -1,0 +1,217 @@
+"""The storage server's gRPC service (proto/storage.proto) over one `VolumeStore`.
+
+`cachefs storage serve --data-dir DIR --listen HOST:PORT` runs `serve`. Every request is checked
+in full before anything changes (keys of 32 bytes, needles of at most 64 MiB, offsets, lengths
+and limits not negative or too large); a refusal is INVALID_ARGUMENT naming the field. Errors of
+the store go through the one mapping of cachefs errors to status codes
+(`cachefs.grpc_errors.rpc`). With a token, `cachefs.grpc_auth.TokenInterceptor` guards every
+call; without one the server listens on loopback only and logs that it runs without
+authentication.
+
+Messages up to `MAX_MESSAGE_BYTES` are accepted both ways (a 64 MiB needle plus framing); gRPC
+itself refuses a bigger one with RESOURCE_EXHAUSTED. The pool has `WORKERS` threads, so many
+concurrent Puts reach the store together and share its fsyncs (group commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from cachefs.errors import UsageError
+from cachefs.grpc_auth import TokenInterceptor, check_listen
+from cachefs.grpc_errors import invalid, rpc
+from cachefs.httpserver import parse_listen
+from storage_server.proto import storage_pb2 as pb
+from storage_server.proto import storage_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cachefs.storage")
+
+KEY_BYTES = 32
+MAX_NEEDLE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 80 << 20
+MAX_KEYS_PER_CALL = 100_000  # Put needles, Has keys
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 10_000
+WORKERS = 32
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
+]
+
+
+def check_key(key: bytes, field: str) -> None:
+    if len(key) != KEY_BYTES:
+        raise invalid(f"{field}: a key is {KEY_BYTES} bytes (a BLAKE3 hash), got {len(key)}")
+
+
+def check_count(count: int, field: str) -> None:
+    if count > MAX_KEYS_PER_CALL:
+        raise invalid(f"{field}: {count} entries, at most {MAX_KEYS_PER_CALL} per call")
+
+
+def check_vid(vid: int, volumes: int, field: str = "vid") -> None:
+    if not 0 <= vid < volumes:
+        raise invalid(f"{field}: {vid} is not a volume of this server (0..{volumes - 1})")
+
+
+class StorageService(pb_grpc.StorageServicer):
+    """The Storage service over a `VolumeStore` (storage_server/store.py)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    @rpc
+    def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutResponse:
+        needles = request.needles
+        check_count(len(needles), "needles")
+        total = 0
+        for i, needle in enumerate(needles):
+            check_key(needle.key, f"needles[{i}].key")
+            size = len(needle.data)
+            if size > MAX_NEEDLE_BYTES:
+                raise invalid(f"needles[{i}].data: {size} bytes, a needle holds at most "
+                              f"{MAX_NEEDLE_BYTES} (64 MiB)")
+            total += size
+        if total > MAX_MESSAGE_BYTES:
+            raise invalid(f"needles: {total} bytes in one call, at most {MAX_MESSAGE_BYTES}")
+        written = self.store.put_many([(n.key, n.data) for n in needles])
+        return pb.PutResponse(bytes_written=written)
+
+    @rpc
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        check_key(request.key, "key")
+        if request.offset < 0:
+            raise invalid(f"offset: {request.offset} is negative")
+        length = None
+        if request.has_length:
+            if request.length < 0:
+                raise invalid(f"length: {request.length} is negative")
+            length = request.length
+        elif request.length:
+            raise invalid("length: set without has_length")
+        return pb.GetResponse(data=self.store.get(request.key, request.offset, length))
+
+    @rpc
+    def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasResponse:
+        keys = list(request.keys)
+        check_count(len(keys), "keys")
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+        return pb.HasResponse(present=self.store.has_many(keys))
+
+    @rpc
+    def Delete(self, request: pb.DeleteRequest,
+               context: grpc.ServicerContext) -> pb.DeleteResponse:
+        check_key(request.key, "key")
+        return pb.DeleteResponse(deleted=self.store.delete(request.key))
+
+    @rpc
+    def ListKeys(self, request: pb.ListKeysRequest,
+                 context: grpc.ServicerContext) -> pb.ListKeysResponse:
+        check_vid(request.vid, self.store.volumes)
+        if request.start_after:
+            check_key(request.start_after, "start_after")
+        if request.limit > MAX_LIST_LIMIT:
+            raise invalid(f"limit: {request.limit}, at most {MAX_LIST_LIMIT}")
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        keys = self.store.list_keys(request.vid, start_after=request.start_after or None,
+                                    limit=limit + 1)
+        return pb.ListKeysResponse(keys=keys[:limit], more=len(keys) > limit)
+
+    @rpc
+    def Stat(self, request: pb.StatRequest, context: grpc.ServicerContext) -> pb.StatResponse:
+        doc = self.store.stat()
+        return pb.StatResponse(json=json.dumps(doc), **stat_summary(doc))
+
+    @rpc
+    def Compact(self, request: pb.CompactRequest,
+                context: grpc.ServicerContext) -> pb.CompactResponse:
+        vid = None
+        if request.has_vid:
+            check_vid(request.vid, self.store.volumes)
+            vid = request.vid
+        elif request.vid:
+            raise invalid("vid: set without has_vid")
+        return pb.CompactResponse(json=json.dumps(self.store.compact(vid)))
+
+    @rpc
+    def Verify(self, request: pb.VerifyRequest,
+               context: grpc.ServicerContext) -> pb.VerifyResponse:
+        vid = None
+        if request.has_vid:
+            check_vid(request.vid, self.store.volumes)
+            vid = request.vid
+        elif request.vid:
+            raise invalid("vid: set without has_vid")
+        report = self.store.verify(vid)
+        checked, corrupt = verify_summary(report)
+        return pb.VerifyResponse(checked=checked, corrupt=corrupt, json=json.dumps(report))
+
+
+def stat_summary(doc: dict[str, Any]) -> dict[str, int]:
+    """The typed fields of StatResponse from the store's stat() document."""
+    totals = doc["totals"]
+    return {"volumes": doc["volumes"], "needles": totals["live"], "bytes": totals["bytes"],
+            "free_bytes": doc["free_bytes"], "corrupt_reads": doc["corrupt_reads"]}
+
+
+def verify_summary(report: dict[str, Any]) -> tuple[int, list[bytes]]:
+    """(needles checked, keys of corrupt needles) from the store's verify() report."""
+    return report["checked"], [bytes.fromhex(key) for key in report["corrupt"]]
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_server(store: Any, listen: str, token: str | None) -> tuple[grpc.Server, str]:
+    """A started-to-be server bound to `listen` and the address it bound (the real port when
+    `listen` asks for port 0). Refuses a non-loopback address without a token."""
+    host, port = parse_listen(listen, "--listen")
+    check_listen(host, token)
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="storage"),
+        interceptors=interceptors, options=GRPC_OPTIONS)
+    pb_grpc.add_StorageServicer_to_server(StorageService(store), server)
+    try:
+        bound = server.add_insecure_port(grpc_address(host, port))
+    except RuntimeError as e:
+        raise UsageError(f"--listen {listen}: cannot listen there: {e}") from e
+    if not bound:
+        raise UsageError(f"--listen {listen}: cannot listen there (address in use?)")
+    return server, grpc_address(host, bound)
+
+
+def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
+          ready: Any = None) -> None:
+    """Serve `store` until SIGTERM or SIGINT, then stop accepting, let calls in flight finish
+    (up to `grace` seconds) and return; the caller closes the store. `ready(address)` is
+    called once the server accepts calls."""
+    server, address = build_server(store, listen, token)
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        if token is None:
+            log.warning("no token (--token-file or CACHEFS_TOKEN): serving without "
+                        "authentication, on loopback only")
+        log.info("serving on %s", address)
+        if ready is not None:
+            ready(address)
+        stop.wait()
+        log.info("stopping: finishing the calls in flight")
+        server.stop(grace=grace).wait()
+    finally:
+        server.stop(grace=None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
