@@ -76,3 +76,20 @@ def test_remotes_benchmark_quick_json(tmp_path: Path) -> None:
     assert result["raw"]["gc_objects_s"] > 0
     assert result["quick"] is True
     assert not list(work.iterdir())  # the work dir was removed
+
+
+def test_haystack_benchmark_quick_json(tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.haystack", "--quick", "--json", "--dir", str(work)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["ratios"]) == {"small_write_vs_files", "small_read_cold_vs_files",
+                                     "small_read_warm_vs_files", "grpc_small_write_vs_files"}
+    assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
+    assert result["preads_per_read"] == 1.0  # one index lookup and one pread per read
+    assert result["grpc_large_mb_s"] > 0 and result["quick"] is True
+    assert not list(work.iterdir())
