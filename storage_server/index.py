@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,13 +94,38 @@ def _needle_key(vid: int, key: bytes) -> bytes:
     return _VID.pack(vid) + key
 
 
+class _Slot:
+    """One reader thread's mark: True while it has a read transaction open (fast path)."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy = False
+
+
 class _Gate:
-    """Many readers or one map resizer: LMDB's map may grow only with no transaction open."""
+    """Many readers or one map resizer: LMDB's map may grow only with no transaction open.
+
+    Lookups take the lock-free fast path: set their thread's slot busy, then check `resizing`
+    (falling back to `shared` when set); the resizer sets `resizing`, then waits for every slot
+    to be idle. Each side writes its flag before reading the other's, and the GIL orders
+    them, so at least one of the two sees the other."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._resizing = False
+        self._local = threading.local()
+        self._slots: list[_Slot] = []
+
+    def slot(self) -> _Slot:
+        try:
+            return self._local.slot  # type: ignore[no-any-return]
+        except AttributeError:
+            slot = self._local.slot = _Slot()
+            with self._cond:
+                self._slots.append(slot)
+            return slot
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -123,6 +149,9 @@ class _Gate:
             self._resizing = True
             while self._readers:
                 self._cond.wait()
+            slots = list(self._slots)
+        while any(slot.busy for slot in slots):  # fast-path lookups finishing
+            time.sleep(0.0005)
         try:
             yield
         finally:
@@ -144,6 +173,11 @@ class Index:
         self._retired = self.env.open_db(b"retired")
         self._gate = _Gate()
         self._write_lock = threading.Lock()
+        # The overlay: entries of needles already durable in their segments (fsynced, so
+        # acknowledged) that the group commit's indexer has not committed to LMDB yet. Lookups
+        # consult it first; it only ever holds a key's newest entry (see `stage`).
+        self._pending: dict[int, dict[bytes, Entry]] = {}
+        self._pending_lock = threading.Lock()
 
     def close(self) -> None:
         self.env.close()
@@ -151,16 +185,39 @@ class Index:
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, vid: int, key: bytes) -> Entry | None:
-        with self._gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
-            raw = txn.get(_needle_key(vid, key))
-            return Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+        # The overlay first, then LMDB: an entry leaves the overlay only after its LMDB commit,
+        # so a miss here followed by a later LMDB transaction cannot lose it.
+        pending = self._pending.get(vid)
+        if pending:
+            entry = pending.get(key)
+            if entry is not None:
+                return entry
+        gate = self._gate
+        slot = gate.slot()
+        slot.busy = True
+        try:
+            if gate._resizing:  # rare: wait for the resize like any other reader
+                slot.busy = False
+                with gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
+                    raw = txn.get(_VID.pack(vid) + key)
+                    return Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+            with self.env.begin(db=self._needles, buffers=True) as txn:
+                raw = txn.get(_VID.pack(vid) + key)
+                return Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+        finally:
+            slot.busy = False
 
     def get_many(self, pairs: Iterable[tuple[int, bytes]]) -> list[Entry | None]:
         out: list[Entry | None] = []
+        overlay = self._pending
         with self._gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
             for vid, key in pairs:
-                raw = txn.get(_needle_key(vid, key))
-                out.append(Entry._make(_ENTRY.unpack(raw)) if raw is not None else None)
+                pending = overlay.get(vid)
+                entry = pending.get(key) if pending else None
+                if entry is None:
+                    raw = txn.get(_needle_key(vid, key))
+                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+                out.append(entry)
         return out
 
     def entries(self, vid: int, start_after: bytes | None = None, limit: int | None = None,
@@ -169,20 +226,34 @@ class Index:
         with `live_only`, deleted keys are passed over (and not counted)."""
         prefix = _VID.pack(vid)
         out: list[tuple[bytes, Entry]] = []
+        with self._pending_lock:  # snapshot the overlay before reading LMDB (see `get`)
+            pending = dict(self._pending.get(vid, ()))
+        if start_after is not None:
+            pending = {k: e for k, e in pending.items() if k > start_after}
+        extra = sorted(pending)
+        i = 0
         with self._gate.shared(), self.env.begin(db=self._needles) as txn:
             cursor = txn.cursor()
             start = prefix + start_after if start_after is not None else prefix
             found = cursor.set_range(start)
             if found and start_after is not None and cursor.key() == start:
                 found = cursor.next()
-            while found and (limit is None or len(out) < limit):
-                k = cursor.key()
-                if not k.startswith(prefix):
+            while limit is None or len(out) < limit:
+                k = cursor.key() if found else b""
+                stored = k[2:] if k.startswith(prefix) else None
+                if stored is None and i == len(extra):
                     break
-                entry = Entry._make(_ENTRY.unpack(cursor.value()))
+                if stored is not None and (i == len(extra) or stored < extra[i]):
+                    key, entry = stored, Entry._make(_ENTRY.unpack(cursor.value()))
+                    found = cursor.next()
+                else:  # the overlay's entry is newer than LMDB's for the same key
+                    key = extra[i]
+                    entry = pending[key]
+                    i += 1
+                    if stored == key:
+                        found = cursor.next()
                 if not (live_only and entry.deleted):
-                    out.append((k[2:], entry))
-                found = cursor.next()
+                    out.append((key, entry))
         return out
 
     def segment_ends(self, vid: int) -> dict[int, int]:
@@ -213,6 +284,34 @@ class Index:
         with self._gate.shared(), self.env.begin(db=self._volumes) as txn:
             raw = txn.get(_VID.pack(vid))
         return VolumeCounts(*_VOLUME.unpack(raw)) if raw is not None else VolumeCounts()
+
+    # -- the overlay -----------------------------------------------------------------------
+
+    def stage(self, records: Iterable[Record]) -> None:
+        """Make durable needles findable before their LMDB commit. Records come in the order
+        the group commit acknowledged them, so a later one of a key is its newer needle."""
+        with self._pending_lock:
+            for vid, key, entry in records:
+                pending = self._pending.get(vid)
+                if pending is None:
+                    pending = self._pending[vid] = {}
+                old = pending.get(key)
+                if old is None or old.sequence < entry.sequence:
+                    pending[key] = entry
+
+    def unstage(self, records: Iterable[Record]) -> None:
+        """Drop the overlay entries of `records` once they are committed to LMDB (an entry a
+        newer needle replaced meanwhile stays)."""
+        with self._pending_lock:
+            for vid, key, entry in records:
+                pending = self._pending.get(vid)
+                if pending is not None and pending.get(key) is entry:
+                    del pending[key]
+
+    def staged(self) -> int:
+        """Entries in the overlay (not yet committed to LMDB)."""
+        with self._pending_lock:
+            return sum(len(p) for p in self._pending.values())
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -169,3 +169,28 @@ def decode_needle(buf: bytes | bytearray | memoryview, expect_key: bytes | None 
                             f"{expect_cookie:#010x}", name)
     return Needle(key=header.key, cookie=header.cookie, flags=header.flags,
                   sequence=header.sequence, data=view[HEADER_BYTES:end])
+
+
+_PADDING = tuple(bytes(n) for n in range(ALIGNMENT))
+
+
+def verified_data_end(buf: bytes, expect_key: bytes, expect_cookie: int) -> int:
+    """The fast path of `decode_needle` for reads: every check it makes (header fields, length,
+    footer magic, checksum, padding, key, cookie) in a few comparisons, returning where the
+    data ends (it starts at `HEADER_BYTES`). On any failure, `decode_needle` runs to raise the
+    `CorruptObject` that names the field."""
+    if len(buf) >= HEADER_BYTES:
+        magic, version, flags, reserved, size, cookie, _, key = _HEADER.unpack_from(buf, 0)
+        end = HEADER_BYTES + size
+        pad = len(buf) - end - FOOTER_BYTES
+        if (magic == HEADER_MAGIC and version == FORMAT_VERSION and not flags & ~KNOWN_FLAGS
+                and not reserved and size <= MAX_DATA_BYTES
+                and not (size and flags & FLAG_TOMBSTONE)
+                and len(buf) == (end + FOOTER_BYTES + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+                and key == expect_key and cookie == expect_cookie):
+            footer_magic, crc = _FOOTER.unpack_from(buf, end)
+            if (footer_magic == FOOTER_MAGIC and zlib.crc32(memoryview(buf)[:end]) == crc
+                    and (not pad or buf[end + FOOTER_BYTES:] == _PADDING[pad])):
+                return end
+    decode_needle(buf, expect_key=expect_key, expect_cookie=expect_cookie)
+    raise CorruptObject("needle: failed its checks")  # decode_needle raised already

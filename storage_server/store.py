@@ -23,12 +23,19 @@ from typing import Any
 from cachefs.errors import (
     CorruptObject,
     InvalidName,
+    LocalIOError,
     ObjectNotFound,
     RepositoryBusy,
     UsageError,
 )
 from storage_server.index import DEFAULT_MAP_SIZE, Index
-from storage_server.needle import FLAG_TOMBSTONE, MAX_DATA_BYTES, check_key, decode_needle
+from storage_server.needle import (
+    FLAG_TOMBSTONE,
+    HEADER_BYTES,
+    MAX_DATA_BYTES,
+    check_key,
+    verified_data_end,
+)
 from storage_server.volume import (
     DEFAULT_SEGMENT_BYTES,
     Counters,
@@ -51,7 +58,7 @@ class VolumeStore:
 
     def __init__(self, data_dir: str | os.PathLike[str], volumes: int | None = None,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync_interval_ms: float = 0.0,
-                 map_size: int = DEFAULT_MAP_SIZE) -> None:
+                 map_size: int = DEFAULT_MAP_SIZE, index_interval_ms: float = 50.0) -> None:
         if volumes is not None and not 1 <= volumes <= MAX_VOLUMES:
             raise UsageError(f"--volumes {volumes}: must be between 1 and {MAX_VOLUMES}")
         if segment_bytes < 4096:
@@ -76,7 +83,8 @@ class VolumeStore:
                                     segment_bytes, self.counters)
                              for vid in range(self.volumes)]
             self.recovered = self._recover()
-            self.commit = GroupCommit(self.index, self.counters, fsync_interval_ms)
+            self.commit = GroupCommit(self.index, self.counters, fsync_interval_ms,
+                                      index_interval_ms=index_interval_ms)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -188,7 +196,7 @@ class VolumeStore:
             if buf is None:
                 continue  # compaction moved it between the lookup and the read
             try:
-                needle = decode_needle(buf, expect_key=key, expect_cookie=self.cookie)
+                end = verified_data_end(buf, key, self.cookie)
             except CorruptObject as e:
                 self.counters.add("corrupt_reads")
                 log.error("volume %d segment %08x offset %d: %s", vid, entry.segment,
@@ -196,8 +204,10 @@ class VolumeStore:
                 raise CorruptObject(f"needle {key.hex()} (volume {vid}, segment "
                                     f"{entry.segment:08x}, offset {entry.offset}): {e}",
                                     key.hex()) from e
-            end = len(needle.data) if length is None else start + length
-            return bytes(needle.data[start:end])
+            if not start and length is None:
+                return buf[HEADER_BYTES:end]
+            stop = end if length is None else min(end, HEADER_BYTES + start + length)
+            return buf[HEADER_BYTES + start:stop] if HEADER_BYTES + start < stop else b""
         raise ObjectNotFound(f"needle {key.hex()}: kept moving while being read; try again")
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -233,6 +243,8 @@ class VolumeStore:
 
     def stat(self) -> dict[str, Any]:
         """Counts and sizes, per volume and in total; JSON-able."""
+        with contextlib.suppress(LocalIOError):  # the counts live in LMDB: catch it up first
+            self.commit.wait_indexed()
         per_volume = []
         totals = {"segments": 0, "needles": 0, "live": 0, "deleted": 0, "bytes": 0,
                   "live_bytes": 0}
@@ -253,6 +265,7 @@ class VolumeStore:
                 "corrupt_reads": counters.get("corrupt_reads", 0),
                 "preads": counters.get("preads", 0), "fsyncs": counters.get("fsyncs", 0),
                 "group_commits": counters.get("group_commits", 0),
+                "index_commits": counters.get("index_commits", 0),
                 "needles_committed": counters.get("needles_committed", 0),
                 "recovered": self.recovered}
 

@@ -5,10 +5,12 @@ volume's lock (rolling to a new segment when the next needle would pass `segment
 still under that lock, queues it with the `GroupCommit`. So the queue holds each segment's
 needles in offset order, and a batch taken from it covers a prefix of every segment. The one
 flusher thread takes whatever is queued, fsyncs every segment the batch touched (in parallel),
-fsyncs the directory of any segment new since the last flush, then indexes the whole batch in
-one LMDB transaction and wakes every writer the batch covered. A put therefore returns only
+fsyncs the directory of any segment new since the last flush, stages the batch's entries in the
+index's in-memory overlay and wakes every writer the batch covered. A put therefore returns only
 when its needle is on disk and findable; writers that queue while a flush runs share the next
-one. `fsync_interval_ms` spaces flushes out to batch more under light load.
+one. `fsync_interval_ms` spaces flushes out to batch more under light load. The indexer thread
+commits staged entries to LMDB in larger transactions (every `index_interval_ms`) and then
+drops them from the overlay; until then recovery would find them past the indexed ends.
 
 Reads. One index lookup gives (segment, offset, size); one `os.pread` of the whole needle
 follows, and the needle is verified (key, cookie, CRC-32) before any byte is returned.
@@ -91,42 +93,67 @@ class Segment:
 
 
 class Counters:
-    """Thread-safe event counters (preads, fsyncs, corrupt reads...)."""
+    """Thread-safe event counters (preads, fsyncs, corrupt reads...) without a shared lock:
+    each thread counts in its own dict (only it writes there); reading sums them."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.values: dict[str, int] = {}
+        self._lock = threading.Lock()  # registering a thread's dict only
+        self._local = threading.local()
+        self._dicts: list[dict[str, int]] = []
 
     def add(self, name: str, n: int = 1) -> None:
+        try:
+            mine: dict[str, int] = self._local.d
+        except AttributeError:
+            mine = self._local.d = {}
+            with self._lock:
+                self._dicts.append(mine)
+        mine[name] = mine.get(name, 0) + n
+
+    @property
+    def values(self) -> dict[str, int]:
         with self._lock:
-            self.values[name] = self.values.get(name, 0) + n
+            dicts = list(self._dicts)
+        total: dict[str, int] = {}
+        for d in dicts:
+            for name, n in d.copy().items():  # dict.copy holds the GIL throughout
+                total[name] = total.get(name, 0) + n
+        return total
 
     def get(self, name: str) -> int:
         return self.values.get(name, 0)
 
 
 class GroupCommit:
-    """The one flusher: many queued needles, of many volumes, share each fsync and each index
-    transaction. `enqueue` returns a ticket; `wait(ticket)` returns once it is durable."""
+    """The flusher and the indexer: many queued needles, of many volumes, share each fsync,
+    and many fsynced batches share each LMDB transaction. `enqueue` returns a ticket;
+    `wait(ticket)` returns once that needle is durable in its segment (and findable through the
+    index's overlay); `wait_indexed(ticket)` once it is committed to LMDB as well."""
 
     def __init__(self, index: Index, counters: Counters, fsync_interval_ms: float = 0.0,
-                 fsync: Callable[[int], None] = os.fsync) -> None:
+                 fsync: Callable[[int], None] = os.fsync, index_interval_ms: float = 50.0,
+                 index_batch: int = 8192) -> None:
         self.index = index
         self.counters = counters
         self.interval = max(0.0, fsync_interval_ms) / 1000.0
+        self.index_interval = max(0.0, index_interval_ms) / 1000.0
+        self.index_batch = max(1, index_batch)
         self.fsync = fsync
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the flusher waits for queued needles
+        self._done = threading.Condition(self._lock)  # writers wait for acks, flushes to LMDB
+        self._idx = threading.Condition(self._lock)  # the indexer waits for staged needles
         self._queue: list[tuple[Record, Segment]] = []
         self._ticket = 0
-        self._flushed = 0
+        self._flushed = 0  # tickets fsynced and staged (acknowledged)
+        self._staged: list[tuple[Record, Segment]] = []  # acknowledged, not yet in LMDB
+        self._staged_upto = 0
+        self._indexed = 0  # tickets committed to LMDB
+        self._index_wanted = 0  # someone waits until `_indexed` reaches this
         self._failed: BaseException | None = None
         self._closing = False
-        self._last = 0.0
-        # Overlap the next batch's fsync with this batch's index commit? Measured no faster
-        # on one virtio disk (both wait on the same journal) and batches got smaller: off.
-        self.pipeline = False
-        self._synced: list[tuple[list[tuple[Record, Segment]], int]] = []
         self._syncer_done = False
+        self._last = 0.0
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
         self._threads = [threading.Thread(target=self._run, name="group-commit-fsync",
                                           daemon=True),
@@ -143,88 +170,136 @@ class GroupCommit:
 
     def enqueue(self, record: Record, segment: Segment) -> int:
         """Queue one appended needle (called under its volume's lock, in offset order)."""
-        with self._cond:
+        with self._lock:
             self._queue.append((record, segment))
             self._ticket += 1
-            self._cond.notify_all()
+            self._work.notify()
             return self._ticket
 
     def ticket(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._ticket
 
     def wait(self, ticket: int) -> None:
-        with self._cond:
+        """Return once needle `ticket` (and every earlier one) is on disk."""
+        with self._lock:
             while self._flushed < ticket:
-                self._cond.wait()
+                self._done.wait()
+            if self._failed is not None:
+                raise LocalIOError(f"flushing to disk failed: {self._failed}")
+
+    def wait_indexed(self, ticket: int | None = None) -> None:
+        """Return once needle `ticket` (default: every one queued so far) is in LMDB, not just
+        in the overlay: compaction and stat need the committed index."""
+        with self._lock:
+            if ticket is None:
+                ticket = self._ticket
+            while self._flushed < ticket:
+                self._done.wait()
+            if self._indexed < ticket and self._failed is None:
+                self._index_wanted = max(self._index_wanted, ticket)
+                self._idx.notify()
+                while self._indexed < ticket and self._failed is None:
+                    self._done.wait()
             if self._failed is not None:
                 raise LocalIOError(f"flushing to disk failed: {self._failed}")
 
     def close(self) -> None:
-        with self._cond:
+        """Flush what is queued, commit every staged entry to LMDB, stop the threads."""
+        with self._lock:
             self._closing = True
-            self._cond.notify_all()
+            self._work.notify_all()
+            self._idx.notify_all()
         for thread in self._threads:
             thread.join()
         self._pool.shutdown()
 
     def _run(self) -> None:
-        """Stage one: take what is queued, fsync it, hand it to the indexer; repeat. While
-        the indexer commits one batch to LMDB, this stage already fsyncs the next."""
+        """The flusher: take everything queued, fsync it, stage its index entries in the
+        overlay, acknowledge it; repeat at once, with whatever queued during that fsync."""
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     while not self._queue and not self._closing:
-                        self._cond.wait()
+                        self._work.wait()
                     if not self._queue:
                         return
                     while self.interval and not self._closing:
                         remaining = self._last + self.interval - time.monotonic()
                         if remaining <= 0:
                             break
-                        self._cond.wait(remaining)
+                        self._work.wait(remaining)
                     batch, self._queue = self._queue, []
                     upto = self._ticket
                     self._last = time.monotonic()
-                try:
-                    self._sync_batch(batch)
-                except BaseException as e:  # the state of the disk is unknown: stop writing
-                    self._fail(e)
-                with self._cond:
-                    self._synced.append((batch, upto))
-                    self._cond.notify_all()
-                    while not self.pipeline and self._flushed < upto:
-                        self._cond.wait()
+                ok = self._failed is None
+                if ok:
+                    try:
+                        self._sync_batch(batch)
+                        self.index.stage(record for record, _ in batch)
+                    except BaseException as e:  # the state of the disk is unknown: stop writing
+                        self._fail(e)
+                        ok = False
+                if ok:
+                    self.counters.add("group_commits")
+                    self.counters.add("needles_committed", len(batch))
+                with self._lock:
+                    if ok:
+                        if not self._staged or len(self._staged) + len(batch) >= \
+                                self.index_batch:
+                            self._idx.notify()  # start its interval, or commit now
+                        self._staged.extend(batch)
+                        self._staged_upto = upto
+                    self._flushed = upto
+                    self._done.notify_all()
         finally:
-            with self._cond:
+            with self._lock:
                 self._syncer_done = True
-                self._cond.notify_all()
+                self._idx.notify_all()
+                self._done.notify_all()
 
     def _index_run(self) -> None:
-        """Stage two: index every fsynced batch waiting (several in one LMDB transaction),
-        then wake the writers they cover."""
+        """The indexer: every `index_interval` (sooner when `index_batch` entries wait, or
+        someone needs them in LMDB, or at close) commit every staged entry in one LMDB
+        transaction, raising the indexed ends, and only then drop them from the overlay."""
         while True:
-            with self._cond:
-                while not self._synced and not self._syncer_done:
-                    self._cond.wait()
-                if not self._synced:
-                    return
-                batches, self._synced = self._synced, []
-            upto = batches[-1][1]
+            with self._lock:
+                deadline = None
+                while True:
+                    if self._staged and (self._syncer_done or self._closing
+                                         or len(self._staged) >= self.index_batch
+                                         or self._index_wanted > self._indexed):
+                        break
+                    if not self._staged:
+                        if self._syncer_done:
+                            return
+                        deadline = None
+                        self._idx.wait()
+                        continue
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + self.index_interval
+                    if now >= deadline:
+                        break
+                    self._idx.wait(deadline - now)
+                batch, self._staged = self._staged, []
+                upto = self._staged_upto
             if self._failed is None:
                 try:
-                    self._index_batch([item for batch, _ in batches for item in batch])
-                except BaseException as e:
+                    self._index_batch(batch)
+                    self.index.unstage(record for record, _ in batch)
+                except BaseException as e:  # entries stay in the overlay: reads still work
                     self._fail(e)
-            with self._cond:
-                self._flushed = upto
-                self._cond.notify_all()
+            with self._lock:
+                self._indexed = upto
+                self._done.notify_all()
 
     def _fail(self, e: BaseException) -> None:
         log.error("group commit failed, refusing further writes: %r", e)
-        with self._cond:
+        with self._lock:
             if self._failed is None:
                 self._failed = e
+            self._done.notify_all()
 
     def _sync(self, fd: int) -> None:
         self.fsync(fd)
@@ -233,7 +308,7 @@ class GroupCommit:
         segments = list({id(seg): seg for _, seg in batch}.values())
         if len(segments) == 1:
             self._sync(segments[0].fd)
-        else:
+        else:  # concurrent fsyncs: the journal commits them together
             list(self._pool.map(self._sync, [seg.fd for seg in segments]))
         self.counters.add("fsyncs", len(segments))
         dirs = {seg.path.parent for seg in segments if not seg.dir_synced}
@@ -250,8 +325,7 @@ class GroupCommit:
             if ends.get((seg.vid, seg.id), 0) < end:
                 ends[(seg.vid, seg.id)] = end
         self.index.apply([record for record, _ in batch], ends)
-        self.counters.add("group_commits")
-        self.counters.add("needles_committed", len(batch))
+        self.counters.add("index_commits")
 
 
 class Volume:
@@ -427,6 +501,7 @@ class Volume:
 
     def _compact(self, index: Index, commit: GroupCommit) -> dict[str, Any]:
         started = time.monotonic()
+        commit.wait_indexed()  # the counts and the entries below are LMDB's
         _, size = self.size()
         counts = index.counts(self.vid)
         if size <= counts.live_bytes:  # nothing dead to reclaim (pending writes only add)
@@ -440,7 +515,9 @@ class Volume:
             with self._pins:
                 sealed = {i: s for i, s in self.segments.items() if s is not self.active}
             ticket = commit.ticket()
-        commit.wait(ticket)
+        # Every needle in a sealed segment must be in LMDB, not only in the overlay: the swap
+        # moves LMDB entries, and the sealed files are deleted after it.
+        commit.wait_indexed(ticket)
         _, bytes_before = self.size()
         sealed_bytes = sum(s.end for s in sealed.values())
         work = sorted(((e.segment, e.offset, key, e) for key, e in index.entries(self.vid)
