@@ -49,7 +49,7 @@ from storage_server.index import Entry, Index, Record
 from storage_server.needle import (
     HEADER_BYTES,
     decode_needle,
-    encode_needle,
+    encode_needle_parts,
     parse_header,
 )
 
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 SEGMENT_NAME = re.compile(r"^([0-9a-f]{8})\.seg$")
 DEFAULT_SEGMENT_BYTES = 1 << 30
 _SCAN_BATCH = 4096
+FLUSHERS = 4  # concurrent fsync rounds (acknowledged in order)
 
 
 def segment_name(segment: int) -> str:
@@ -154,9 +155,13 @@ class GroupCommit:
         self._closing = False
         self._syncer_done = False
         self._last = 0.0
+        self._rounds_taken = 0  # flush rounds handed to flushers
+        self._rounds_acked = 0  # rounds acknowledged, in order
+        self._rounds_done: dict[int, tuple[bool, list[tuple[Record, Segment]], int]] = {}
+        self._flushers = FLUSHERS
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
-        self._threads = [threading.Thread(target=self._run, name="group-commit-fsync",
-                                          daemon=True),
+        self._threads = [*(threading.Thread(target=self._run, name=f"group-commit-fsync-{i}",
+                                            daemon=True) for i in range(FLUSHERS)),
                          threading.Thread(target=self._index_run, name="group-commit-index",
                                           daemon=True)]
         for thread in self._threads:
@@ -215,8 +220,11 @@ class GroupCommit:
         self._pool.shutdown()
 
     def _run(self) -> None:
-        """The flusher: take everything queued, fsync it, stage its index entries in the
-        overlay, acknowledge it; repeat at once, with whatever queued during that fsync."""
+        """A flusher (there are FLUSHERS): take everything queued, fsync it; rounds run
+        concurrently (so the journal can merge their flushes, and a round never waits for
+        another to start), but are acknowledged strictly in the order they were taken: a
+        round's entries are staged in the overlay and its writers woken only once every earlier
+        round is on disk, so the acknowledged needles are always a prefix of each segment."""
         try:
             while True:
                 with self._lock:
@@ -229,34 +237,47 @@ class GroupCommit:
                         if remaining <= 0:
                             break
                         self._work.wait(remaining)
+                    if not self._queue:
+                        continue  # another flusher took it meanwhile
                     batch, self._queue = self._queue, []
                     upto = self._ticket
                     self._last = time.monotonic()
+                    round_id = self._rounds_taken
+                    self._rounds_taken += 1
                 ok = self._failed is None
                 if ok:
                     try:
                         self._sync_batch(batch)
-                        self.index.stage(record for record, _ in batch)
                     except BaseException as e:  # the state of the disk is unknown: stop writing
                         self._fail(e)
                         ok = False
-                if ok:
-                    self.counters.add("group_commits")
-                    self.counters.add("needles_committed", len(batch))
                 with self._lock:
-                    if ok:
-                        if not self._staged or len(self._staged) + len(batch) >= \
-                                self.index_batch:
-                            self._idx.notify()  # start its interval, or commit now
-                        self._staged.extend(batch)
-                        self._staged_upto = upto
-                    self._flushed = upto
-                    self._done.notify_all()
+                    self._rounds_done[round_id] = (ok, batch, upto)
+                    self._acknowledge_in_order()
         finally:
             with self._lock:
-                self._syncer_done = True
+                self._flushers -= 1
+                if self._flushers == 0:
+                    self._syncer_done = True
                 self._idx.notify_all()
                 self._done.notify_all()
+
+    def _acknowledge_in_order(self) -> None:
+        """(Under the lock.) Stage and acknowledge every finished round whose predecessors are
+        all finished."""
+        while self._rounds_acked in self._rounds_done:
+            ok, batch, upto = self._rounds_done.pop(self._rounds_acked)
+            self._rounds_acked += 1
+            if ok and self._failed is None:
+                self.index.stage(record for record, _ in batch)
+                self.counters.add("group_commits")
+                self.counters.add("needles_committed", len(batch))
+                if not self._staged or len(self._staged) + len(batch) >= self.index_batch:
+                    self._idx.notify()  # start its interval, or commit now
+                self._staged.extend(batch)
+                self._staged_upto = upto
+            self._flushed = upto
+        self._done.notify_all()
 
     def _index_run(self) -> None:
         """The indexer: every `index_interval` (sooner when `index_batch` entries wait, or
@@ -457,13 +478,14 @@ class Volume:
         """Append one needle and queue it for the group commit; returns its ticket."""
         with self.lock:
             sequence = self.next_sequence
-            buf = encode_needle(key, data, self.cookie, flags, sequence)
+            parts = encode_needle_parts(key, data, self.cookie, flags, sequence)
+            length = sum(len(p) for p in parts)
             seg = self.active
-            if seg is None or (seg.end and seg.end + len(buf) > self.segment_bytes):
+            if seg is None or (seg.end and seg.end + length > self.segment_bytes):
                 seg = self.active = self._create_segment()
             offset = seg.end
-            _write_at(seg.fd, buf, offset)
-            seg.end = offset + len(buf)
+            _write_parts_at(seg.fd, parts, length, offset)
+            seg.end = offset + length
             self.next_sequence = sequence + 1
             entry = Entry(seg.id, offset, len(data), flags, sequence)
             return commit.enqueue(Record(self.vid, key, entry), seg)
@@ -593,6 +615,18 @@ class Volume:
         path = self.root / segment_name(seg_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         return Segment(self.vid, seg_id, path, fd, 0, dir_synced=False)
+
+
+def _write_parts_at(fd: int, parts: tuple[bytes, bytes | memoryview, bytes], length: int,
+                    offset: int) -> None:
+    """Write a needle's parts at `offset` with one pwritev (the data is not copied); a short
+    write (rare) is finished by `_write_at`."""
+    try:
+        done = os.pwritev(fd, parts, offset)
+    except OSError:
+        done = 0
+    if done < length:
+        _write_at(fd, b"".join(parts)[done:], offset + done)
 
 
 def _write_at(fd: int, buf: bytes, offset: int) -> None:
