@@ -50,14 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    add_common_args,
+    benchmark_parser,
     dataset_spec,
     describe_spec,
+    emit,
     fmt_bytes,
     fmt_rate,
     log,
     meets,
-    print_json,
     print_table,
     rate,
     sync,
@@ -261,16 +261,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.commit",
-        description="cachefs commit / re-commit / diff / checkout against cp -r + sync")
-    add_common_args(parser)
+    parser = benchmark_parser(
+        "commit", "cachefs commit / re-commit / diff / checkout against cp -r + sync")
     args = parser.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="keep the work dir (dataset, repository, copies) afterwards")
 
 
+def benchmark_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `python -m benchmarks.NAME`, with the common options."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    add_common_args(parser)
+    return parser
+
+
+def emit(args: argparse.Namespace, report: dict[str, Any],
+         print_report: Callable[[dict[str, Any]], None]) -> None:
+    """Print a benchmark's result: exactly one JSON object with --json, else its tables."""
+    if args.json:
+        print_json(report)
+    else:
+        print_report(report)
+
+
 def log(message: str) -> None:
     """Progress line on stderr, stamped with seconds since start."""
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)

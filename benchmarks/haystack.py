@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    add_common_args,
+    benchmark_parser,
+    emit,
     fmt_rate,
     log,
     meets,
-    print_json,
     print_table,
     private_environment,
     rate,
@@ -361,17 +361,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.haystack",
-        description="the Haystack volume store against one file per object: durable writes, "
+    parser = benchmark_parser(
+        "haystack", "the Haystack volume store against one file per object: durable writes, "
                     "cold and warm random reads, gRPC transfer")
-    add_common_args(parser)
     args = parser.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import log, meets, print_json, print_table
+from benchmarks.common import emit, log, meets, print_table
 from cachefs.dataset.objects import Extent
 from cachefs.lookup import COMPILED, FileLayout, pieces_reference
 
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs (the best is kept)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":

@@ -102,12 +102,12 @@ from typing import IO, Any
 from benchmarks import lookup as lookup_bench
 from benchmarks.common import (
     FULL_DATASET,
-    add_common_args,
+    benchmark_parser,
     describe_spec,
+    emit,
     fmt_bytes,
     log,
     meets,
-    print_json,
     print_table,
     private_environment,
     sync,
@@ -981,10 +981,8 @@ def _memory_verified(res: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.read",
-        description="cachefs mount read throughput against local disk, rclone and s3fs")
-    add_common_args(parser)
+    parser = benchmark_parser(
+        "read", "cachefs mount read throughput against local disk, rclone and s3fs")
     parser.add_argument("--skip-peers", action="store_true",
                         help="do not measure rclone and s3fs (e.g. when they are not installed)")
     parser.add_argument("--readers", type=int, default=DEFAULT_READERS,
@@ -995,11 +993,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # A plain `kill` must unwind through the cleanup (mounts, daemons, moto, peers) too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":

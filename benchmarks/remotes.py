@@ -81,13 +81,13 @@ from typing import Any
 
 from benchmarks.commit import RACY_MARGIN_NS, modify_files
 from benchmarks.common import (
-    add_common_args,
+    benchmark_parser,
     dataset_spec,
     describe_spec,
+    emit,
     fmt_bytes,
     fmt_rate,
     log,
-    print_json,
     print_table,
     private_environment,
     rate,
@@ -467,16 +467,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.remotes",
-        description="cachefs push / import / gc against a moto S3 server, vs plain boto3")
-    add_common_args(parser)
+    parser = benchmark_parser(
+        "remotes", "cachefs push / import / gc against a moto S3 server, vs plain boto3")
     args = parser.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,11 @@ from typing import Any
 import zstandard
 
 from benchmarks.common import (
-    add_common_args,
+    benchmark_parser,
+    emit,
     fmt_bytes,
     log,
     meets,
-    print_json,
     print_table,
     timed,
     work_dir,
@@ -762,17 +762,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.scale",
-        description="cachefs mount scaling: mount time, daemon RSS per inode, ls -l of a "
-                    "huge directory against a local one")
-    add_common_args(parser)
+    parser = benchmark_parser(
+        "scale", "cachefs mount scaling: mount time, daemon RSS per inode, ls -l of a "
+                 "huge directory against a local one")
     args = parser.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print_json(report)
-    else:
-        print_report(report)
+    emit(args, run(args), print_report)
 
 
 if __name__ == "__main__":
