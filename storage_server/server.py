@@ -131,27 +131,24 @@ class StorageService(pb_grpc.StorageServicer):
         doc = self.store.stat()
         return pb.StatResponse(json=json.dumps(doc), **stat_summary(doc))
 
+    def _optional_vid(self, request: pb.CompactRequest | pb.VerifyRequest) -> int | None:
+        """The volume a Compact or Verify names (None: every volume)."""
+        if request.has_vid:
+            check_vid(request.vid, self.store.volumes)
+            return request.vid
+        if request.vid:
+            raise invalid("vid: set without has_vid")
+        return None
+
     @rpc
     def Compact(self, request: pb.CompactRequest,
                 context: grpc.ServicerContext) -> pb.CompactResponse:
-        vid = None
-        if request.has_vid:
-            check_vid(request.vid, self.store.volumes)
-            vid = request.vid
-        elif request.vid:
-            raise invalid("vid: set without has_vid")
-        return pb.CompactResponse(json=json.dumps(self.store.compact(vid)))
+        return pb.CompactResponse(json=json.dumps(self.store.compact(self._optional_vid(request))))
 
     @rpc
     def Verify(self, request: pb.VerifyRequest,
                context: grpc.ServicerContext) -> pb.VerifyResponse:
-        vid = None
-        if request.has_vid:
-            check_vid(request.vid, self.store.volumes)
-            vid = request.vid
-        elif request.vid:
-            raise invalid("vid: set without has_vid")
-        report = self.store.verify(vid)
+        report = self.store.verify(self._optional_vid(request))
         checked, corrupt = verify_summary(report)
         return pb.VerifyResponse(checked=checked, corrupt=corrupt, json=json.dumps(report))
 
