@@ -30,11 +30,10 @@ import copy
 import json
 import threading
 import uuid
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer
+from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, ServerContext
 
 PATCH_TYPES = (
     "application/json-patch+json",
@@ -179,7 +178,7 @@ class _Server(LoopbackHTTPServer):
         super().server_bind()
 
 
-class FakeKubeAPI:
+class FakeKubeAPI(ServerContext):
     """An in-memory Kubernetes API server on 127.0.0.1; a context manager (see module doc)."""
 
     def __init__(self, token: str | None = None) -> None:
@@ -339,10 +338,3 @@ class FakeKubeAPI:
         server, self._server = self._server, None
         if server is not None:
             server.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -38,11 +38,10 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from types import TracebackType
 from typing import Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, wait_until
+from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, ServerContext, wait_until
 
 # The key every test client and the session's server use, and the machine variables that must
 # not leak into tests; nothing reaches real OSS.
@@ -234,7 +233,7 @@ def _parse_range(spec: str, size: int, standard: bool) -> tuple[int, int] | None
     return start, end
 
 
-class OSSServer:
+class OSSServer(ServerContext):
     """An in-memory OSS-protocol server on 127.0.0.1; a context manager (start/stop)."""
 
     def __init__(
@@ -335,17 +334,6 @@ class OSSServer:
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
             httpd.stop(self.stop_timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- the protocol -------------------------------------------------------------------------
 

@@ -63,7 +63,24 @@ def aws_test_environ() -> dict[str, str]:
     return env
 
 
-class MotoServer:
+class ServerContext:
+    """`with server:` starts a test server and stops it however the block ends."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class MotoServer(ServerContext):
     """moto's S3 server in a subprocess on a free loopback port; a context manager."""
 
     def __init__(self, startup_timeout: float = 30.0, stop_timeout: float = 10.0) -> None:
@@ -177,17 +194,6 @@ class MotoServer:
             self._admin = self.client()
         self._admin.create_bucket(Bucket=name)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # Headers that describe one hop, not the message: never forwarded as they are.
 _HOP_BY_HOP = {
@@ -274,7 +280,7 @@ class _ProxyServer(LoopbackHTTPServer):
         super().__init__(_ProxyHandler)
 
 
-class IgnoringPutIfAbsentProxy:
+class IgnoringPutIfAbsentProxy(ServerContext):
     """A loopback HTTP reverse proxy to `upstream` (http://host:port) that drops If-None-Match
     from PUT requests, so that put-if-absent silently becomes a plain put; a context manager."""
 
@@ -299,14 +305,3 @@ class IgnoringPutIfAbsentProxy:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, cut open connections, join every thread; safe to call twice."""
         self._server.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

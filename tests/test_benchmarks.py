@@ -11,85 +11,59 @@ import sys
 from pathlib import Path
 
 
-def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
+def run_quick(tmp_path: Path, module: str, timeout: int, *extra: str) -> dict:
+    """Run `python -m benchmarks.MODULE --quick --json` in a fresh work dir; return its JSON
+    document, after checking it exited 0 and removed its work dir."""
     work = tmp_path / "bench"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.commit", "--quick", "--json", "--dir", str(work)],
-        capture_output=True, text=True, timeout=240, check=False,
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", *extra, "--json",
+         "--dir", str(work)],
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    assert not list(work.iterdir())  # the work dir was removed
+    return json.loads(proc.stdout)
+
+
+def test_commit_benchmark_quick_json(tmp_path: Path) -> None:
+    result = run_quick(tmp_path, "commit", 240)
     assert set(result["ratios"]) >= {"commit_vs_cp", "recommit_vs_commit",
                                      "new_bytes_vs_changed", "checkout_vs_cp"}
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["quick"] is True
-    assert not list(work.iterdir())  # the work dir was removed
 
 
 def test_scale_benchmark_quick_json(tmp_path: Path) -> None:
-    work = tmp_path / "bench"
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--quick", "--json", "--dir", str(work)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = run_quick(tmp_path, "scale", 600)
     assert set(result["ratios"]) >= {"mount_1m_vs_10", "ls_l_100k_vs_local"}
     assert result["raw"]["per_inode_bytes"] > 0
-    assert not list(work.iterdir())
 
 
 def test_read_benchmark_quick_json(tmp_path: Path) -> None:
     """The mount read benchmark end to end on a small dataset (peers skipped: no Debian
     rclone/s3fs needed in CI; the full run installs and measures them)."""
-    work = tmp_path / "bench"
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.read", "--quick", "--skip-peers", "--json", "--dir",
-         str(work)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = run_quick(tmp_path, "read", 600, "--skip-peers")
     assert set(result["ratios"]) >= {"epoch2_large_vs_local", "warm_small_vs_local",
                                      "cython_vs_python"}
     assert all(v > 0 for v in result["ratios"].values())
-    assert not list(work.iterdir())
 
 
 def test_remotes_benchmark_quick_json(tmp_path: Path) -> None:
     """Push, import and gc against a moto S3 server started by the benchmark itself."""
-    work = tmp_path / "bench"
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.remotes", "--quick", "--json", "--dir", str(work)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = run_quick(tmp_path, "remotes", 300)
     assert set(result["ratios"]) >= {"push_vs_upload", "repush_vs_push",
                                      "incremental_push_vs_push", "import_vs_download",
                                      "reimport_vs_import", "gc_vs_list"}
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["raw"]["gc_objects_s"] > 0
     assert result["quick"] is True
-    assert not list(work.iterdir())  # the work dir was removed
 
 
 def test_haystack_benchmark_quick_json(tmp_path: Path) -> None:
-    work = tmp_path / "bench"
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.haystack", "--quick", "--json", "--dir", str(work)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = run_quick(tmp_path, "haystack", 300)
     assert set(result["ratios"]) == {"small_write_vs_files", "small_read_cold_vs_files",
                                      "small_read_warm_vs_files", "grpc_small_write_vs_files"}
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["preads_per_read"] == 1.0  # one index lookup and one pread per read
     assert result["grpc_large_mb_s"] > 0 and result["quick"] is True
-    assert not list(work.iterdir())
