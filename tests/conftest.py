@@ -6,6 +6,8 @@
 - `s3_url`: a fresh, empty bucket on that server, as an ``s3://`` remote URL with a prefix.
 - `oss_server` (session): one `tests.oss_server.OSSServer` (in-memory, V4 signatures checked) on
   127.0.0.1 with one bucket, always stopped at the end.
+- `storage_servers`: the `tests.storage_servers.StorageServer` processes a test starts (it
+  appends them); every one is killed at the end, whatever happened.
 - `oss_url`: a fresh prefix in that bucket as an ``oss://`` remote URL, with the test OSS
   credentials in the environment (where the remote reads them).
 """
@@ -23,6 +25,7 @@ from hypothesis import settings
 from tests.mounting import MountSet
 from tests.oss_server import OSS_TEST_BUCKET, OSS_TEST_ENV, OSS_UNSET_ENV, OSSServer
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
+from tests.storage_servers import StorageServer
 
 # CI must not depend on luck: there, property tests replay the same examples every run
 # (locally they keep exploring new ones).
@@ -97,3 +100,13 @@ def mounts(tmp_path: Path) -> Iterator[MountSet]:
         yield mount_set
     finally:
         mount_set.cleanup()
+
+
+@pytest.fixture
+def storage_servers() -> Iterator[list[StorageServer]]:
+    started: list[StorageServer] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.kill()

@@ -13,130 +13,27 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import blake3
 import grpc
 import pytest
 
 from cachefs.errors import ObjectNotFound, PermissionDenied, RemoteError, UsageError
-from storage_server.client import StorageClient
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
 from storage_server.repair import repair_volume
 from tests.helpers import run_cli
-
-VOLUMES = 4
-START_TIMEOUT_S = 30.0
-MIB = 1 << 20
-
-
-def key_of(data: bytes) -> bytes:
-    return blake3.blake3(data).digest()
-
-
-def needles(count: int, size: int = 1000, tag: bytes = b"") -> dict[bytes, bytes]:
-    """`count` distinct needles, sizes varying around `size`, keyed by their BLAKE3 hash."""
-    out: dict[bytes, bytes] = {}
-    for i in range(count):
-        data = (tag + b"needle-%d-" % i) * (1 + (size + i * 37) // 16)
-        out[key_of(data)] = data
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StorageServer:
-    """One `cachefs storage serve` process on 127.0.0.1; `start()` waits until it answers."""
-
-    def __init__(self, data_dir: Path, token: str | None = None, volumes: int = VOLUMES,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.data_dir = data_dir
-        self.token = token
-        self.volumes = volumes
-        self.extra = extra
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = data_dir.parent / f"{data_dir.name}-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> StorageServer:
-        args = [sys.executable, "-m", "cachefs.cli.main", "storage", "serve",
-                "--data-dir", str(self.data_dir), "--listen", self.address,
-                "--volumes", str(self.volumes), *self.extra]
-        if self.token:
-            token_file = self.data_dir.parent / f"{self.data_dir.name}.token"
-            token_file.write_text(self.token + "\n")
-            args += ["--token-file", str(token_file)]
-        env = {k: v for k, v in os.environ.items() if k != "CACHEFS_TOKEN"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with self.client(timeout=2) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"the server exited {self.proc.returncode}:\n"
-                                         f"{self.output()}")
-                try:
-                    client.stat()
-                    return self
-                except RemoteError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"no answer in {START_TIMEOUT_S} s:\n"
-                                             f"{self.output()}") from None
-                    time.sleep(0.1)
-
-    def client(self, token: str | None = "", timeout: float = 30.0) -> StorageClient:
-        """A client sending `token` (default: the server's own)."""
-        return StorageClient(self.address, self.token if token == "" else token, timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"no exit 20 s after SIGTERM:\n{self.output()}") from None
-        return self.proc.returncode
+from tests.servers import free_port
+from tests.storage_servers import MIB, VOLUMES, StorageServer, key_of, needles
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[StorageServer]]:
-    """Servers a test starts; every one is killed at the end, whatever happened."""
-    started: list[StorageServer] = []
-    try:
-        yield started
-    finally:
-        for server in started:
-            server.kill()
-
-
-@pytest.fixture
-def server(tmp_path: Path, servers: list[StorageServer]) -> StorageServer:
+def server(tmp_path: Path, storage_servers: list[StorageServer]) -> StorageServer:
     started = StorageServer(tmp_path / "data").start()
-    servers.append(started)
+    storage_servers.append(started)
     return started
 
 
@@ -282,9 +179,9 @@ def test_verify_exits_6_after_a_flipped_byte(server: StorageServer) -> None:
 
 
 def test_kill_9_during_writes_keeps_every_acknowledged_needle(
-        tmp_path: Path, servers: list[StorageServer]) -> None:
+        tmp_path: Path, storage_servers: list[StorageServer]) -> None:
     first = StorageServer(tmp_path / "data").start()
-    servers.append(first)
+    storage_servers.append(first)
     acked: dict[bytes, bytes] = {}
     in_flight: dict[bytes, bytes] = {}
     done = threading.Condition()
@@ -322,7 +219,7 @@ def test_kill_9_during_writes_keeps_every_acknowledged_needle(
         f.write(os.urandom(333))
 
     second = StorageServer(tmp_path / "data").start()
-    servers.append(second)
+    storage_servers.append(second)
     with second.client() as client:
         for key, data in acked.items():
             assert client.get(key) == data
@@ -351,9 +248,9 @@ def test_sigterm_stops_cleanly(server: StorageServer) -> None:
 # -- security ----------------------------------------------------------------------------------
 
 
-def test_token_refused_and_accepted(tmp_path: Path, servers: list[StorageServer]) -> None:
+def test_token_refused_and_accepted(tmp_path: Path, storage_servers: list[StorageServer]) -> None:
     server = StorageServer(tmp_path / "data", token="s3cret-token").start()
-    servers.append(server)
+    storage_servers.append(server)
     stored = needles(3)
     for token in (None, "wrong"):
         with server.client(token=token) as client:
@@ -434,10 +331,11 @@ def test_malformed_requests_change_nothing(server: StorageServer) -> None:
 # -- repair ------------------------------------------------------------------------------------
 
 
-def test_repair_copies_only_the_missing(tmp_path: Path, servers: list[StorageServer]) -> None:
+def test_repair_copies_only_the_missing(tmp_path: Path,
+                                        storage_servers: list[StorageServer]) -> None:
     a = StorageServer(tmp_path / "a").start()
     b = StorageServer(tmp_path / "b").start()
-    servers += [a, b]
+    storage_servers += [a, b]
     both = needles(40, size=2000, tag=b"both")
     only_a = needles(60, size=3000, tag=b"a")
     with a.client() as ca, b.client() as cb:
