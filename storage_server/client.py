@@ -39,13 +39,16 @@ ADMIN_TIMEOUT = 3600.0  # compact and verify read whole volumes
 class StorageClient:
     """A channel to one storage server; `timeout` bounds each call (seconds)."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, token: str | None = None, timeout: float = 60.0,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """`options`: extra gRPC channel arguments (e.g. reconnect backoff), after the defaults."""
         self.address = address
         self.timeout = timeout
         self._metadata = bearer_metadata(token)
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *options,
         ])
         self._stub = pb_grpc.StorageStub(self._channel)
 

@@ -167,16 +167,16 @@ class VolumeStore:
         entries = self.index.get_many((self.vid_of(k), k) for k in keys)
         seen: set[bytes] = set()
         written = 0
-        ticket = 0
+        appended = []
         for key, (_, data), entry in zip(keys, items, entries):
             if key in seen or (entry is not None and not entry.deleted
                                and entry.size == len(data)):
                 continue
             seen.add(key)
-            ticket = self._volumes[self.vid_of(key)].append(key, data, 0, self.commit)
+            appended.append(self._volumes[self.vid_of(key)].append(key, data, 0, self.commit))
             written += len(data)
-        if ticket:
-            self.commit.wait(ticket)
+        if appended:
+            self.commit.make_durable(appended)
         return written
 
     def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes:
@@ -226,8 +226,8 @@ class VolumeStore:
         entry = self.index.get(vid, key)
         if entry is None or entry.deleted:
             return False
-        ticket = self._volumes[vid].append(key, b"", FLAG_TOMBSTONE, self.commit)
-        self.commit.wait(ticket)
+        self.commit.make_durable([self._volumes[vid].append(key, b"", FLAG_TOMBSTONE,
+                                                            self.commit)])
         return True
 
     def list_keys(self, vid: int, start_after: bytes | None = None,
