@@ -3,18 +3,21 @@
 #   proto/csi.proto     (the CSI spec)         -> csi/proto/csi_pb2.py, .pyi, csi_pb2_grpc.py
 #   proto/storage.proto (the storage server)   -> storage_server/proto/storage_pb2.py, .pyi,
 #                                                 storage_pb2_grpc.py
+#   proto/master.proto  (the raft master)      -> master/proto/master_pb2.py, .pyi,
+#                                                 master_pb2_grpc.py
 # The stubs are committed, so an install needs no protoc; tests/test_proto_current.py fails
 # when they are stale. Re-run this after changing a .proto file or the pinned grpcio-tools,
 # and commit the result.
 #
-# Usage: scripts/gen_proto.sh [CSI_OUT_DIR [STORAGE_OUT_DIR]]
-#        (defaults: csi/proto and storage_server/proto)
+# Usage: scripts/gen_proto.sh [CSI_OUT_DIR [STORAGE_OUT_DIR [MASTER_OUT_DIR]]]
+#        (defaults: csi/proto, storage_server/proto and master/proto)
 # Needs grpcio-tools (the `test` extra pins the version the committed stubs came from);
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 csi_out="${1:-$root/csi/proto}"
 storage_out="${2:-$root/storage_server/proto}"
+master_out="${3:-$root/master/proto}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -43,3 +46,4 @@ generate() {
 
 generate csi "$csi_out"
 generate storage "$storage_out"
+generate master "$master_out"

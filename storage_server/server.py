@@ -189,10 +189,13 @@ def build_server(store: Any, listen: str, token: str | None) -> tuple[grpc.Serve
 
 
 def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
-          ready: Any = None) -> None:
+          ready: Any = None, agent: Any = None) -> None:
     """Serve `store` until SIGTERM or SIGINT, then stop accepting, let calls in flight finish
     (up to `grace` seconds) and return; the caller closes the store. `ready(address)` is
-    called once the server accepts calls."""
+    called once the server accepts calls. With `agent` (a `storage_server.agent.AgentConfig`)
+    a `StorageAgent` registers the server with the masters, heartbeats and runs repairs
+    while it serves."""
+    running = None
     server, address = build_server(store, listen, token)
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set())
@@ -203,12 +206,22 @@ def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
             log.warning("no token (--token-file or CACHEFS_TOKEN): serving without "
                         "authentication, on loopback only")
         log.info("serving on %s", address)
+        if agent is not None:
+            from storage_server.agent import StorageAgent, local_address
+
+            running = StorageAgent(store, agent, token, local_address(address))
+            running.start()
         if ready is not None:
             ready(address)
         stop.wait()
         log.info("stopping: finishing the calls in flight")
+        if running is not None:
+            running.stop()
+            running = None
         server.stop(grace=grace).wait()
     finally:
+        if running is not None:
+            running.stop()
         server.stop(grace=None)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -8,6 +8,7 @@
   127.0.0.1 with one bucket, always stopped at the end.
 - `storage_servers`: the `tests.storage_servers.StorageServer` processes a test starts (it
   appends them); every one is killed at the end, whatever happened.
+- `masters`: the same for `tests.masters.MasterProcess` (`start_group` appends them).
 - `oss_url`: a fresh prefix in that bucket as an ``oss://`` remote URL, with the test OSS
   credentials in the environment (where the remote reads them).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.masters import MasterProcess
 from tests.mounting import MountSet
 from tests.oss_server import OSS_TEST_BUCKET, OSS_TEST_ENV, OSS_UNSET_ENV, OSSServer
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
@@ -110,3 +112,13 @@ def storage_servers() -> Iterator[list[StorageServer]]:
     finally:
         for server in started:
             server.kill()
+
+
+@pytest.fixture
+def masters() -> Iterator[list[MasterProcess]]:
+    started: list[MasterProcess] = []
+    try:
+        yield started
+    finally:
+        for master in started:
+            master.kill()

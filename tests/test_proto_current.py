@@ -2,7 +2,8 @@
 
 proto/csi.proto is the CSI spec's csi.proto (v1.10.0) and csi/proto/*_pb2*.py are generated
 from it by scripts/gen_proto.sh and committed; so are storage_server/proto/*_pb2*.py, from
-proto/storage.proto. Regenerating here and comparing bytes makes a stale stub (or a hand edit)
+proto/storage.proto, and master/proto/*_pb2*.py, from proto/master.proto. Regenerating here
+and comparing bytes makes a stale stub (or a hand edit)
 fail CI; the field-number checks guard what csi-sanity and real kubelets depend on.
 """
 
@@ -20,6 +21,7 @@ import pytest
 from google.protobuf import descriptor_pb2, wrappers_pb2
 
 from csi.proto import CSI_SPEC_VERSION, csi_pb2, csi_pb2_grpc
+from master.proto import master_pb2, master_pb2_grpc
 from storage_server.proto import storage_pb2, storage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,10 @@ GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py")
 STORAGE_STUBS = ROOT / "storage_server" / "proto"
 STORAGE_GENERATED = ("storage_pb2.py", "storage_pb2.pyi", "storage_pb2_grpc.py")
 STORAGE_RPCS = ["Put", "Get", "Has", "Delete", "ListKeys", "Stat", "Compact", "Verify"]
+MASTER_STUBS = ROOT / "master" / "proto"
+MASTER_GENERATED = ("master_pb2.py", "master_pb2.pyi", "master_pb2_grpc.py")
+MASTER_RPCS = ["RegisterStorage", "Heartbeat", "DeclareDead", "GetPlacement", "DirGet", "DirPut",
+               "DirPutMany", "DirDelete", "DirList", "RegisterNode", "Status"]
 
 # sha256 of the spec's csi.proto at v1.10.0: proto/csi.proto is a verbatim copy, never edited.
 SPEC_SHA256 = "4502573d55327b1ab42a0d72454a4d90c0106987227de762ead273e94b16600e"
@@ -88,15 +94,18 @@ def test_proto_is_the_unmodified_spec_file():
 def test_committed_stubs_are_current(tmp_path):
     generator = metadata.version("grpcio-tools")
     for recorded in (csi_pb2_grpc.GRPC_GENERATED_VERSION,
-                     storage_pb2_grpc.GRPC_GENERATED_VERSION):
+                     storage_pb2_grpc.GRPC_GENERATED_VERSION,
+                     master_pb2_grpc.GRPC_GENERATED_VERSION):
         assert generator == recorded, (
             f"grpcio-tools {generator} is installed but the committed stubs came from "
             f"{recorded}: install the version pinned in pyproject.toml's test extra"
         )
     csi_out, storage_out = tmp_path / "csi", tmp_path / "storage"
+    master_out = tmp_path / "master"
     env = dict(os.environ, PYTHON=sys.executable)
     subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(csi_out), str(storage_out)],
+        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(csi_out), str(storage_out),
+         str(master_out)],
         check=True,
         env=env,
         cwd=tmp_path,
@@ -104,7 +113,8 @@ def test_committed_stubs_are_current(tmp_path):
         text=True,
     )
     for out, stubs, generated in ((csi_out, STUBS, GENERATED),
-                                  (storage_out, STORAGE_STUBS, STORAGE_GENERATED)):
+                                  (storage_out, STORAGE_STUBS, STORAGE_GENERATED),
+                                  (master_out, MASTER_STUBS, MASTER_GENERATED)):
         assert sorted(p.name for p in out.iterdir()) == sorted(generated)
         committed = sorted(p.name for p in stubs.iterdir() if "_pb2" in p.name)
         assert committed == sorted(generated)
@@ -122,6 +132,10 @@ def test_stubs_import_package_relative():
     assert "\nfrom . import storage_pb2 as storage__pb2\n" in text
     assert "\nimport storage_pb2" not in text
     assert storage_pb2_grpc.storage__pb2 is storage_pb2
+    text = (MASTER_STUBS / "master_pb2_grpc.py").read_text()
+    assert "\nfrom . import master_pb2 as master__pb2\n" in text
+    assert "\nimport master_pb2" not in text
+    assert master_pb2_grpc.master__pb2 is master_pb2
 
 
 def test_storage_service_shape():
@@ -136,6 +150,26 @@ def test_storage_service_shape():
     assert _field(storage_pb2.Needle, "data").number == 2
     assert _field(storage_pb2.GetRequest, "offset").type == _field(
         storage_pb2.GetRequest, "offset").TYPE_INT64  # signed: a negative offset is refused
+
+
+def test_master_service_shape():
+    assert master_pb2.DESCRIPTOR.name == "master.proto"
+    assert master_pb2.DESCRIPTOR.package == "cachefs.master.v1"
+    service = master_pb2.DESCRIPTOR.services_by_name["Master"]
+    assert service.full_name == "cachefs.master.v1.Master"
+    assert [m.name for m in service.methods] == MASTER_RPCS
+    for method in service.methods:
+        assert not method.client_streaming and not method.server_streaming, method.name
+    # The numbers the clients (haystack:// remote, storage agent) were written against.
+    assert _field(master_pb2.DirEntry, "name").number == 1
+    assert _field(master_pb2.DirEntry, "inline").number == 2
+    assert _field(master_pb2.DirEntry, "has_inline").number == 3
+    assert _field(master_pb2.DirEntry, "needle").number == 4
+    assert _field(master_pb2.DirEntry, "mtime_ns").number == 6
+    assert _field(master_pb2.DirPutRequest, "if_absent").number == 2
+    assert _field(master_pb2.Placement, "placement").number == 5
+    assert _field(master_pb2.HeartbeatResponse, "repairs").number == 1
+    assert _field(master_pb2.HeartbeatResponse, "vids").number == 3
 
 
 def test_package_and_field_numbers_match_the_spec():

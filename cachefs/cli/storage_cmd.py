@@ -20,6 +20,10 @@ SERVE_EXAMPLES = """examples:
   # in a cluster: every address, every call must carry the cluster token
   cachefs storage serve --data-dir /srv/cachefs --listen 0.0.0.0:8700 \\
       --token-file /etc/cachefs/token --fsync-interval-ms 2
+  # a member of a haystack cluster: registers with the masters, heartbeats, runs repairs
+  cachefs storage serve --data-dir /srv/cachefs --listen 0.0.0.0:8700 \\
+      --advertise 10.0.0.5:8700 --master 10.0.0.1:7700,10.0.0.2:7700,10.0.0.3:7700 \\
+      --server-id storage-5 --zone rack-2 --token-file /etc/cachefs/token
 
 The data directory holds the volumes (DIR/volumes/); the number of volumes is fixed when it is
 created (--volumes, default: the store's). On start the store rebuilds what a crash left
@@ -67,6 +71,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--segment-size", type=parse_size, metavar="SIZE",
                    help="roll a volume's segment file at this size, e.g. 1GiB "
                         "(default: the store's)")
+    s.add_argument("--master", metavar="ADDRS",
+                   help="register with these masters (HOST:PORT[,HOST:PORT...], haystack:// "
+                        "optional), heartbeat and run the repairs they ask for")
+    s.add_argument("--server-id", metavar="ID",
+                   help="this server's id in the cluster, stable across restarts (with "
+                        "--master; 1 to 64 of A-Z a-z 0-9 . _ -)")
+    s.add_argument("--zone", default="default", metavar="ZONE",
+                   help="failure domain: replicas go to distinct zones where possible "
+                        "(default: 'default')")
+    s.add_argument("--advertise", metavar="HOST:PORT",
+                   help="the address clients and other servers reach this one at (default: "
+                        "--listen; required when --listen is a wildcard address)")
+    s.add_argument("--heartbeat-interval", type=float, default=3.0, metavar="SECONDS",
+                   help="seconds between heartbeats to the masters (default 3)")
     s.set_defaults(func=serve)
 
     for name, help_text, description, epilog, func in (
@@ -100,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
     token = load_token(args.token_file)
     host, _ = parse_listen(args.listen, "--listen")
     check_listen(host, token)  # before the store is opened: a refused start changes nothing
+    agent = agent_config(args, host)
     options: dict[str, Any] = {"volumes": args.volumes,
                                "fsync_interval_ms": args.fsync_interval_ms}
     if args.segment_size is not None:
@@ -112,11 +131,36 @@ def serve(args: argparse.Namespace) -> int:
             print(f"serving on {address} ({store.volumes} volumes, data in {args.data_dir})",
                   flush=True)
 
-        serve_store(store, args.listen, token, ready=ready)
+        serve_store(store, args.listen, token, ready=ready, agent=agent)
     finally:
         store.close()
     print("stopped", flush=True)
     return 0
+
+
+def agent_config(args: argparse.Namespace, listen_host: str) -> Any:
+    """The `AgentConfig` of --master and its companions (None without --master)."""
+    from cachefs.errors import UsageError
+    from cachefs.httpserver import parse_listen
+
+    if not args.master:
+        for option in ("server_id", "advertise"):
+            if getattr(args, option):
+                raise UsageError(f"--{option.replace('_', '-')} needs --master")
+        return None
+    from master.client import parse_masters
+    from storage_server.agent import AgentConfig
+
+    if not args.server_id:
+        raise UsageError("--master needs --server-id ID (stable across restarts)")
+    if not args.advertise and listen_host in ("0.0.0.0", "::"):
+        raise UsageError(f"--listen {args.listen} is a wildcard address: give --advertise "
+                         "HOST:PORT, the address the others reach this server at")
+    if args.advertise:
+        parse_listen(args.advertise, "--advertise")
+    return AgentConfig(masters=tuple(parse_masters(args.master)), server_id=args.server_id,
+                       zone=args.zone, advertise=args.advertise or "",
+                       interval=args.heartbeat_interval)
 
 
 def recovery_line(doc: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "file": ("cachefs.remotes.local", "LocalRemote"),
     "s3": ("cachefs.remotes.s3", "S3Remote"),
     "oss": ("cachefs.remotes.oss", "OSSRemote"),
+    "haystack": ("cachefs.remotes.haystack", "HaystackRemote"),
 }
 
 

@@ -1,0 +1,171 @@
+"""The haystack:// remote over a real local cluster (`cachefs cluster up`: raft masters and
+storage servers as processes on 127.0.0.1).
+
+- the shared remote conformance suite (objects and ref compare-and-swap), each test in its own
+  namespace of one cluster;
+- commit -> checkout round trip through the CLI, byte-identical, and a push from file://;
+- chunks land on R storage servers as needles; names in the master's directory;
+- `cluster up --json` has the documented shape, `cluster down` stops every process, and `up`
+  again brings back the same cluster with its data;
+- a URL with a wrong token is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachefs.errors import ConfigError, PermissionDenied
+from cachefs.remotes.base import Remote
+from cachefs.remotes.haystack import HaystackRemote, chunk_hash
+from cachefs.remotes.registry import open_remote_url
+from master.client import MasterClient
+from master.cluster import cluster_down, cluster_up
+from storage_server.client import StorageClient
+from tests.contract.remote_suite import RefContract, RemoteContract
+from tests.helpers import cli_json, run_cli, snapshot
+
+UP_TIMEOUT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One cluster for the module: 3 masters, 2 storage servers, R=2; always stopped."""
+    root = tmp_path_factory.mktemp("hay")
+    try:
+        yield cluster_up(root, masters=3, storage=2, replicas=2, volumes=8,
+                         timeout=UP_TIMEOUT_S)
+    finally:
+        cluster_down(root)
+
+
+@pytest.fixture
+def token(cluster: dict) -> str:
+    return Path(cluster["token_file"]).read_text().strip()
+
+
+@pytest.fixture
+def hay_url(cluster: dict, monkeypatch: pytest.MonkeyPatch, token: str) -> str:
+    """A fresh namespace of the cluster, with the token in the environment (as users do)."""
+    monkeypatch.setenv("CACHEFS_TOKEN", token)
+    return f"{cluster['url']}/t-{uuid.uuid4().hex[:12]}"
+
+
+class TestHaystackRemote(RemoteContract, RefContract):
+    @pytest.fixture
+    def remote(self, hay_url: str) -> Iterator[Remote]:
+        remote = open_remote_url(hay_url)
+        assert isinstance(remote, HaystackRemote)
+        try:
+            yield remote
+        finally:
+            remote.close()
+
+
+def test_commit_checkout_round_trip(hay_url: str, cluster: dict, token: str,
+                                    tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    for i in range(30):
+        (src / "train" / f"img{i:03d}.jpg").write_bytes(os.urandom(20_000 + i * 517))
+    (src / "big.bin").write_bytes(os.urandom(9 << 20))  # several whole chunks
+    (src / "link").symlink_to("big.bin")
+    run_cli("init", "ds", "--remote", hay_url)
+    committed = cli_json("commit", "ds", str(src), "--remote", hay_url, "-m", "v1")
+    out = tmp_path / "out"
+    run_cli("checkout", "ds@main", str(out), "--remote", hay_url)
+    assert snapshot(out) == snapshot(src)
+    log = cli_json("log", "ds", "--remote", hay_url)
+    assert log[0]["commit"] == committed["commit"]
+
+    # Chunks are needles on both replicas of their volume; refs are names in the directory.
+    with HaystackRemote(cluster["url"], token, namespace=hay_url.rsplit("/", 1)[1]) as remote:
+        chunks = [k for k in remote.list("chunks/")]
+        assert chunks and all(chunk_hash(k) for k in chunks)
+        refs = list(remote.list("refs/ds/"))
+        assert refs and all(k.startswith("refs/ds/heads/main/") for k in refs)
+    placement = MasterClient(cluster["url"], token).placement()
+    for key in chunks[:10]:
+        needle = chunk_hash(key)
+        assert needle is not None
+        holders = 0
+        for replica in placement.replicas_of(placement.vid_of(needle)):
+            with StorageClient(replica.address, token) as storage:
+                holders += storage.has_many([needle])[0]
+        assert holders == 2, key
+
+
+def test_push_from_file_remote(hay_url: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i}").write_bytes(os.urandom(5000 + i))
+    local_url = f"file://{tmp_path / 'repo'}"
+    run_cli("init", "ds", "--remote", local_url)
+    cli_json("commit", "ds", str(src), "--remote", local_url, "-m", "v1")
+    run_cli("push", "ds", "--remote", local_url, "--to", hay_url)
+    out = tmp_path / "out"
+    run_cli("checkout", "ds@main", str(out), "--remote", hay_url)
+    assert snapshot(out, with_mtime=False) == snapshot(src, with_mtime=False)
+
+
+def test_wrong_token_is_refused(cluster: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHEFS_TOKEN", "not-the-token")
+    remote = open_remote_url(cluster["url"] + "/wrong")
+    try:
+        with pytest.raises(PermissionDenied):
+            remote.put("x", b"y")
+        with pytest.raises(PermissionDenied):
+            remote.get("x")
+    finally:
+        remote.close()
+    result = run_cli("ls", "ds", "--remote", cluster["url"] + "/wrong", check=False)
+    assert result.returncode != 0
+    assert "token" in result.stderr.lower() or "denied" in result.stderr.lower()
+
+
+def test_bad_urls_are_config_errors() -> None:
+    for url in ("haystack://", "haystack://a:1?bogus=1", "haystack://a:1/bad name",
+                "haystack://a:1?timeout=soon"):
+        with pytest.raises(ConfigError):
+            open_remote_url(url)
+
+
+def test_cluster_up_down_and_restart(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    try:
+        state = json.loads(run_cli("cluster", "up", "--dir", str(root), "--masters", "1",
+                                   "--storage", "1", "--replicas", "1", "--volumes", "4",
+                                   "--json").stdout)
+        assert state["url"].startswith("haystack://")
+        assert Path(state["token_file"]).stat().st_mode & 0o077 == 0
+        assert [set(m) >= {"addr", "pid"} for m in state["masters"] + state["storage"]] \
+            == [True, True]
+        token = Path(state["token_file"]).read_text().strip()
+        with HaystackRemote(state["url"], token) as remote:
+            remote.put("kept", b"across a restart")
+        status = MasterClient(state["url"], token).status()
+        assert status["leader"] == state["masters"][0]["addr"]
+
+        # A second `up` on a running cluster is refused; `down` stops every process.
+        again = run_cli("cluster", "up", "--dir", str(root), check=False)
+        assert again.returncode != 0 and "already running" in again.stderr
+        down = json.loads(run_cli("cluster", "down", "--dir", str(root), "--json").stdout)
+        pids = [m["pid"] for m in state["masters"] + state["storage"]]
+        assert sorted(down["stopped"]) == sorted(pids)
+        for pid in pids:
+            assert not Path(f"/proc/{pid}/cmdline").exists() or \
+                b"cachefs" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+        restarted = json.loads(run_cli("cluster", "up", "--dir", str(root), "--json").stdout)
+        assert restarted["url"] == state["url"]
+        with HaystackRemote(restarted["url"], token) as remote:
+            assert remote.get("kept") == b"across a restart"
+    finally:
+        if (root / "cluster.json").exists():
+            cluster_down(root)
