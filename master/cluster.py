@@ -131,9 +131,6 @@ def cluster_up(root: Path, masters: int = 3, storage: int = 3, replicas: int = 2
         for role in ("masters", "storage"):
             for member in state[role]:
                 started.append(start_member(root, state, role, member, extra_master_args))
-        tmp = root / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        os.replace(tmp, root / STATE_FILE)
         _wait_serving(url, token_file.read_text().strip(), len(s_addrs), replicas, started,
                       timeout)
     except BaseException:
@@ -170,7 +167,14 @@ def start_member(root: Path, state: dict[str, Any], role: str, member: dict[str,
                      member["addr"], args, raft=member.get("raft", ""))
     member["pid"] = started.pid
     member["log"] = started.log
+    save_state(root, state)  # before anything can fail: `down` must find every pid
     return started
+
+
+def save_state(root: Path, state: dict[str, Any]) -> None:
+    tmp = root / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, root / STATE_FILE)
 
 
 def _spawn(root: Path, role: str, member_id: str, addr: str, args: list[str],

@@ -7,28 +7,38 @@ storage servers as processes on 127.0.0.1).
 - chunks land on R storage servers as needles; names in the master's directory;
 - `cluster up --json` has the documented shape, `cluster down` stops every process, and `up`
   again brings back the same cluster with its data;
-- a URL with a wrong token is refused.
+- a URL with a wrong token is refused;
+- faults on a cluster of their own: kill -9 of the leader during a stream of ref updates and
+  chunk writes (no acknowledged update lost, the writer carries on), kill -9 of a storage
+  server (every chunk readable, writes continue once it is marked down, repair catches it up
+  when it returns).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
-from cachefs.errors import ConfigError, PermissionDenied
+from cachefs.dataset.refs import GenerationRefStore, RefValue
+from cachefs.errors import CachefsError, ConfigError, PermissionDenied, RemoteError
 from cachefs.remotes.base import Remote
 from cachefs.remotes.haystack import HaystackRemote, chunk_hash
 from cachefs.remotes.registry import open_remote_url
 from master.client import MasterClient
-from master.cluster import cluster_down, cluster_up
+from master.cluster import cluster_down, cluster_up, start_member
 from storage_server.client import StorageClient
 from tests.contract.remote_suite import RefContract, RemoteContract
 from tests.helpers import cli_json, run_cli, snapshot
+from tests.servers import wait_until
 
 UP_TIMEOUT_S = 180.0
 
@@ -169,3 +179,140 @@ def test_cluster_up_down_and_restart(tmp_path: Path) -> None:
     finally:
         if (root / "cluster.json").exists():
             cluster_down(root)
+
+
+# -- faults, through the remote, on a cluster of their own ---------------------------------------
+
+FAULT_DOWN_AFTER_S = 7  # storage servers heartbeat every 3 s
+
+
+@pytest.fixture
+def fault_cluster(tmp_path: Path) -> Iterator[dict]:
+    """3 masters, 3 storage servers, R=2; a silent storage server is marked down after 7 s."""
+    root = tmp_path / "faults"
+    try:
+        yield cluster_up(root, masters=3, storage=3, replicas=2, volumes=8,
+                         timeout=UP_TIMEOUT_S,
+                         extra_master_args=("--down-after", str(FAULT_DOWN_AFTER_S)))
+    finally:
+        cluster_down(root)
+
+
+def chunk_of(data: bytes) -> tuple[str, bytes]:
+    needle = blake3.blake3(data).digest()
+    return f"chunks/{needle.hex()[:2]}/{needle.hex()}", needle
+
+
+def test_leader_killed_during_ref_updates_and_chunk_writes(fault_cluster: dict,
+                                                           tmp_path: Path) -> None:
+    state = fault_cluster
+    token = Path(state["token_file"]).read_text().strip()
+    acked_refs: list[RefValue] = []
+    acked_chunks: dict[str, bytes] = {}
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    enough_before = threading.Event()
+
+    def writer() -> None:
+        with HaystackRemote(state["url"], token, timeout=60.0, namespace="faults") as remote:
+            refs = GenerationRefStore(remote)
+            current = refs.read("ds", "heads", "main")
+            i = 0
+            while not stop.is_set():
+                data = os.urandom(3000) + i.to_bytes(4, "big")
+                key, _ = chunk_of(data)
+                try:
+                    remote.put(key, data)
+                    acked_chunks[key] = data
+                    current = refs.compare_and_swap("ds", "heads", "main", current,
+                                                    f"{i + 1:064x}", "stream")
+                    acked_refs.append(current)
+                except CachefsError as e:  # every write must get through, leader or not
+                    failures.append(e)
+                    return
+                i += 1
+                if i == 20:
+                    enough_before.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert enough_before.wait(60), failures
+        with MasterClient(state["url"], token) as client:
+            leader = client.status()["leader"]
+            victim = next(m for m in state["masters"] if m["addr"] == leader)
+            before = len(acked_refs)
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(lambda: len(acked_refs) > before + 20 or failures, 60,
+                       "writes acknowledged after the leader was killed")
+            new_leader = client.status()["leader"]
+            assert new_leader not in (None, leader)
+        assert time.monotonic() - killed < 30
+    finally:
+        stop.set()
+        thread.join(90)
+    assert not failures, failures
+
+    with HaystackRemote(state["url"], token, namespace="faults") as remote:
+        refs = GenerationRefStore(remote)
+        assert refs.read("ds", "heads", "main") == acked_refs[-1]
+        history = {(e.commit, e.generation) for e in refs.history("ds", "heads", "main")}
+        assert {(v.commit, v.generation) for v in acked_refs} <= history
+        for key, data in acked_chunks.items():
+            assert remote.get(key) == data
+
+
+def test_storage_server_killed_then_back(fault_cluster: dict) -> None:
+    state = fault_cluster
+    token = Path(state["token_file"]).read_text().strip()
+    root = Path(state["token_file"]).parent
+    with HaystackRemote(state["url"], token, namespace="kill") as remote, \
+            MasterClient(state["url"], token) as client:
+        datas = {}
+        for _ in range(60):
+            data = os.urandom(5000)
+            key, _ = chunk_of(data)
+            remote.put(key, data)
+            datas[key] = data
+        victim = state["storage"][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        # Every chunk stays readable (from the other replica).
+        for key, data in datas.items():
+            assert remote.get(key) == data
+        wait_until(lambda: any(s["id"] == victim["id"] and s["state"] == "down"
+                               for s in client.status()["storage"]), 30, "the server marked down")
+        # Writes continue on the live replicas.
+        later = {}
+        for _ in range(60):
+            data = os.urandom(5000)
+            key, _ = chunk_of(data)
+            remote.put(key, data)
+            later[key] = data
+        for key, data in later.items():
+            assert remote.get(key) == data
+
+        # Its volumes show under-replicated while it is down.
+        status = client.status()
+        its_vids = {v["vid"] for v in status["volumes"]
+                    if victim["id"] in {r["id"] for r in v["replicas"]}}
+        assert its_vids and all(v["under_replicated"] for v in status["volumes"]
+                                if v["vid"] in its_vids)
+
+        start_member(root, state, "storage", victim)
+        # Back: repair copies what it missed from the surviving replicas.
+        placement = client.placement()
+        missed = [n for n in (chunk_hash(k) for k in later)
+                  if n is not None and victim["id"] in
+                  {r.id for r in placement.replicas_of(placement.vid_of(n))}]
+        assert missed
+        with StorageClient(victim["addr"], token) as storage:
+            def repaired() -> bool:
+                try:
+                    return all(storage.has_many(missed))
+                except RemoteError:  # still starting
+                    return False
+
+            wait_until(repaired, 120, "repair copied the needles the server missed")
+        wait_until(lambda: not client.status()["volumes"][min(its_vids)]["lagging"], 60,
+                   "the volume no longer lagging")
