@@ -56,6 +56,10 @@ def free_port() -> int:
 
 def _alive(pid: int) -> bool:
     """Whether `pid` is a live cachefs process (not a pid reused by something else since)."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:  # ours and exited: reaped now
+        del _CHILDREN[pid]
+        return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -68,10 +72,6 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:  # reaps it
-        del _CHILDREN[pid]
-        return False
     return True
 
 
@@ -160,6 +160,7 @@ def member_args(root: Path, state: dict[str, Any], role: str,
 def start_member(root: Path, state: dict[str, Any], role: str, member: dict[str, Any],
                  extra_args: tuple[str, ...] = ()) -> Member:
     """Start one member (again, after it stopped) and record its new pid in `state`."""
+    _reap()
     args = member_args(root, state, role, member)
     if role == "masters":
         args += extra_args
@@ -228,7 +229,18 @@ def _stop(members: list[Member]) -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(m.pid, signal.SIGKILL)
             killed.append(m.pid)
+            if m.pid in _CHILDREN:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    _CHILDREN[m.pid].wait(10)
+    _reap()
     return killed
+
+
+def _reap() -> None:
+    """Collect every member this process started that has exited (killed ones included)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
 
 
 def cluster_down(root: Path) -> dict[str, Any]:
