@@ -218,10 +218,12 @@ class MasterClient:
         response = self._call("DirGet", pb.DirGetRequest(name=name))
         return DirEntry.of(response.entry) if response.found else None
 
-    def dir_put(self, entry: DirEntry, if_absent: bool = False) -> bool:
-        """Set an entry; with `if_absent`, False when the name holds another value."""
-        return self._call("DirPut", pb.DirPutRequest(entry=entry.message(), if_absent=if_absent,
-                                                     request_id=uuid.uuid4().hex)).created
+    def dir_put(self, entry: DirEntry, if_absent: bool = False, last_under: str = "") -> bool:
+        """Set an entry; with `if_absent`, False when the name exists (or, with `last_under`,
+        when a name with that prefix sorts after it)."""
+        return self._call("DirPut", pb.DirPutRequest(
+            entry=entry.message(), if_absent=if_absent, request_id=uuid.uuid4().hex,
+            only_if_last_under=last_under)).created
 
     def dir_put_many(self, entries: Sequence[DirEntry]) -> int:
         """Set many entries in one raft command (overwriting); pages of 10,000."""

@@ -590,9 +590,14 @@ class MasterService(pb_grpc.MasterServicer):
     def DirPut(self, request: pb.DirPutRequest,
                context: grpc.ServicerContext) -> pb.DirPutResponse:
         inline, needle, size = check_entry(request.entry)
+        if request.only_if_last_under:
+            if not request.if_absent:
+                raise invalid("only_if_last_under: needs if_absent")
+            if not request.entry.name.startswith(request.only_if_last_under):
+                raise invalid("only_if_last_under: not a prefix of entry.name")
         created = self.master.run(context, self.state.dir_put, request.entry.name, inline,
                                   needle, size, time.time_ns(), request.if_absent,
-                                  request.request_id)
+                                  request.request_id, request.only_if_last_under)
         return pb.DirPutResponse(created=bool(created))
 
     @rpc

@@ -147,14 +147,20 @@ class MasterState(SyncObjConsumer):
     @replicated
     @_never_raises
     def dir_put(self, name: str, inline: bytes | None, needle: bytes | None, size: int,
-                mtime_ns: int, if_absent: bool, request_id: str = "") -> bool:
-        """Set `name`. With `if_absent`, only if it is absent; a retry of the very call that
-        created it (same non-empty `request_id`: the client's first attempt was applied but
-        its answer lost) still reports created, any other call reports False."""
+                mtime_ns: int, if_absent: bool, request_id: str = "",
+                last_under: str = "") -> bool:
+        """Set `name`. With `if_absent`, only if it is absent (and, with `last_under`, no name
+        with that prefix sorts after it); a retry of the very call that created it (same
+        non-empty `request_id`: the client's first attempt was applied but its answer lost)
+        still reports created, any other call reports False."""
         with self.lock:
             old = self.entries.get(name)
             if old is not None and if_absent:
                 return bool(request_id) and old[4] == request_id
+            if if_absent and last_under:
+                later = self.names.bisect_right(name)
+                if later < len(self.names) and self.names[later].startswith(last_under):
+                    return False
             if old is None:
                 self.names.add(name)
             self.entries[name] = (inline, needle, size, mtime_ns, request_id)

@@ -316,3 +316,21 @@ def test_storage_server_killed_then_back(fault_cluster: dict) -> None:
             wait_until(repaired, 120, "repair copied the needles the server missed")
         wait_until(lambda: not client.status()["volumes"][min(its_vids)]["lagging"], 60,
                    "the volume no longer lagging")
+
+
+def test_put_if_latest_refuses_a_stale_generation(hay_url: str) -> None:
+    """The one-command compare-and-swap: a generation is created only as the newest one."""
+    remote = open_remote_url(hay_url)
+    assert isinstance(remote, HaystackRemote)
+    try:
+        prefix = "refs/ds/heads/main/"
+        assert remote.put_if_latest(prefix + "00000000000000000001", b"1", prefix)
+        assert remote.put_if_latest(prefix + "00000000000000000003", b"3", prefix)
+        assert not remote.put_if_latest(prefix + "00000000000000000002", b"2", prefix)
+        assert not remote.put_if_latest(prefix + "00000000000000000003", b"x", prefix)
+        assert remote.put_if_latest(prefix + "00000000000000000004", b"4", prefix)
+        assert remote.put_if_latest("refs/ds/heads/other/00000000000000000001", b"o",
+                                    "refs/ds/heads/other/")
+        assert list(remote.list(prefix)) == [prefix + f"{g:020d}" for g in (1, 3, 4)]
+    finally:
+        remote.close()

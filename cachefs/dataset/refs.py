@@ -8,7 +8,8 @@ value is the highest generation. Moving a ref from generation g writes g+1 with 
 of several racing writers exactly one creates it; the others get RefConflict and nothing changes.
 After a create succeeds the writer checks that no higher generation appeared that does not build
 on its own (so pruning old generations can never resurrect a stale update). The sequence doubles
-as the reflog.
+as the reflog. A store that can refuse the create itself when a higher generation exists
+(`put_if_latest`, the haystack:// remote's raft directory) does it in that one call instead.
 
 Before the first ref update through a store, it is probed: a scratch key is created twice, and a
 store whose second create also succeeds ignores put-if-absent; ref updates are then refused
@@ -163,14 +164,20 @@ class GenerationRefStore:
             "reason": reason,
         }
         key = prefix + f"{gen:0{_GEN_DIGITS}d}"
-        if not self.remote.put_if_absent(key, json.dumps(doc).encode()):
+        create_latest = getattr(self.remote, "put_if_latest", None)
+        if create_latest is not None:  # the store refuses a stale create itself, atomically
+            created = create_latest(key, json.dumps(doc).encode(), prefix)
+        else:
+            created = self.remote.put_if_absent(key, json.dumps(doc).encode())
+        if not created:
             current = self.read(dataset, kind, name)
             raise RefConflict(
                 f"{kind[:-1] if kind == 'heads' else 'tag'} {name!r} of {dataset!r} moved "
                 f"concurrently (now at {(current.commit or 'deleted')[:12]}); nothing was "
                 "changed, retry the command"
             )
-        later = [g for g in self._generations(dataset, kind, name) if g > gen]
+        later = [] if create_latest is not None else \
+            [g for g in self._generations(dataset, kind, name) if g > gen]
         if later and self._load(dataset, kind, name, later[0]).previous != commit:
             raise RefConflict(
                 f"ref {kind}/{name} of {dataset!r}: update at generation {gen} was superseded "

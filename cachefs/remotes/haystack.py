@@ -250,6 +250,14 @@ class HaystackRemote:
         self._names.flush()  # a chunk name still queued is "present" too
         return self.master.dir_put(self._entry(key, bytes(data)), if_absent=True)
 
+    def put_if_latest(self, key: str, data: bytes, prefix: str) -> bool:
+        """Create `key` only if it is absent and no key starting with `prefix` sorts after it,
+        in one raft command: ref compare-and-swap without a second round trip to check for a
+        newer generation (`cachefs.dataset.refs`)."""
+        self._names.flush()
+        return self.master.dir_put(self._entry(key, bytes(data)), if_absent=True,
+                                   last_under=self.namespace + prefix)
+
     def delete(self, key: str) -> None:
         self._names.flush()
         self.master.dir_delete(self.namespace + key)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmaster.proto\x12\x11\x63\x61\x63hefs.master.v1\"l\n\x16RegisterStorageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07volumes\x18\x05 \x01(\r\"<\n\x17RegisterStorageResponse\x12\x0f\n\x07volumes\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"+\n\x0bVolumeCount\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x0f\n\x07needles\x18\x02 \x01(\x04\"\x93\x01\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nfree_bytes\x18\x02 \x01(\x04\x12.\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x1e.cachefs.master.v1.VolumeCount\x12/\n\x08repaired\x18\x04 \x03(\x0b\x32\x1d.cachefs.master.v1.RepairDone\"D\n\nRepairDone\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"D\n\nRepairTask\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\"t\n\x11HeartbeatResponse\x12.\n\x07repairs\x18\x01 \x03(\x0b\x32\x1d.cachefs.master.v1.RepairTask\x12\x12\n\nregistered\x18\x02 \x01(\x08\x12\x0c\n\x04vids\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\" \n\x12\x44\x65\x63lareDeadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x13\x44\x65\x63lareDeadResponse\x12\x10\n\x08replaced\x18\x01 \x01(\r\"5\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"L\n\x0fVolumePlacement\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.cachefs.master.v1.Replica\"\x15\n\x13GetPlacementRequest\"\x8a\x01\n\tPlacement\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07volumes\x18\x02 \x01(\r\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\r\x12\x35\n\tplacement\x18\x05 \x03(\x0b\x32\".cachefs.master.v1.VolumePlacement\"l\n\x08\x44irEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inline\x18\x02 \x01(\x0c\x12\x12\n\nhas_inline\x18\x03 \x01(\x08\x12\x0e\n\x06needle\x18\x04 \x01(\x0c\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x06 \x01(\x03\"\x1d\n\rDirGetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x0e\x44irGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12*\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1b.cachefs.master.v1.DirEntry\"b\n\rDirPutRequest\x12*\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1b.cachefs.master.v1.DirEntry\x12\x11\n\tif_absent\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"!\n\x0e\x44irPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"A\n\x11\x44irPutManyRequest\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.cachefs.master.v1.DirEntry\"#\n\x12\x44irPutManyResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\" \n\x10\x44irDeleteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x11\x44irDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"D\n\x0e\x44irListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x13\n\x0bstart_after\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"M\n\x0f\x44irListResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.cachefs.master.v1.DirEntry\x12\x0c\n\x04more\x18\x02 \x01(\x08\"f\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x16\n\x0einventory_json\x18\x04 \x01(\t\"\x16\n\x14RegisterNodeResponse\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd1\x07\n\x06Master\x12h\n\x0fRegisterStorage\x12).cachefs.master.v1.RegisterStorageRequest\x1a*.cachefs.master.v1.RegisterStorageResponse\x12V\n\tHeartbeat\x12#.cachefs.master.v1.HeartbeatRequest\x1a$.cachefs.master.v1.HeartbeatResponse\x12\\\n\x0b\x44\x65\x63lareDead\x12%.cachefs.master.v1.DeclareDeadRequest\x1a&.cachefs.master.v1.DeclareDeadResponse\x12T\n\x0cGetPlacement\x12&.cachefs.master.v1.GetPlacementRequest\x1a\x1c.cachefs.master.v1.Placement\x12M\n\x06\x44irGet\x12 .cachefs.master.v1.DirGetRequest\x1a!.cachefs.master.v1.DirGetResponse\x12M\n\x06\x44irPut\x12 .cachefs.master.v1.DirPutRequest\x1a!.cachefs.master.v1.DirPutResponse\x12Y\n\nDirPutMany\x12$.cachefs.master.v1.DirPutManyRequest\x1a%.cachefs.master.v1.DirPutManyResponse\x12V\n\tDirDelete\x12#.cachefs.master.v1.DirDeleteRequest\x1a$.cachefs.master.v1.DirDeleteResponse\x12P\n\x07\x44irList\x12!.cachefs.master.v1.DirListRequest\x1a\".cachefs.master.v1.DirListResponse\x12_\n\x0cRegisterNode\x12&.cachefs.master.v1.RegisterNodeRequest\x1a\'.cachefs.master.v1.RegisterNodeResponse\x12M\n\x06Status\x12 .cachefs.master.v1.StatusRequest\x1a!.cachefs.master.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmaster.proto\x12\x11\x63\x61\x63hefs.master.v1\"l\n\x16RegisterStorageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07volumes\x18\x05 \x01(\r\"<\n\x17RegisterStorageResponse\x12\x0f\n\x07volumes\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"+\n\x0bVolumeCount\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x0f\n\x07needles\x18\x02 \x01(\x04\"\x93\x01\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nfree_bytes\x18\x02 \x01(\x04\x12.\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x1e.cachefs.master.v1.VolumeCount\x12/\n\x08repaired\x18\x04 \x03(\x0b\x32\x1d.cachefs.master.v1.RepairDone\"D\n\nRepairDone\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"D\n\nRepairTask\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\"t\n\x11HeartbeatResponse\x12.\n\x07repairs\x18\x01 \x03(\x0b\x32\x1d.cachefs.master.v1.RepairTask\x12\x12\n\nregistered\x18\x02 \x01(\x08\x12\x0c\n\x04vids\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\" \n\x12\x44\x65\x63lareDeadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x13\x44\x65\x63lareDeadResponse\x12\x10\n\x08replaced\x18\x01 \x01(\r\"5\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"L\n\x0fVolumePlacement\x12\x0b\n\x03vid\x18\x01 \x01(\r\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.cachefs.master.v1.Replica\"\x15\n\x13GetPlacementRequest\"\x8a\x01\n\tPlacement\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07volumes\x18\x02 \x01(\r\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\r\x12\x35\n\tplacement\x18\x05 \x03(\x0b\x32\".cachefs.master.v1.VolumePlacement\"l\n\x08\x44irEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inline\x18\x02 \x01(\x0c\x12\x12\n\nhas_inline\x18\x03 \x01(\x08\x12\x0e\n\x06needle\x18\x04 \x01(\x0c\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x06 \x01(\x03\"\x1d\n\rDirGetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x0e\x44irGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12*\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1b.cachefs.master.v1.DirEntry\"~\n\rDirPutRequest\x12*\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1b.cachefs.master.v1.DirEntry\x12\x11\n\tif_absent\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x12only_if_last_under\x18\x04 \x01(\t\"!\n\x0e\x44irPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"A\n\x11\x44irPutManyRequest\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.cachefs.master.v1.DirEntry\"#\n\x12\x44irPutManyResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\" \n\x10\x44irDeleteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x11\x44irDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"D\n\x0e\x44irListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x13\n\x0bstart_after\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"M\n\x0f\x44irListResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.cachefs.master.v1.DirEntry\x12\x0c\n\x04more\x18\x02 \x01(\x08\"f\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x16\n\x0einventory_json\x18\x04 \x01(\t\"\x16\n\x14RegisterNodeResponse\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd1\x07\n\x06Master\x12h\n\x0fRegisterStorage\x12).cachefs.master.v1.RegisterStorageRequest\x1a*.cachefs.master.v1.RegisterStorageResponse\x12V\n\tHeartbeat\x12#.cachefs.master.v1.HeartbeatRequest\x1a$.cachefs.master.v1.HeartbeatResponse\x12\\\n\x0b\x44\x65\x63lareDead\x12%.cachefs.master.v1.DeclareDeadRequest\x1a&.cachefs.master.v1.DeclareDeadResponse\x12T\n\x0cGetPlacement\x12&.cachefs.master.v1.GetPlacementRequest\x1a\x1c.cachefs.master.v1.Placement\x12M\n\x06\x44irGet\x12 .cachefs.master.v1.DirGetRequest\x1a!.cachefs.master.v1.DirGetResponse\x12M\n\x06\x44irPut\x12 .cachefs.master.v1.DirPutRequest\x1a!.cachefs.master.v1.DirPutResponse\x12Y\n\nDirPutMany\x12$.cachefs.master.v1.DirPutManyRequest\x1a%.cachefs.master.v1.DirPutManyResponse\x12V\n\tDirDelete\x12#.cachefs.master.v1.DirDeleteRequest\x1a$.cachefs.master.v1.DirDeleteResponse\x12P\n\x07\x44irList\x12!.cachefs.master.v1.DirListRequest\x1a\".cachefs.master.v1.DirListResponse\x12_\n\x0cRegisterNode\x12&.cachefs.master.v1.RegisterNodeRequest\x1a\'.cachefs.master.v1.RegisterNodeResponse\x12M\n\x06Status\x12 .cachefs.master.v1.StatusRequest\x1a!.cachefs.master.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,29 +64,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIRGETRESPONSE']._serialized_start=1173
   _globals['_DIRGETRESPONSE']._serialized_end=1248
   _globals['_DIRPUTREQUEST']._serialized_start=1250
-  _globals['_DIRPUTREQUEST']._serialized_end=1348
-  _globals['_DIRPUTRESPONSE']._serialized_start=1350
-  _globals['_DIRPUTRESPONSE']._serialized_end=1383
-  _globals['_DIRPUTMANYREQUEST']._serialized_start=1385
-  _globals['_DIRPUTMANYREQUEST']._serialized_end=1450
-  _globals['_DIRPUTMANYRESPONSE']._serialized_start=1452
-  _globals['_DIRPUTMANYRESPONSE']._serialized_end=1487
-  _globals['_DIRDELETEREQUEST']._serialized_start=1489
-  _globals['_DIRDELETEREQUEST']._serialized_end=1521
-  _globals['_DIRDELETERESPONSE']._serialized_start=1523
-  _globals['_DIRDELETERESPONSE']._serialized_end=1559
-  _globals['_DIRLISTREQUEST']._serialized_start=1561
-  _globals['_DIRLISTREQUEST']._serialized_end=1629
-  _globals['_DIRLISTRESPONSE']._serialized_start=1631
-  _globals['_DIRLISTRESPONSE']._serialized_end=1708
-  _globals['_REGISTERNODEREQUEST']._serialized_start=1710
-  _globals['_REGISTERNODEREQUEST']._serialized_end=1812
-  _globals['_REGISTERNODERESPONSE']._serialized_start=1814
-  _globals['_REGISTERNODERESPONSE']._serialized_end=1836
-  _globals['_STATUSREQUEST']._serialized_start=1838
-  _globals['_STATUSREQUEST']._serialized_end=1853
-  _globals['_STATUSRESPONSE']._serialized_start=1855
-  _globals['_STATUSRESPONSE']._serialized_end=1885
-  _globals['_MASTER']._serialized_start=1888
-  _globals['_MASTER']._serialized_end=2865
+  _globals['_DIRPUTREQUEST']._serialized_end=1376
+  _globals['_DIRPUTRESPONSE']._serialized_start=1378
+  _globals['_DIRPUTRESPONSE']._serialized_end=1411
+  _globals['_DIRPUTMANYREQUEST']._serialized_start=1413
+  _globals['_DIRPUTMANYREQUEST']._serialized_end=1478
+  _globals['_DIRPUTMANYRESPONSE']._serialized_start=1480
+  _globals['_DIRPUTMANYRESPONSE']._serialized_end=1515
+  _globals['_DIRDELETEREQUEST']._serialized_start=1517
+  _globals['_DIRDELETEREQUEST']._serialized_end=1549
+  _globals['_DIRDELETERESPONSE']._serialized_start=1551
+  _globals['_DIRDELETERESPONSE']._serialized_end=1587
+  _globals['_DIRLISTREQUEST']._serialized_start=1589
+  _globals['_DIRLISTREQUEST']._serialized_end=1657
+  _globals['_DIRLISTRESPONSE']._serialized_start=1659
+  _globals['_DIRLISTRESPONSE']._serialized_end=1736
+  _globals['_REGISTERNODEREQUEST']._serialized_start=1738
+  _globals['_REGISTERNODEREQUEST']._serialized_end=1840
+  _globals['_REGISTERNODERESPONSE']._serialized_start=1842
+  _globals['_REGISTERNODERESPONSE']._serialized_end=1864
+  _globals['_STATUSREQUEST']._serialized_start=1866
+  _globals['_STATUSREQUEST']._serialized_end=1881
+  _globals['_STATUSRESPONSE']._serialized_start=1883
+  _globals['_STATUSRESPONSE']._serialized_end=1913
+  _globals['_MASTER']._serialized_start=1916
+  _globals['_MASTER']._serialized_end=2893
 # @@protoc_insertion_point(module_scope)

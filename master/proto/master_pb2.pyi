@@ -161,14 +161,16 @@ class DirGetResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., entry: _Optional[_Union[DirEntry, _Mapping]] = ...) -> None: ...
 
 class DirPutRequest(_message.Message):
-    __slots__ = ("entry", "if_absent", "request_id")
+    __slots__ = ("entry", "if_absent", "request_id", "only_if_last_under")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     IF_ABSENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IF_LAST_UNDER_FIELD_NUMBER: _ClassVar[int]
     entry: DirEntry
     if_absent: bool
     request_id: str
-    def __init__(self, entry: _Optional[_Union[DirEntry, _Mapping]] = ..., if_absent: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    only_if_last_under: str
+    def __init__(self, entry: _Optional[_Union[DirEntry, _Mapping]] = ..., if_absent: _Optional[bool] = ..., request_id: _Optional[str] = ..., only_if_last_under: _Optional[str] = ...) -> None: ...
 
 class DirPutResponse(_message.Message):
     __slots__ = ("created",)
