@@ -9,9 +9,10 @@
     client.status() -> dict (the JSON of `cachefs master status --json`)
 
 Every member answers every call (followers forward to the leader), so the client sends each
-call to the master that answered last and, when a master is unreachable or answers
-UNAVAILABLE (no leader, no quorum) or runs past the per-attempt timeout, tries the next, going
-round with growing pauses until `timeout` seconds have passed since the call began; then it
+call to the master that answered last (or to the leader, when a follower's answer names it)
+and, when a master is unreachable or answers UNAVAILABLE (no leader, no quorum) or runs past
+the per-attempt timeout, tries the next, going round with growing pauses until `timeout`
+seconds have passed since the call began; then it
 raises the last RemoteError. Other failures raise at once: UNAUTHENTICATED -> PermissionDenied,
 INVALID_ARGUMENT -> UsageError, NOT_FOUND -> ObjectNotFound (`cachefs.grpc_errors`).
 
@@ -44,6 +45,9 @@ ATTEMPT_TIMEOUT_S = 12.0  # one master's answer; above the masters' commit timeo
 MAX_PAUSE_S = 1.0
 MIN_ATTEMPT_S = 0.3
 SCHEME = "haystack://"
+# Trailing metadata a follower sets (master/server.py): the leader's gRPC address, so that a
+# client that reached a follower sends its next calls to the leader (one hop less).
+LEADER_HINT = "x-cachefs-leader"
 
 
 def parse_masters(addresses: str | Sequence[str]) -> list[str]:
@@ -147,7 +151,7 @@ class MasterClient:
                 if remaining <= MIN_ATTEMPT_S and errors:
                     break  # too short for an answer: report the ones we have
                 try:
-                    response = getattr(self._stubs[i], method)(
+                    response, call = getattr(self._stubs[i], method).with_call(
                         request, timeout=min(remaining, self.attempt_timeout),
                         metadata=self._metadata)
                 except grpc.RpcError as e:
@@ -160,13 +164,20 @@ class MasterClient:
                             earlier.code() != grpc.StatusCode.UNAVAILABLE:
                         errors[self.addresses[i]] = e
                     continue
-                self._current = i
+                self._current = self._leader_hinted(call, i)
                 return response
             remaining = deadline - time.monotonic()
             if remaining <= MIN_ATTEMPT_S:
                 raise self._failure(method, total, errors)
             time.sleep(min(pause, remaining))
             pause = min(pause * 2, MAX_PAUSE_S)
+
+    def _leader_hinted(self, call: grpc.Call, answered: int) -> int:
+        """The master to send the next call to: the leader a follower named, if known."""
+        for key, value in call.trailing_metadata() or ():
+            if key == LEADER_HINT and value in self.addresses:
+                return self.addresses.index(value)
+        return answered
 
     def _failure(self, method: str, total: float, errors: dict[str, grpc.Call]) -> RemoteError:
         """RemoteError naming what each master answered last."""

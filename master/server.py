@@ -48,6 +48,7 @@ from cachefs.errors import NotFound, RemoteError, UsageError
 from cachefs.grpc_auth import TokenInterceptor, bearer_metadata, check_listen
 from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
 from cachefs.httpserver import parse_listen
+from master.client import LEADER_HINT
 from master.liveness import Done, Liveness
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
@@ -259,11 +260,23 @@ class Master:
     def run(self, context: grpc.ServicerContext | None, command: Callable[..., Any],
             *args: Any) -> Any:
         """Commit one command (`MasterRaft.run`) within `timeout(context)`."""
-        return self.raft.run(command, *args, timeout=self.timeout(context))
+        result = self.raft.run(command, *args, timeout=self.timeout(context))
+        self.hint_leader(context)
+        return result
 
     def read_barrier(self, context: grpc.ServicerContext | None,
                      limit: float | None = None) -> None:
         self.raft.run(self.state.barrier, timeout=self.timeout(context, limit))
+        self.hint_leader(context)
+
+    def hint_leader(self, context: grpc.ServicerContext | None) -> None:
+        """Tell a client that reached a follower where the leader is (`LEADER_HINT`)."""
+        if context is None:
+            return
+        view = self.raft.view()
+        leader = None if view.is_leader else self.leader_peer(view)
+        if leader is not None:
+            context.set_trailing_metadata(((LEADER_HINT, leader.grpc),))
 
     def leader_peer(self, view: RaftView | None = None) -> Peer | None:
         view = view or self.raft.view()

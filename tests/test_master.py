@@ -148,6 +148,11 @@ def client_of(members: list[MasterProcess], timeout: float = 30.0,
 def test_leader_killed_during_writes(tmp_path: Path, masters: list[MasterProcess]) -> None:
     group = start_group(tmp_path, 3, masters, token=TOKEN)
     leader = wait_leader(group)
+    # A client that reached a follower is told where the leader is and goes there next.
+    follower = next(m for m in group if m is not leader)
+    with MasterClient([follower.address, leader.address], TOKEN) as hinted:
+        hinted.dir_put(DirEntry("hint", inline=b"x"))
+        assert hinted.current == leader.address
     acked: dict[str, bytes] = {}
     failed: list[str] = []
     stop = threading.Event()
