@@ -67,3 +67,12 @@ def test_haystack_benchmark_quick_json(tmp_path: Path) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["preads_per_read"] == 1.0  # one index lookup and one pread per read
     assert result["grpc_large_mb_s"] > 0 and result["quick"] is True
+
+
+def test_cluster_benchmark_quick_json(tmp_path: Path) -> None:
+    result = run_quick(tmp_path, "cluster", 300)
+    assert set(result["ratios"]) == {"commit_vs_file", "checkout_vs_file"}
+    assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
+    assert result["cas_ops_s"] > 0
+    assert 0 < result["failover_s_median"] < 60
+    assert len(result["raw"]["failover_s"]) == 3 and result["quick"] is True
