@@ -5,6 +5,8 @@
   ``authorization: Bearer TOKEN`` with UNAUTHENTICATED (compared in constant time).
 - `check_listen` enforces that a server without a token listens on loopback only.
 - `bearer_metadata` is what a client sends.
+- `listening_server` builds a token-guarded gRPC server bound to a `--listen` address (the
+  storage server's and the master's).
 """
 
 from __future__ import annotations
@@ -95,3 +97,32 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if not hmac.compare_digest(sent, self._expected):
             return self._wrong
         return continuation(handler_call_details)
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listening_server(listen: str, token: str | None, workers: int, thread_prefix: str,
+                     options: list[tuple[str, Any]],
+                     option: str = "--listen") -> tuple[grpc.Server, str]:
+    """A gRPC server (not started) that refuses calls without `token` (if any), bound to
+    `listen`, and the address it bound (the real port when `listen` asks for port 0).
+    Refuses a non-loopback address without a token, and an address it cannot bind."""
+    from concurrent import futures
+
+    from cachefs.httpserver import parse_listen
+
+    host, port = parse_listen(listen, option)
+    check_listen(host, token, option)
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
+        interceptors=interceptors, options=options)
+    try:
+        bound = server.add_insecure_port(grpc_address(host, port))
+    except RuntimeError as e:
+        raise UsageError(f"{option} {listen}: cannot listen there: {e}") from e
+    if not bound:
+        raise UsageError(f"{option} {listen}: cannot listen there (address in use?)")
+    return server, grpc_address(host, bound)

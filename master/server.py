@@ -37,7 +37,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import grpc
 
 from cachefs.errors import NotFound, RemoteError, UsageError
-from cachefs.grpc_auth import TokenInterceptor, bearer_metadata, check_listen
+from cachefs.grpc_auth import bearer_metadata, check_listen, listening_server
 from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
 from cachefs.httpserver import parse_listen
 from master.client import LEADER_HINT
@@ -686,10 +685,6 @@ class MasterService(pb_grpc.MasterServicer):
 # -- serving ---------------------------------------------------------------------------------
 
 
-def grpc_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def lock_data_dir(data_dir: Path) -> int:
     """Create the data directory and hold its lock: one master per directory."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -707,7 +702,7 @@ def serve(config: MasterConfig, grace: float = 5.0,
     """Run one member until SIGTERM or SIGINT, then stop accepting calls, let those in flight
     finish (up to `grace` s), and leave the raft group (journal closed). `ready(address)` is
     called once the member accepts calls."""
-    host, port = parse_listen(config.listen, "--listen")
+    host, _ = parse_listen(config.listen, "--listen")  # checked before raft starts, too
     check_listen(host, config.token)
     raft_host, _ = parse_listen(config.raft, "--raft")
     check_listen(raft_host, config.token, "--raft")
@@ -720,23 +715,14 @@ def serve(config: MasterConfig, grace: float = 5.0,
     try:
         master = Master(config)
         master.raft.wait_bound()
-        interceptors = [TokenInterceptor(config.token)] if config.token else []
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="master"),
-            interceptors=interceptors, options=GRPC_OPTIONS)
+        server, address = listening_server(config.listen, config.token, WORKERS, "master",
+                                           GRPC_OPTIONS)
         pb_grpc.add_MasterServicer_to_server(MasterService(master), server)
-        try:
-            bound = server.add_insecure_port(grpc_address(host, port))
-        except RuntimeError as e:
-            raise UsageError(f"--listen {config.listen}: cannot listen there: {e}") from e
-        if not bound:
-            raise UsageError(f"--listen {config.listen}: cannot listen there (address in use?)")
         server.start()
         master.start()
         if config.token is None:
             log.warning("no token (--token-file or CACHEFS_TOKEN): serving without "
                         "authentication, on loopback only")
-        address = grpc_address(host, bound)
         log.info("master %s serving on %s, raft on %s", config.id, address, config.raft)
         if ready is not None:
             ready(address)

@@ -19,15 +19,12 @@ import json
 import logging
 import signal
 import threading
-from concurrent import futures
 from typing import Any
 
 import grpc
 
-from cachefs.errors import UsageError
-from cachefs.grpc_auth import TokenInterceptor, check_listen
+from cachefs.grpc_auth import listening_server
 from cachefs.grpc_errors import invalid, rpc
-from cachefs.httpserver import parse_listen
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
 
@@ -165,27 +162,12 @@ def verify_summary(report: dict[str, Any]) -> tuple[int, list[bytes]]:
     return report["checked"], [bytes.fromhex(key) for key in report["corrupt"]]
 
 
-def grpc_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def build_server(store: Any, listen: str, token: str | None) -> tuple[grpc.Server, str]:
     """A started-to-be server bound to `listen` and the address it bound (the real port when
     `listen` asks for port 0). Refuses a non-loopback address without a token."""
-    host, port = parse_listen(listen, "--listen")
-    check_listen(host, token)
-    interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="storage"),
-        interceptors=interceptors, options=GRPC_OPTIONS)
+    server, address = listening_server(listen, token, WORKERS, "storage", GRPC_OPTIONS)
     pb_grpc.add_StorageServicer_to_server(StorageService(store), server)
-    try:
-        bound = server.add_insecure_port(grpc_address(host, port))
-    except RuntimeError as e:
-        raise UsageError(f"--listen {listen}: cannot listen there: {e}") from e
-    if not bound:
-        raise UsageError(f"--listen {listen}: cannot listen there (address in use?)")
-    return server, grpc_address(host, bound)
+    return server, address
 
 
 def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
