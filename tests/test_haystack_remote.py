@@ -3,7 +3,8 @@ storage servers as processes on 127.0.0.1).
 
 - the shared remote conformance suite (objects and ref compare-and-swap), each test in its own
   namespace of one cluster;
-- commit -> checkout round trip through the CLI, byte-identical, and a push from file://;
+- commit -> checkout round trip through the CLI, byte-identical, a FUSE mount reading through
+  the cluster, and a push from file://;
 - chunks land on R storage servers as needles; names in the master's directory;
 - `cluster up --json` has the documented shape, `cluster down` stops every process, and `up`
   again brings back the same cluster with its data;
@@ -38,6 +39,7 @@ from master.cluster import cluster_down, cluster_up, start_member
 from storage_server.client import StorageClient
 from tests.contract.remote_suite import RefContract, RemoteContract
 from tests.helpers import cli_json, run_cli, snapshot
+from tests.mounting import MountSet
 from tests.servers import wait_until
 
 UP_TIMEOUT_S = 180.0
@@ -108,6 +110,20 @@ def test_commit_checkout_round_trip(hay_url: str, cluster: dict, token: str,
             with StorageClient(replica.address, token) as storage:
                 holders += storage.has_many([needle])[0]
         assert holders == 2, key
+
+
+def test_mount_reads_through_the_cluster(hay_url: str, mounts: MountSet,
+                                          tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.txt").write_bytes(b"hello from the cluster\n")
+    (src / "big.bin").write_bytes(os.urandom(6 << 20))
+    run_cli("init", "ds", "--remote", hay_url)
+    run_cli("commit", "ds", str(src), "--remote", hay_url, "-m", "v1")
+    mnt = mounts.mount("ds", mounts.mountpoint(), "--remote", hay_url)
+    assert (mnt / "a" / "x.txt").read_bytes() == b"hello from the cluster\n"
+    assert (mnt / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    run_cli("umount", str(mnt))
 
 
 def test_push_from_file_remote(hay_url: str, tmp_path: Path) -> None:
