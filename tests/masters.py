@@ -5,7 +5,6 @@ started one at the end, whatever happened."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -14,13 +13,13 @@ from typing import Any
 
 from cachefs.errors import CachefsError
 from master.client import MasterClient
-from tests.servers import free_port, wait_until
+from tests.servers import ServiceProcess, free_port, wait_until
 
 START_TIMEOUT_S = 30.0
 LEADER_TIMEOUT_S = 30.0
 
 
-class MasterProcess:
+class MasterProcess(ServiceProcess):
     """One `cachefs master serve` member. Ports are picked once, so `start()` after `kill()`
     or `stop()` restarts the same member on the same addresses and data directory."""
 
@@ -78,28 +77,6 @@ class MasterProcess:
             return ""
         data = self.log.read_bytes()
         return data[self._log_start if since_start else 0:].decode(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"no exit 30 s after SIGTERM:\n{self.output()}") from None
-        return self.proc.returncode
 
 
 def start_group(root: Path, count: int, started: list[MasterProcess],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +79,39 @@ class ServerContext:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class ServiceProcess:
+    """What tests do to a server subprocess they started (`proc`, logging to `log`): kill -9
+    it, or stop it with SIGTERM as a service manager would and get its exit status."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    stop_timeout = 30.0
+
+    def output(self) -> str:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM; the exit status (an AssertionError, after a kill, if it does not exit)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"no exit {self.stop_timeout:g} s after SIGTERM:\n"
+                                     f"{self.output()}") from None
+        return self.proc.returncode
 
 
 class MotoServer(ServerContext):

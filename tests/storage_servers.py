@@ -5,7 +5,6 @@ keyed by BLAKE3."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import blake3
 
 from cachefs.errors import RemoteError
 from storage_server.client import StorageClient
-from tests.servers import free_port
+from tests.servers import ServiceProcess, free_port
 
 VOLUMES = 4
 START_TIMEOUT_S = 30.0
@@ -35,7 +34,7 @@ def needles(count: int, size: int = 1000, tag: bytes = b"") -> dict[bytes, bytes
     return out
 
 
-class StorageServer:
+class StorageServer(ServiceProcess):
     """One `cachefs storage serve` process on 127.0.0.1; `start()` waits until it answers."""
 
     def __init__(self, data_dir: Path, token: str | None = None, volumes: int = VOLUMES,
@@ -81,21 +80,3 @@ class StorageServer:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"no exit 20 s after SIGTERM:\n{self.output()}") from None
-        return self.proc.returncode
