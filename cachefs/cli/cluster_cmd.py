@@ -11,9 +11,10 @@ EXAMPLES = """examples:
   cachefs cluster up --dir /tmp/hay                     # 3 masters, 3 storage servers, R=2
   cachefs cluster up --dir /tmp/hay --masters 1 --storage 2 --replicas 2 --json
   export CACHEFS_TOKEN=$(cat /tmp/hay/token)
-  cachefs remote add hay "$(jq -r .url /tmp/hay/cluster.json)"
-  cachefs commit photos ./photos --remote hay -m "first version"
-  cachefs master status "$(jq -r .url /tmp/hay/cluster.json)"
+  URL=$(python3 -c 'import json; print(json.load(open("/tmp/hay/cluster.json"))["url"])')
+  cachefs remote add hay "$URL/teamA"
+  cachefs init photos --remote hay && cachefs commit photos ./photos --remote hay -m "v1"
+  cachefs master status "$URL"
   cachefs cluster down --dir /tmp/hay
 
 Every process listens on 127.0.0.1 and requires the generated token (DIR/token). `up` returns
