@@ -350,3 +350,57 @@ def test_put_if_latest_refuses_a_stale_generation(hay_url: str) -> None:
         assert list(remote.list(prefix)) == [prefix + f"{g:020d}" for g in (1, 3, 4)]
     finally:
         remote.close()
+
+
+def test_silent_storage_server_is_declared_dead_and_replaced(tmp_path: Path) -> None:
+    """--dead-after: a server silent for down-after + dead-after seconds is replaced in every
+    replica set by the leader on its own, and repair fills the new replicas."""
+    root = tmp_path / "dead"
+    try:
+        state = cluster_up(root, masters=3, storage=3, replicas=2, volumes=8,
+                           timeout=UP_TIMEOUT_S,
+                           extra_master_args=("--down-after", str(FAULT_DOWN_AFTER_S),
+                                              "--dead-after", "3"))
+        token = Path(state["token_file"]).read_text().strip()
+        victim = state["storage"][0]
+        with HaystackRemote(state["url"], token, namespace="dead") as remote, \
+                MasterClient(state["url"], token) as client:
+            stored = {}
+            for _ in range(40):
+                data = os.urandom(4000)
+                key, _ = chunk_of(data)
+                remote.put(key, data)
+                stored[key] = data
+            os.kill(victim["pid"], signal.SIGKILL)
+
+            def replaced() -> bool:
+                placement = client.placement()
+                return all(len(rs) == 2 and victim["id"] not in {r.id for r in rs}
+                           and all(r.state == "up" for r in rs) for rs in placement.vids)
+
+            wait_until(replaced, 90, "the silent server replaced in every replica set")
+            status = client.status()
+            assert [s["state"] for s in status["storage"] if s["id"] == victim["id"]] == ["dead"]
+            # Repair fills each new replica: every chunk is on both replicas of its volume.
+            placement = client.placement()
+            survivors = {s["addr"]: StorageClient(s["addr"], token)
+                         for s in state["storage"][1:]}
+            try:
+                def filled() -> bool:
+                    for key in stored:
+                        needle = chunk_hash(key)
+                        assert needle is not None
+                        for replica in placement.replicas_of(placement.vid_of(needle)):
+                            if not survivors[replica.address].has_many([needle])[0]:
+                                return False
+                    return True
+
+                wait_until(filled, 90, "repair filled the new replicas")
+            finally:
+                for storage in survivors.values():
+                    storage.close()
+            for key, data in stored.items():
+                assert remote.get(key) == data
+    finally:
+        if (root / "cluster.json").exists():
+            cluster_down(root)
