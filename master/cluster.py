@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ log = logging.getLogger("cachefs.cluster")
 STATE_FILE = "cluster.json"
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 15.0
+FRESH_ATTEMPTS = 3  # starts of a new cluster, each on fresh ports
 # Members started by this process: kept so that they are reaped (not left as zombies, and
 # not reported by Popen.__del__ as still running) when this process stops them again.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -116,10 +118,32 @@ def cluster_up(root: Path, masters: int = 3, storage: int = 3, replicas: int = 2
     if previous is not None:
         m_addrs = [(m["id"], m["addr"], m["raft"]) for m in previous["masters"]]
         s_addrs = [(s["id"], s["addr"]) for s in previous["storage"]]
-    else:
+        return _start(root, token_file, m_addrs, s_addrs, volumes, replicas, min_replicas,
+                      timeout, extra_master_args)
+    for attempt in range(1, FRESH_ATTEMPTS + 1):
         m_addrs = [(str(i + 1), f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}")
                    for i in range(masters)]
         s_addrs = [(f"s{i + 1}", f"{LOOPBACK}:{free_port()}") for i in range(storage)]
+        try:
+            return _start(root, token_file, m_addrs, s_addrs, volumes, replicas,
+                          min_replicas, timeout, extra_master_args)
+        except RemoteError as e:
+            # A port picked as free was taken before the member bound it (another process
+            # got it meanwhile): nothing was ever served, so start over on fresh ports.
+            if "cannot listen there" not in str(e) or attempt == FRESH_ATTEMPTS:
+                raise
+            log.warning("a port was taken before it could be bound; retrying: %s", e)
+            for sub in ("masters", "storage"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+                (root / sub).mkdir()
+            (root / STATE_FILE).unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+def _start(root: Path, token_file: Path, m_addrs: list[tuple[str, str, str]],
+           s_addrs: list[tuple[str, str]], volumes: int, replicas: int, min_replicas: int,
+           timeout: float, extra_master_args: tuple[str, ...]) -> dict[str, Any]:
+    """Start every member on the given addresses and wait until the cluster serves."""
     url = "haystack://" + ",".join(g for _, g, _ in m_addrs)
     state: dict[str, Any] = {
         "url": url, "token_file": str(token_file), "volumes": volumes, "replicas": replicas,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -402,5 +403,34 @@ def test_silent_storage_server_is_declared_dead_and_replaced(tmp_path: Path) -> 
             for key, data in stored.items():
                 assert remote.get(key) == data
     finally:
+        if (root / "cluster.json").exists():
+            cluster_down(root)
+
+
+def test_cluster_up_retries_on_a_port_taken_meanwhile(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port picked as free but taken before the member binds it: a new cluster starts over
+    on fresh ports instead of failing."""
+    import master.cluster as cluster_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    picks = iter([busy])
+    real = cluster_module.free_port
+    monkeypatch.setattr(cluster_module, "free_port", lambda: next(picks, None) or real())
+    root = tmp_path / "retry"
+    try:
+        state = cluster_up(root, masters=1, storage=1, replicas=1, volumes=4,
+                           timeout=UP_TIMEOUT_S)
+        assert state["masters"][0]["addr"] != f"127.0.0.1:{busy}"
+        token = Path(state["token_file"]).read_text().strip()
+        with HaystackRemote(state["url"], token) as remote:
+            remote.put("k", b"v")
+            assert remote.get("k") == b"v"
+        assert "cannot listen there" in (root / "logs" / "master-1.log").read_text()
+    finally:
+        taken.close()
         if (root / "cluster.json").exists():
             cluster_down(root)
