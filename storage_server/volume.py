@@ -77,15 +77,15 @@ def fsync_dir(path: Path) -> None:
 class Segment:
     """One open segment file: its id, descriptor and the end of what has been appended."""
 
-    def __init__(self, vid: int, segment: int, path: Path, fd: int, end: int,
-                 dir_synced: bool) -> None:
+    def __init__(self, vid: int, segment: int, path: Path, fd: int, end: int) -> None:
         self.vid = vid
         self.id = segment
         self.path = path
         self.fd = fd
         self.end = end
-        self.dir_synced = dir_synced
-        self.synced = end if dir_synced else 0  # how far a finished fdatasync reached
+        # How far a finished fdatasync reached: all of a segment found at open (recovery
+        # synced what it scanned; the rest was synced before it was indexed), none of a new one.
+        self.synced = end
         self.syncing = False  # an fdatasync of this segment is running
         self.sync_done = threading.Condition(threading.Lock())
         self.last_sync = 0.0
@@ -387,7 +387,7 @@ class Volume:
             path = self.root / segment_name(seg_id)
             fd = os.open(path, os.O_RDWR)
             size = os.fstat(fd).st_size
-            segment = Segment(self.vid, seg_id, path, fd, size, dir_synced=True)
+            segment = Segment(self.vid, seg_id, path, fd, size)
             self.segments[seg_id] = segment
             indexed = ends.get(seg_id, 0)
             if size < indexed:
@@ -471,7 +471,7 @@ class Volume:
             path.unlink(missing_ok=True)
             raise
         self.counters.add("fsyncs")
-        segment = Segment(self.vid, seg_id, path, fd, 0, dir_synced=True)
+        segment = Segment(self.vid, seg_id, path, fd, 0)
         with self._pins:
             self.segments[seg_id] = segment
         return segment
@@ -582,6 +582,7 @@ class Volume:
                 out.end += len(buf)
             for seg in outputs:
                 os.fsync(seg.fd)
+                seg.synced = seg.end
             if outputs:
                 fsync_dir(self.root)
             self.counters.add("fsyncs", len(outputs) + bool(outputs))
@@ -592,7 +593,6 @@ class Volume:
             raise
         with self._pins:
             for seg in outputs:
-                seg.dir_synced = True
                 self.segments[seg.id] = seg
         changed = index.swap(self.vid, moved, dropped, sorted(sealed),
                              {seg.id: seg.end for seg in outputs})
@@ -623,7 +623,7 @@ class Volume:
         self.next_segment += 1
         path = self.root / segment_name(seg_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        return Segment(self.vid, seg_id, path, fd, 0, dir_synced=False)
+        return Segment(self.vid, seg_id, path, fd, 0)
 
 
 def _write_parts_at(fd: int, parts: tuple[bytes, bytes | memoryview, bytes], length: int,
