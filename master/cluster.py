@@ -120,24 +120,27 @@ def cluster_up(root: Path, masters: int = 3, storage: int = 3, replicas: int = 2
         s_addrs = [(s["id"], s["addr"]) for s in previous["storage"]]
         return _start(root, token_file, m_addrs, s_addrs, volumes, replicas, min_replicas,
                       timeout, extra_master_args)
-    for attempt in range(1, FRESH_ATTEMPTS + 1):
+    def start_fresh() -> dict[str, Any]:
         m_addrs = [(str(i + 1), f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}")
                    for i in range(masters)]
         s_addrs = [(f"s{i + 1}", f"{LOOPBACK}:{free_port()}") for i in range(storage)]
+        return _start(root, token_file, m_addrs, s_addrs, volumes, replicas, min_replicas,
+                      timeout, extra_master_args)
+
+    for _ in range(FRESH_ATTEMPTS - 1):
         try:
-            return _start(root, token_file, m_addrs, s_addrs, volumes, replicas,
-                          min_replicas, timeout, extra_master_args)
+            return start_fresh()
         except RemoteError as e:
             # A port picked as free was taken before the member bound it (another process
             # got it meanwhile): nothing was ever served, so start over on fresh ports.
-            if "cannot listen there" not in str(e) or attempt == FRESH_ATTEMPTS:
+            if "cannot listen there" not in str(e):
                 raise
             log.warning("a port was taken before it could be bound; retrying: %s", e)
             for sub in ("masters", "storage"):
                 shutil.rmtree(root / sub, ignore_errors=True)
                 (root / sub).mkdir()
             (root / STATE_FILE).unlink(missing_ok=True)
-    raise AssertionError("unreachable")
+    return start_fresh()
 
 
 def _start(root: Path, token_file: Path, m_addrs: list[tuple[str, str, str]],
