@@ -36,7 +36,6 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 from urllib.parse import parse_qs, urlparse
 
@@ -44,7 +43,7 @@ import blake3
 
 from cachefs.errors import ConfigError, ObjectNotFound, UsageError
 from cachefs.grpc_auth import load_token
-from cachefs.remotes.base import ObjectInfo
+from cachefs.remotes.base import HeadProbing, ObjectInfo
 from master.client import DirEntry, MasterClient, parse_masters
 from storage_server.replicated import ReplicatedStorage
 
@@ -54,7 +53,7 @@ CHUNK_KEY = re.compile(r"^chunks/([0-9a-f]{2})/([0-9a-f]{64})$")
 CHUNK_PREFIX = "chunks/"
 NAMESPACE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 INLINE_MAX = 4096  # the master keeps values up to this size in its log
-HAS_PARALLELISM = 16
+NAME_LOOKUPS = 16  # directory lookups of `has` in flight at once
 NAME_BATCH = 512  # chunk names per directory command
 NAME_INTERVAL_S = 0.05  # how long a chunk name may wait for others to share its command
 
@@ -132,7 +131,7 @@ class NameRecorder:
                 self._cond.notify_all()
 
 
-class HaystackRemote:
+class HaystackRemote(HeadProbing):
     """A repository on a haystack cluster (see the module docstring)."""
 
     def __init__(self, masters: str | list[str], token: str | None = None,
@@ -148,7 +147,8 @@ class HaystackRemote:
         self.master = MasterClient(self.masters, token, timeout=timeout)
         self.storage = ReplicatedStorage(self.master.placement, token=token, timeout=timeout)
         self._names = NameRecorder(self.master)
-        self._pool: ThreadPoolExecutor | None = None
+        self.parallelism = NAME_LOOKUPS
+        self.pool_name = "cachefs-haystack"
 
     @classmethod
     def from_url(cls, url: str) -> HaystackRemote:
@@ -199,20 +199,11 @@ class HaystackRemote:
                 if ok:  # possibly another namespace's: name it here too (the caller will
                     found.add(key)  # refer to it instead of uploading it)
                     self._names.add(DirEntry(self.namespace + key, needle=needle, size=0))
-        names = [k for k in keys if k not in found]
-        full = [self.namespace + k for k in names]
-        if len(names) == 1:
-            found.update(k for k, n in zip(names, full) if self.master.dir_get(n) is not None)
-        elif names:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(HAS_PARALLELISM,
-                                                thread_name_prefix="cachefs-haystack")
-            found.update(k for k, e in zip(names, self._pool.map(self.master.dir_get, full))
-                         if e is not None)
+        found.update(super().has(k for k in keys if k not in found))
         return found
 
-    def list(self, prefix: str) -> Iterator[str]:
-        return (info.key for info in self.list_info(prefix))
+    def _exists(self, key: str) -> bool:
+        return self.master.dir_get(self.namespace + key) is not None
 
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         self._names.flush()
@@ -271,9 +262,7 @@ class HaystackRemote:
         try:
             self._names.close()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-                self._pool = None
+            self._close_pool()
             self.storage.close()
             self.master.close()
 
