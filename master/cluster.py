@@ -39,6 +39,7 @@ FRESH_ATTEMPTS = 3  # starts of a new cluster, each on fresh ports
 # Members started by this process: kept so that they are reaped (not left as zombies, and
 # not reported by Popen.__del__ as still running) when this process stops them again.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_EXITED: dict[int, int] = {}  # how reaped members ended (return codes), for error messages
 
 
 @dataclass
@@ -59,14 +60,19 @@ def free_port() -> int:
 def _alive(pid: int) -> bool:
     """Whether `pid` is a live cachefs process (not a pid reused by something else since)."""
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:  # ours and exited: reaped now
+    if child is not None:
+        if child.poll() is None:
+            return True  # ours and not reaped yet, so its pid cannot have been reused
+        _EXITED[pid] = child.returncode
         del _CHILDREN[pid]
         return False
+    # Started by an earlier command (cluster.json): make sure the pid was not reused. An
+    # empty cmdline is a process in the middle of exec (or a zombie): not proof of reuse.
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    if b"cachefs" not in cmdline:
+    if cmdline and b"cachefs" not in cmdline:
         return False
     try:
         os.kill(pid, 0)
@@ -75,6 +81,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _exit_status(pid: int) -> str:
+    """How a member this process started ended, for error messages."""
+    code = _EXITED.get(pid)
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
 
 
 def load_state(root: Path) -> dict[str, Any] | None:
@@ -227,7 +243,8 @@ def _wait_serving(url: str, token: str, storage: int, replicas: int, started: li
             dead = [m for m in started if not _alive(m.pid)]
             if dead:
                 tail = Path(dead[0].log).read_text(errors="replace")[-2000:]
-                raise RemoteError(f"{dead[0].log}: the process exited while starting:\n{tail}")
+                raise RemoteError(f"{dead[0].log}: the process exited while starting "
+                                  f"({_exit_status(dead[0].pid)}):\n{tail}")
             try:
                 placement = client.placement()
                 up = {r.id for rs in placement.vids for r in rs if r.state == "up"}
