@@ -4,7 +4,8 @@
 runs `serve`. Every member answers every call:
 
 - **Writes** (RegisterStorage, DeclareDead, DirPut, DirDelete, RegisterNode) are raft commands:
-  pysyncobj forwards one submitted on a follower to the leader. Each waits at most
+  pysyncobj forwards one submitted on a follower to the leader. Directory operations (and the
+  barriers of current reads) arriving together share one command (`master.batching`). Each waits at most
   `commit_timeout` seconds; without a leader or a quorum it fails UNAVAILABLE naming the
   problem ("no raft leader: a majority of the masters is unreachable").
 - **Current reads** (DirGet, DirList, and GetPlacement and Status on the leader) commit a
@@ -47,6 +48,7 @@ from cachefs.errors import NotFound, RemoteError, UsageError
 from cachefs.grpc_auth import bearer_metadata, check_listen, listening_server
 from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
 from cachefs.httpserver import parse_listen
+from master.batching import CommandBatcher
 from master.client import LEADER_HINT
 from master.liveness import Done, Liveness
 from master.proto import master_pb2 as pb
@@ -244,6 +246,10 @@ class Master:
         self._thread: threading.Thread | None = None
         self._led_term: int | None = None
         self._lead_lock = threading.Lock()
+        self.directory: CommandBatcher[tuple[Any, ...]] = CommandBatcher(
+            lambda ops, timeout: self.raft.run(self.state.dir_apply, list(ops),
+                                               timeout=timeout),
+            name="directory-batcher")
 
     # -- raft helpers ----------------------------------------------------------------------
 
@@ -263,10 +269,17 @@ class Master:
         self.hint_leader(context)
         return result
 
+    def dir_op(self, context: grpc.ServicerContext | None, op: tuple[Any, ...],
+               limit: float | None = None) -> Any:
+        """Commit one directory operation (`MasterState.dir_apply`) in the next batch of
+        them (`master.batching`) within `timeout(context, limit)`; its result."""
+        result = self.directory.call(op, self.timeout(context, limit))
+        self.hint_leader(context)
+        return result
+
     def read_barrier(self, context: grpc.ServicerContext | None,
                      limit: float | None = None) -> None:
-        self.raft.run(self.state.barrier, timeout=self.timeout(context, limit))
-        self.hint_leader(context)
+        self.dir_op(context, ("barrier",), limit)
 
     def hint_leader(self, context: grpc.ServicerContext | None) -> None:
         """Tell a client that reached a follower where the leader is (`LEADER_HINT`)."""
@@ -370,6 +383,7 @@ class Master:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        self.directory.close()
         with self._channels_lock:
             for channel, _ in self._channels.values():
                 channel.close()
@@ -607,9 +621,9 @@ class MasterService(pb_grpc.MasterServicer):
                 raise invalid("only_if_last_under: needs if_absent")
             if not request.entry.name.startswith(request.only_if_last_under):
                 raise invalid("only_if_last_under: not a prefix of entry.name")
-        created = self.master.run(context, self.state.dir_put, request.entry.name, inline,
-                                  needle, size, time.time_ns(), request.if_absent,
-                                  request.request_id, request.only_if_last_under)
+        created = self.master.dir_op(context, (
+            "put", request.entry.name, inline, needle, size, time.time_ns(), request.if_absent,
+            request.request_id, request.only_if_last_under))
         return pb.DirPutResponse(created=bool(created))
 
     @rpc
@@ -630,7 +644,7 @@ class MasterService(pb_grpc.MasterServicer):
     def DirDelete(self, request: pb.DirDeleteRequest,
                   context: grpc.ServicerContext) -> pb.DirDeleteResponse:
         check_name(request.name, "name")
-        deleted = self.master.run(context, self.state.dir_delete, request.name)
+        deleted = self.master.dir_op(context, ("delete", request.name))
         return pb.DirDeleteResponse(deleted=bool(deleted))
 
     @rpc

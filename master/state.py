@@ -16,8 +16,8 @@ forwards a command submitted on a follower to the leader and calls back once the
 applied it, so `run` works on every member.
 
 pysyncobj has no ReadIndex and an isolated leader believes it leads until
-`leaderFallbackTimeout`: a read that must be current first commits `barrier` (a replicated
-command that changes nothing) and then reads the local state, which is then at least as new as
+`leaderFallbackTimeout`: a read that must be current first commits a barrier (a `dir_apply`
+operation that changes nothing) and then reads the local state, which is then at least as new as
 the log was when the read began. The local read happens outside the raft thread under the
 state's lock, so one barrier serves a whole listing page without running the listing on every
 member.
@@ -145,26 +145,58 @@ class MasterState(SyncObjConsumer):
             return sum(1 for old, new in zip(before, self.sets) if old != new)
 
     @replicated
-    @_never_raises
-    def dir_put(self, name: str, inline: bytes | None, needle: bytes | None, size: int,
-                mtime_ns: int, if_absent: bool, request_id: str = "",
-                last_under: str = "") -> bool:
+    def dir_apply(self, ops: list[tuple[Any, ...]]) -> list[bool | None]:
+        """Apply directory operations in order, one result each (`master.batching` sends
+        concurrent requests as one command):
+
+        - `("put", name, inline, needle, size, mtime_ns, if_absent, request_id, last_under)`:
+          `_put`, whether it was set;
+        - `("delete", name)`: whether it existed;
+        - `("barrier",)`: True, changing nothing (committing it makes this member's state
+          current for a read).
+
+        An operation that fails to apply (a bug: requests are checked before they are
+        submitted) logs and answers None, alone: the others in the command still apply."""
+        results: list[bool | None] = []
+        with self.lock:
+            for op in ops:
+                try:
+                    if op[0] == "put":
+                        results.append(self._put(*op[1:]))
+                    elif op[0] == "delete":
+                        results.append(self._delete(*op[1:]))
+                    elif op[0] == "barrier":
+                        results.append(True)
+                    else:
+                        raise ValueError(f"unknown directory operation {op[0]!r}")
+                except Exception:
+                    log.exception("applying directory operation %r failed", op[:2])
+                    results.append(None)
+        return results
+
+    def _put(self, name: str, inline: bytes | None, needle: bytes | None, size: int,
+             mtime_ns: int, if_absent: bool, request_id: str = "", last_under: str = "") -> bool:
         """Set `name`. With `if_absent`, only if it is absent (and, with `last_under`, no name
         with that prefix sorts after it); a retry of the very call that created it (same
         non-empty `request_id`: the client's first attempt was applied but its answer lost)
         still reports created, any other call reports False."""
-        with self.lock:
-            old = self.entries.get(name)
-            if old is not None and if_absent:
-                return bool(request_id) and old[4] == request_id
-            if if_absent and last_under:
-                later = self.names.bisect_right(name)
-                if later < len(self.names) and self.names[later].startswith(last_under):
-                    return False
-            if old is None:
-                self.names.add(name)
-            self.entries[name] = (inline, needle, size, mtime_ns, request_id)
-            return True
+        old = self.entries.get(name)
+        if old is not None and if_absent:
+            return bool(request_id) and old[4] == request_id
+        if if_absent and last_under:
+            later = self.names.bisect_right(name)
+            if later < len(self.names) and self.names[later].startswith(last_under):
+                return False
+        if old is None:
+            self.names.add(name)
+        self.entries[name] = (inline, needle, size, mtime_ns, request_id)
+        return True
+
+    def _delete(self, name: str) -> bool:
+        if self.entries.pop(name, None) is None:
+            return False
+        self.names.remove(name)
+        return True
 
     @replicated
     @_never_raises
@@ -185,15 +217,6 @@ class MasterState(SyncObjConsumer):
 
     @replicated
     @_never_raises
-    def dir_delete(self, name: str) -> bool:
-        with self.lock:
-            if self.entries.pop(name, None) is None:
-                return False
-            self.names.remove(name)
-            return True
-
-    @replicated
-    @_never_raises
     def register_node(self, name: str, peer_address: str, cache_bytes: int,
                       inventory_json: str, now_ns: int) -> bool:
         with self.lock:
@@ -210,11 +233,6 @@ class MasterState(SyncObjConsumer):
         with self.lock:
             self._place(first=True)
             return bool(self.sets) and all(self.sets)
-
-    @replicated
-    def barrier(self) -> bool:
-        """Changes nothing: committing it makes the local state current for a read."""
-        return True
 
     def placed(self) -> bool:
         with self.lock:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ import grpc
 import pytest
 
 from cachefs.errors import PermissionDenied, RemoteError, UsageError
+from master.batching import CommandBatcher
 from master.client import DirEntry, MasterClient, parse_masters
 from master.liveness import Done, Liveness
 from master.placement import place, replace
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
+from master.state import MasterState
 from tests.helpers import run_cli
 from tests.masters import MasterProcess, group_status, start_group, wait_leader
 from tests.servers import wait_until
@@ -135,6 +138,94 @@ def test_parse_masters() -> None:
     assert parse_masters(["a:1", "haystack://b:2,a:1"]) == ["a:1", "b:2"]
     with pytest.raises(UsageError):
         parse_masters("nohost")
+
+
+def test_batcher_sends_concurrent_operations_as_one_command() -> None:
+    """Operations that arrive while a command is in flight go out together in the next one,
+    and each caller gets its own operation's result."""
+    first_in_flight, release = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+
+    def submit(ops: Sequence[int], timeout: float) -> list[int]:
+        batches.append(list(ops))
+        first_in_flight.set()
+        release.wait(10)
+        return [op * 10 for op in ops]
+
+    batcher: CommandBatcher[int] = CommandBatcher(submit)
+    results: dict[int, int] = {}
+
+    def call(op: int) -> None:
+        results[op] = batcher.call(op, timeout=10)
+
+    try:
+        first = threading.Thread(target=call, args=(0,))
+        first.start()
+        assert first_in_flight.wait(10)
+        others = [threading.Thread(target=call, args=(op,)) for op in range(1, 9)]
+        for t in others:
+            t.start()
+        wait_until(lambda: len(batcher._pending) == 8, 10, "eight operations queued")
+        release.set()
+        for t in [first, *others]:
+            t.join(10)
+        assert batches == [[0], sorted(batches[1])] and sorted(batches[1]) == list(range(1, 9))
+        assert results == {op: op * 10 for op in range(9)}
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_batcher_failures_reach_every_caller_and_nothing_else() -> None:
+    outcomes: list[Any] = [RemoteError("no raft leader"), [1, 2], [True]]
+
+    def submit(ops: Sequence[str], timeout: float) -> Any:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    batcher: CommandBatcher[str] = CommandBatcher(submit)
+    try:
+        with pytest.raises(RemoteError, match="no raft leader"):
+            batcher.call("a", timeout=5)
+        # a batch answered with the wrong number of results fails; it does not misdeliver
+        with pytest.raises(RemoteError, match="applied 2 of a batch of 1"):
+            batcher.call("b", timeout=5)
+        assert batcher.call("c", timeout=5) is True  # the batcher survived both
+    finally:
+        batcher.close()
+    with pytest.raises(RemoteError, match="shutting down"):
+        batcher.call("d", timeout=5)
+
+
+def test_batcher_caller_times_out_when_nothing_commits() -> None:
+    stuck = threading.Event()
+    batcher: CommandBatcher[str] = CommandBatcher(lambda ops, timeout: stuck.wait(30) or [])
+    try:
+        with pytest.raises(RemoteError, match=r"not committed within 0\.2 s"):
+            batcher.call("x", timeout=0.2)
+    finally:
+        stuck.set()
+        batcher.close()
+
+
+def test_dir_apply_answers_each_operation_and_isolates_a_failing_one() -> None:
+    state = MasterState()
+    put = ("put", "refs/a/00000000000000000001", b"1", None, 1, 5, True, "req-1", "refs/a/")
+    results = state.dir_apply([
+        put,
+        ("put", "refs/a/00000000000000000001", b"x", None, 1, 6, True, "req-2", "refs/a/"),
+        put,  # a retry of the applied request: still reported created
+        ("put", "refs/a/00000000000000000000", b"0", None, 1, 7, True, "req-3", "refs/a/"),
+        ("bogus",),
+        ("delete", "refs/a/00000000000000000001"),
+        ("delete", "absent"),
+        ("barrier",),
+        ("put", "plain", b"p", None, 1, 8, False, "", ""),
+    ], _doApply=True)
+    assert results == [True, False, True, False, None, True, False, True, True]
+    assert state.entry("plain") is not None and state.entry("refs/a/00000000000000000001") is None
 
 
 # -- raft groups -----------------------------------------------------------------------------
