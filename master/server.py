@@ -5,11 +5,11 @@ runs `serve`. Every member answers every call:
 
 - **Writes** (RegisterStorage, DeclareDead, DirPut, DirDelete, RegisterNode) are raft commands:
   pysyncobj forwards one submitted on a follower to the leader. Directory operations (and the
-  barriers of current reads) arriving together share one command (`master.batching`). Each waits at most
-  `commit_timeout` seconds; without a leader or a quorum it fails UNAVAILABLE naming the
-  problem ("no raft leader: a majority of the masters is unreachable").
+  barriers of current reads) arriving together share one command (`master.batching`). Each
+  waits at most `commit_timeout` seconds; without a leader or a quorum it fails UNAVAILABLE
+  naming the problem ("no raft leader: a majority of the masters is unreachable").
 - **Current reads** (DirGet, DirList, and GetPlacement and Status on the leader) commit a
-  `barrier` first and then read the local state (master/state.py explains why).
+  barrier first and then read the local state (master/state.py explains why).
 - **Soft state** (liveness, needle counts, repairs: master/liveness.py) lives on the leader
   only, so a follower **forwards** Heartbeat, GetPlacement and Status to the leader's gRPC
   address (from --peers), once (a forwarded call carries `x-cachefs-forwarded` and is never

@@ -16,7 +16,7 @@ INVALID_ARGUMENT -> UsageError, UNAVAILABLE and DEADLINE_EXCEEDED -> RemoteError
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Self
 
 import grpc
@@ -36,6 +36,27 @@ PUT_BATCH_BYTES = MAX_NEEDLE_BYTES  # put_many splits bigger batches into calls 
 ADMIN_TIMEOUT = 3600.0  # compact and verify read whole volumes
 
 
+def put_batches(items: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
+    """Split needles into Put calls of about PUT_BATCH_BYTES (a bigger needle goes alone)."""
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    for key, data in items:
+        if batch and (size + len(data) > PUT_BATCH_BYTES or len(batch) >= MAX_KEYS_PER_CALL):
+            yield batch
+            batch, size = [], 0
+        batch.append((key, data))
+        size += len(data)
+    if batch:
+        yield batch
+
+
+def encode_put(items: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The serialized PutRequest of (key, data) needles: building and serializing a message
+    copies each needle's data twice, so a needle bound for several replicas is encoded once."""
+    return pb.PutRequest(needles=[pb.Needle(key=key, data=data) for key, data in items]
+                         ).SerializeToString()
+
+
 class StorageClient:
     """A channel to one storage server; `timeout` bounds each call (seconds)."""
 
@@ -51,6 +72,10 @@ class StorageClient:
             *options,
         ])
         self._stub = pb_grpc.StorageStub(self._channel)
+        # Put with the request passed through as bytes (no serializer): see `put_encoded`
+        self._put_encoded = self._channel.unary_unary(
+            "/cachefs.storage.v1.Storage/Put", request_serializer=None,
+            response_deserializer=pb.PutResponse.FromString)
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -62,18 +87,16 @@ class StorageClient:
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
         """Store needles durably; returns the bytes newly written. Big batches go as several
         calls (each durable when it returns; needles are idempotent)."""
-        written = 0
-        batch: list[pb.Needle] = []
-        size = 0
-        for key, data in items:
-            if batch and (size + len(data) > PUT_BATCH_BYTES or len(batch) >= MAX_KEYS_PER_CALL):
-                written += self._call("Put", pb.PutRequest(needles=batch)).bytes_written
-                batch, size = [], 0
-            batch.append(pb.Needle(key=key, data=data))
-            size += len(data)
-        if batch:
-            written += self._call("Put", pb.PutRequest(needles=batch)).bytes_written
-        return written
+        return sum(self.put_encoded(encode_put(batch)) for batch in put_batches(items))
+
+    def put_encoded(self, request: bytes) -> int:
+        """Send a PutRequest already serialized by `encode_put` (so that one encoding serves
+        every replica it goes to); returns the bytes newly written."""
+        try:
+            response = self._put_encoded(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"storage {self.address} Put") from None
+        return int(response.bytes_written)
 
     def put(self, key: bytes, data: bytes) -> int:
         return self.put_many([(key, data)])

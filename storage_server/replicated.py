@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -50,8 +50,8 @@ from cachefs.errors import (
     RemoteError,
     UsageError,
 )
-from storage_server.client import StorageClient
-from storage_server.server import KEY_BYTES, MAX_KEYS_PER_CALL, MAX_NEEDLE_BYTES
+from storage_server.client import StorageClient, encode_put, put_batches
+from storage_server.server import KEY_BYTES, MAX_NEEDLE_BYTES
 
 log = logging.getLogger("cachefs.storage.replicated")
 
@@ -183,6 +183,7 @@ class _PutUnit:
 
     vid: int
     items: list[tuple[bytes, bytes]]
+    request: bytes = b""  # the items' PutRequest, encoded once for every replica
     acked: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)
     pending: int = 0
@@ -309,7 +310,7 @@ class ReplicatedStorage:
                 seen.add(key)
                 by_vid.setdefault(placement.vid_of(key), []).append((key, bytes(data)))
         units = [_PutUnit(vid, batch) for vid, vid_items in sorted(by_vid.items())
-                 for batch in _batches(vid_items)]
+                 for batch in put_batches(vid_items)]
         if not units:
             return
         failed = self._put_round(placement, units)
@@ -338,7 +339,9 @@ class ReplicatedStorage:
                     unit.errors[replica.address] = f"skipped: {replica.state}"
                 elif replica.address not in unit.acked:
                     client = self._client(replica.address)
-                    futures[self._pool.submit(client.put_many, unit.items)] = (
+                    if not unit.request:
+                        unit.request = encode_put(unit.items)
+                    futures[self._pool.submit(client.put_encoded, unit.request)] = (
                         unit, replica.address)
                     unit.pending += 1
         fatal: CachefsError | None = None
@@ -580,20 +583,6 @@ class ReplicatedStorage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _batches(items: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
-    """Split into batches of about PUT_BATCH_BYTES (a bigger needle goes alone)."""
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-    for key, data in items:
-        if batch and (size + len(data) > PUT_BATCH_BYTES or len(batch) >= MAX_KEYS_PER_CALL):
-            yield batch
-            batch, size = [], 0
-        batch.append((key, data))
-        size += len(data)
-    if batch:
-        yield batch
 
 
 def _log_late_failure(future: Future[int], vid: int, address: str) -> None:

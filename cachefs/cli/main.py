@@ -24,6 +24,7 @@ from cachefs.cli import (
 )
 from cachefs.cli.common import HelpFormatter, common_options
 from cachefs.errors import CachefsError
+from cachefs.memory import tune_malloc
 
 DESCRIPTION = """\
 cachefs: versioned datasets for ML training, with a git-like history.
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tune_malloc()
     try:
         return int(args.func(args) or 0)
     except CachefsError as e:

@@ -194,12 +194,15 @@ class HaystackRemote(HeadProbing):
         chunks = {k: n for k in keys if (n := chunk_hash(k)) is not None}
         found: set[str] = set()
         if chunks:
+            # A chunk is present exactly when its needle is stored: a name whose needle is
+            # gone is not readable, so the directory is not asked (one raft barrier saved per
+            # new chunk of a commit).
             present = self.storage.has_many(list(chunks.values()))
             for (key, needle), ok in zip(chunks.items(), present):
                 if ok:  # possibly another namespace's: name it here too (the caller will
                     found.add(key)  # refer to it instead of uploading it)
                     self._names.add(DirEntry(self.namespace + key, needle=needle, size=0))
-        found.update(super().has(k for k in keys if k not in found))
+        found.update(super().has(k for k in keys if k not in chunks))
         return found
 
     def _exists(self, key: str) -> bool:
