@@ -23,6 +23,7 @@ import grpc
 
 from cachefs.grpc_auth import bearer_metadata
 from cachefs.grpc_errors import error_from_rpc
+from storage_server import wire
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
 from storage_server.server import (
@@ -30,6 +31,7 @@ from storage_server.server import (
     MAX_KEYS_PER_CALL,
     MAX_MESSAGE_BYTES,
     MAX_NEEDLE_BYTES,
+    SERVICE,
 )
 
 PUT_BATCH_BYTES = MAX_NEEDLE_BYTES  # put_many splits bigger batches into calls of about this
@@ -74,8 +76,12 @@ class StorageClient:
         self._stub = pb_grpc.StorageStub(self._channel)
         # Put with the request passed through as bytes (no serializer): see `put_encoded`
         self._put_encoded = self._channel.unary_unary(
-            "/cachefs.storage.v1.Storage/Put", request_serializer=None,
+            f"/{SERVICE}/Put", request_serializer=None,
             response_deserializer=pb.PutResponse.FromString)
+        # Get with the response read by `wire.decode_get_response` (one copy of the data)
+        self._get = self._channel.unary_unary(
+            f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=wire.decode_get_response)
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -104,7 +110,10 @@ class StorageClient:
     def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes:
         request = pb.GetRequest(key=key, offset=start, length=length or 0,
                                 has_length=length is not None)
-        return self._call("Get", request).data
+        try:
+            return self._get(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"storage {self.address} Get") from None
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:
         present: list[bool] = []

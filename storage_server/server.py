@@ -25,6 +25,7 @@ import grpc
 
 from cachefs.grpc_auth import listening_server
 from cachefs.grpc_errors import invalid, rpc
+from storage_server import wire
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
 
@@ -37,6 +38,7 @@ MAX_KEYS_PER_CALL = 100_000  # Put needles, Has keys
 DEFAULT_LIST_LIMIT = 1000
 MAX_LIST_LIMIT = 10_000
 WORKERS = 32
+SERVICE = "cachefs.storage.v1.Storage"
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -66,24 +68,28 @@ class StorageService(pb_grpc.StorageServicer):
         self.store = store
 
     @rpc
-    def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutResponse:
-        needles = request.needles
+    def Put(self, needles: list[tuple[bytes, memoryview]] | wire.MalformedMessage,
+            context: grpc.ServicerContext) -> pb.PutResponse:
+        """`needles`: the request as `wire.decode_put_request` reads it (data not copied),
+        or what is wrong with it."""
+        if isinstance(needles, wire.MalformedMessage):
+            raise invalid(f"malformed PutRequest: {needles}")
         check_count(len(needles), "needles")
         total = 0
-        for i, needle in enumerate(needles):
-            check_key(needle.key, f"needles[{i}].key")
-            size = len(needle.data)
+        for i, (key, data) in enumerate(needles):
+            check_key(key, f"needles[{i}].key")
+            size = len(data)
             if size > MAX_NEEDLE_BYTES:
                 raise invalid(f"needles[{i}].data: {size} bytes, a needle holds at most "
                               f"{MAX_NEEDLE_BYTES} (64 MiB)")
             total += size
         if total > MAX_MESSAGE_BYTES:
             raise invalid(f"needles: {total} bytes in one call, at most {MAX_MESSAGE_BYTES}")
-        written = self.store.put_many([(n.key, n.data) for n in needles])
-        return pb.PutResponse(bytes_written=written)
+        return pb.PutResponse(bytes_written=self.store.put_many(needles))
 
     @rpc
-    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
+        """Answers the data; `wire.encode_get_response` frames it as a GetResponse."""
         check_key(request.key, "key")
         if request.offset < 0:
             raise invalid(f"offset: {request.offset} is negative")
@@ -94,7 +100,7 @@ class StorageService(pb_grpc.StorageServicer):
             length = request.length
         elif request.length:
             raise invalid("length: set without has_length")
-        return pb.GetResponse(data=self.store.get(request.key, request.offset, length))
+        return self.store.get(request.key, request.offset, length)
 
     @rpc
     def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasResponse:
@@ -166,8 +172,35 @@ def build_server(store: Any, listen: str, token: str | None) -> tuple[grpc.Serve
     """A started-to-be server bound to `listen` and the address it bound (the real port when
     `listen` asks for port 0). Refuses a non-loopback address without a token."""
     server, address = listening_server(listen, token, WORKERS, "storage", GRPC_OPTIONS)
-    pb_grpc.add_StorageServicer_to_server(StorageService(store), server)
+    add_storage_service(server, StorageService(store))
     return server, address
+
+
+def _put_request(message: bytes) -> list[tuple[bytes, memoryview]] | wire.MalformedMessage:
+    # A deserializer that raises makes gRPC answer INTERNAL; Put answers INVALID_ARGUMENT.
+    try:
+        return wire.decode_put_request(message)
+    except wire.MalformedMessage as e:
+        return e
+
+
+def add_storage_service(server: grpc.Server, service: StorageService) -> None:
+    """Register `service` like the generated `add_StorageServicer_to_server`, except that
+    Put's request and Get's response go through `storage_server.wire` (same bytes on the
+    wire, no copies of needle data)."""
+    def handler(method: Any, request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=request, response_serializer=response)
+
+    handlers = {
+        "Put": handler(service.Put, _put_request, pb.PutResponse.SerializeToString),
+        "Get": handler(service.Get, pb.GetRequest.FromString, wire.encode_get_response),
+        **{name: handler(getattr(service, name), getattr(pb, f"{name}Request").FromString,
+                         getattr(pb, f"{name}Response").SerializeToString)
+           for name in ("Has", "Delete", "ListKeys", "Stat", "Compact", "Verify")},
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,

@@ -154,7 +154,7 @@ class VolumeStore:
 
     # -- the API -------------------------------------------------------------------------------
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store each (key, data); durable on return. A key already stored live with the same
         size is skipped (needles are immutable and named by their content). Returns the data
         bytes newly written."""

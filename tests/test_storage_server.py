@@ -311,6 +311,15 @@ def test_malformed_requests_change_nothing(server: StorageServer) -> None:
         over_limit = pb.PutRequest(needles=[pb.Needle(key=k1, data=d1)] + [
             pb.Needle(key=key_of(b"%d" % i), data=bytes(41 * MIB)) for i in range(2)])
         refused("Put", over_limit, grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+        put_bytes = channel.unary_unary("/cachefs.storage.v1.Storage/Put",
+                                        request_serializer=None,
+                                        response_deserializer=pb.PutResponse.FromString)
+        torn = pb.PutRequest(needles=[pb.Needle(key=k1, data=d1)]).SerializeToString()[:-7]
+        for garbage in (torn, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b"):
+            with pytest.raises(grpc.RpcError) as err:
+                put_bytes(garbage, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "malformed PutRequest" in (err.value.details() or "")
         refused("Get", pb.GetRequest(key=k1, offset=-1), grpc.StatusCode.INVALID_ARGUMENT,
                 "offset")
         refused("Get", pb.GetRequest(key=k1, length=-5, has_length=True),
