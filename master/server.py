@@ -283,7 +283,7 @@ class Master:
 
     def hint_leader(self, context: grpc.ServicerContext | None) -> None:
         """Tell a client that reached a follower where the leader is (`LEADER_HINT`)."""
-        if context is None:
+        if context is None or self.raft._isLeader():  # the leader: nothing to tell, cheaply
             return
         view = self.raft.view()
         leader = None if view.is_leader else self.leader_peer(view)
