@@ -88,7 +88,8 @@ class StorageService(pb_grpc.StorageServicer):
         return pb.PutResponse(bytes_written=self.store.put_many(needles))
 
     @rpc
-    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
+    def Get(self, request: pb.GetRequest,
+            context: grpc.ServicerContext) -> bytes | memoryview:
         """Answers the data; `wire.encode_get_response` frames it as a GetResponse."""
         check_key(request.key, "key")
         if request.offset < 0:

@@ -179,9 +179,11 @@ class VolumeStore:
             self.commit.make_durable(appended)
         return written
 
-    def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes:
-        """The data of `key`, or `length` bytes of it from `start` (b"" past the end).
-        Raises ObjectNotFound if absent or deleted, CorruptObject if it fails its checksum."""
+    def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes | memoryview:
+        """The data of `key`, or `length` bytes of it from `start` (b"" past the end), as a
+        read-only view into the one buffer the needle was read into (no copy; `bytes()` of it
+        for one). Raises ObjectNotFound if absent or deleted, CorruptObject if it fails its
+        checksum."""
         check_key(key)
         if start < 0 or (length is not None and length < 0):
             raise UsageError(f"range: start {start}, length {length}: must not be negative")
@@ -205,9 +207,11 @@ class VolumeStore:
                                     f"{entry.segment:08x}, offset {entry.offset}): {e}",
                                     key.hex()) from e
             if not start and length is None:
-                return buf[HEADER_BYTES:end]
+                return memoryview(buf)[HEADER_BYTES:end]
             stop = end if length is None else min(end, HEADER_BYTES + start + length)
-            return buf[HEADER_BYTES + start:stop] if HEADER_BYTES + start < stop else b""
+            if HEADER_BYTES + start >= stop:
+                return b""
+            return memoryview(buf)[HEADER_BYTES + start:stop]
         raise ObjectNotFound(f"needle {key.hex()}: kept moving while being read; try again")
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:

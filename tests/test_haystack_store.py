@@ -183,6 +183,8 @@ def test_put_get_has_delete(store: VolumeStore) -> None:
     for key, data in items:
         assert store.get(key) == data
     key, data = items[5]
+    view = store.get(key)
+    assert isinstance(view, memoryview) and view.readonly  # the read buffer, not a copy
     assert store.get(key, 10, 20) == data[10:30]
     assert store.get(key, 10) == data[10:]
     assert store.get(key, len(data) + 5, 3) == b""
