@@ -62,6 +62,9 @@ class CommandBatcher(Generic[Op]):
             # the wait for the batch ahead of ours
             return future.result(timeout + 1.0)
         except FutureTimeout:
+            # Still queued: withdrawn, so it is never applied after its caller gave up.
+            # Already submitted: it may yet apply (every operation is idempotent).
+            future.cancel()
             raise RemoteError(f"no raft quorum: the command was not committed within "
                               f"{timeout:g} s (the leader lost a majority of the masters?)"
                               ) from None
@@ -87,6 +90,9 @@ class CommandBatcher(Generic[Op]):
                     self._cond.wait_for(functools.partial(self._filled, last), LINGER_S)
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
+            batch = [item for item in batch if item[2].set_running_or_notify_cancel()]
+            if not batch:
+                continue  # every caller gave up waiting
             ops = [op for op, _, _ in batch]
             last = len(ops)
             timeout = max(t for _, t, _ in batch)

@@ -200,11 +200,26 @@ def test_batcher_failures_reach_every_caller_and_nothing_else() -> None:
 
 
 def test_batcher_caller_times_out_when_nothing_commits() -> None:
+    """A caller waits at most its timeout; an operation whose caller gave up while it was
+    still queued is never submitted."""
     stuck = threading.Event()
-    batcher: CommandBatcher[str] = CommandBatcher(lambda ops, timeout: stuck.wait(30) or [])
+    submitted: list[list[str]] = []
+
+    def submit(ops: Sequence[str], timeout: float) -> list[bool]:
+        submitted.append(list(ops))
+        if ops == ["x"]:
+            stuck.wait(30)
+        return [True] * len(ops)
+
+    batcher: CommandBatcher[str] = CommandBatcher(submit)
     try:
         with pytest.raises(RemoteError, match=r"not committed within 0\.2 s"):
-            batcher.call("x", timeout=0.2)
+            batcher.call("x", timeout=0.2)  # its batch is stuck in raft
+        with pytest.raises(RemoteError, match=r"not committed within 0\.2 s"):
+            batcher.call("queued", timeout=0.2)  # behind the stuck batch
+        stuck.set()
+        assert batcher.call("later", timeout=5) is True
+        assert submitted == [["x"], ["later"]]
     finally:
         stuck.set()
         batcher.close()
