@@ -220,6 +220,17 @@ def chunk_of(data: bytes) -> tuple[str, bytes]:
     return f"chunks/{needle.hex()[:2]}/{needle.hex()}", needle
 
 
+def put_random_chunks(remote: HaystackRemote, count: int, size: int) -> dict[str, bytes]:
+    """Store `count` random chunks of `size` bytes; their key -> data."""
+    stored = {}
+    for _ in range(count):
+        data = os.urandom(size)
+        key, _ = chunk_of(data)
+        remote.put(key, data)
+        stored[key] = data
+    return stored
+
+
 def test_leader_killed_during_ref_updates_and_chunk_writes(fault_cluster: dict,
                                                            tmp_path: Path) -> None:
     state = fault_cluster
@@ -286,12 +297,7 @@ def test_storage_server_killed_then_back(fault_cluster: dict) -> None:
     root = Path(state["token_file"]).parent
     with HaystackRemote(state["url"], token, namespace="kill") as remote, \
             MasterClient(state["url"], token) as client:
-        datas = {}
-        for _ in range(60):
-            data = os.urandom(5000)
-            key, _ = chunk_of(data)
-            remote.put(key, data)
-            datas[key] = data
+        datas = put_random_chunks(remote, 60, 5000)
         victim = state["storage"][0]
         os.kill(victim["pid"], signal.SIGKILL)
         # Every chunk stays readable (from the other replica).
@@ -300,12 +306,7 @@ def test_storage_server_killed_then_back(fault_cluster: dict) -> None:
         wait_until(lambda: any(s["id"] == victim["id"] and s["state"] == "down"
                                for s in client.status()["storage"]), 30, "the server marked down")
         # Writes continue on the live replicas.
-        later = {}
-        for _ in range(60):
-            data = os.urandom(5000)
-            key, _ = chunk_of(data)
-            remote.put(key, data)
-            later[key] = data
+        later = put_random_chunks(remote, 60, 5000)
         for key, data in later.items():
             assert remote.get(key) == data
 
@@ -366,12 +367,7 @@ def test_silent_storage_server_is_declared_dead_and_replaced(tmp_path: Path) -> 
         victim = state["storage"][0]
         with HaystackRemote(state["url"], token, namespace="dead") as remote, \
                 MasterClient(state["url"], token) as client:
-            stored = {}
-            for _ in range(40):
-                data = os.urandom(4000)
-                key, _ = chunk_of(data)
-                remote.put(key, data)
-                stored[key] = data
+            stored = put_random_chunks(remote, 40, 4000)
             os.kill(victim["pid"], signal.SIGKILL)
 
             def replaced() -> bool:
