@@ -52,13 +52,6 @@ def put_batches(items: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[byt
         yield batch
 
 
-def encode_put(items: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """The serialized PutRequest of (key, data) needles: building and serializing a message
-    copies each needle's data twice, so a needle bound for several replicas is encoded once."""
-    return pb.PutRequest(needles=[pb.Needle(key=key, data=data) for key, data in items]
-                         ).SerializeToString()
-
-
 class StorageClient:
     """A channel to one storage server; `timeout` bounds each call (seconds)."""
 
@@ -74,35 +67,34 @@ class StorageClient:
             *options,
         ])
         self._stub = pb_grpc.StorageStub(self._channel)
-        # Put with the request passed through as bytes (no serializer): see `put_encoded`
-        self._put_encoded = self._channel.unary_unary(
-            f"/{SERVICE}/Put", request_serializer=None,
-            response_deserializer=pb.PutResponse.FromString)
-        # Get with the response read by `wire.decode_get_response` (one copy of the data)
-        self._get = self._channel.unary_unary(
-            f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=wire.decode_get_response)
+        # The bulk calls through `storage_server.wire` instead of the generated stub's
+        # (de)serializers: Put takes a request already encoded, Get answers the data itself.
+        self._bulk = {
+            "Put": self._channel.unary_unary(
+                f"/{SERVICE}/Put", request_serializer=None,
+                response_deserializer=pb.PutResponse.FromString),
+            "Get": self._channel.unary_unary(
+                f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
+                response_deserializer=wire.decode_get_response),
+        }
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                               metadata=self._metadata)
+            call = self._bulk.get(method) or getattr(self._stub, method)
+            return call(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"storage {self.address} {method}") from None
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
         """Store needles durably; returns the bytes newly written. Big batches go as several
         calls (each durable when it returns; needles are idempotent)."""
-        return sum(self.put_encoded(encode_put(batch)) for batch in put_batches(items))
+        return sum(self.put_encoded(wire.encode_put_request(batch))
+                   for batch in put_batches(items))
 
     def put_encoded(self, request: bytes) -> int:
-        """Send a PutRequest already serialized by `encode_put` (so that one encoding serves
-        every replica it goes to); returns the bytes newly written."""
-        try:
-            response = self._put_encoded(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, f"storage {self.address} Put") from None
-        return int(response.bytes_written)
+        """Send a PutRequest already serialized by `wire.encode_put_request` (so that one
+        encoding serves every replica it goes to); returns the bytes newly written."""
+        return int(self._call("Put", request).bytes_written)
 
     def put(self, key: bytes, data: bytes) -> int:
         return self.put_many([(key, data)])
@@ -110,10 +102,7 @@ class StorageClient:
     def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes:
         request = pb.GetRequest(key=key, offset=start, length=length or 0,
                                 has_length=length is not None)
-        try:
-            return self._get(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, f"storage {self.address} Get") from None
+        return self._call("Get", request)
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:
         present: list[bool] = []

@@ -50,7 +50,8 @@ from cachefs.errors import (
     RemoteError,
     UsageError,
 )
-from storage_server.client import StorageClient, encode_put, put_batches
+from storage_server import wire
+from storage_server.client import StorageClient, put_batches
 from storage_server.server import KEY_BYTES, MAX_NEEDLE_BYTES
 
 log = logging.getLogger("cachefs.storage.replicated")
@@ -340,7 +341,7 @@ class ReplicatedStorage:
                 elif replica.address not in unit.acked:
                     client = self._client(replica.address)
                     if not unit.request:
-                        unit.request = encode_put(unit.items)
+                        unit.request = wire.encode_put_request(unit.items)
                     futures[self._pool.submit(client.put_encoded, unit.request)] = (
                         unit, replica.address)
                     unit.pending += 1

@@ -9,13 +9,15 @@ clients built from the .proto interoperate with them unchanged):
     PutRequest  { repeated Needle needles = 1; }   Needle { bytes key = 1; bytes data = 2; }
     GetResponse { bytes data = 1; }
 
+`encode_put_request` and `encode_get_response` copy the data once (the join);
 `decode_put_request` returns the needles' data as memoryviews into the received message;
-`encode_get_response` copies the data once (the join); `decode_get_response` copies it once
-(into the `bytes` callers expect). Unknown fields are skipped, as protobuf does; a truncated or
-malformed message raises `MalformedMessage`.
+`decode_get_response` copies it once (into the `bytes` callers expect). Unknown fields are
+skipped, as protobuf does; a truncated or malformed message raises `MalformedMessage`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
@@ -97,6 +99,23 @@ def decode_put_request(message: bytes) -> list[tuple[bytes, memoryview]]:
                 data = _len_field(n, w, v)
         needles.append((key, data))
     return needles
+
+
+def _len_delimited(number: int, value: bytes | memoryview) -> list[bytes | memoryview]:
+    """The pieces of one length-delimited field, for a join."""
+    return [encode_varint(number << 3 | _LEN), encode_varint(len(value)), value]
+
+
+def encode_put_request(items: Sequence[tuple[bytes, bytes | memoryview]]) -> bytes:
+    """A serialized PutRequest of (key, data) needles, as protobuf writes it (empty fields
+    left out)."""
+    parts: list[bytes | memoryview] = []
+    for key, data in items:
+        needle = ((_len_delimited(1, key) if len(key) else [])
+                  + (_len_delimited(2, data) if len(data) else []))
+        parts += [encode_varint(1 << 3 | _LEN), encode_varint(sum(len(p) for p in needle)),
+                  *needle]
+    return b"".join(parts)
 
 
 def encode_get_response(data: bytes | memoryview) -> bytes:

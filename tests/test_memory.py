@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
-# Four threads each encode 30 Put requests of a 4 MiB needle and copy them once (what a
-# client sending chunks does); prints whether the settings took effect and the page faults.
+# Four threads each build and serialize 30 protobuf messages carrying 4 MiB and copy them once
+# (what gRPC calls with chunk-sized messages do); prints whether the settings took effect and
+# the page faults.
 PROGRAM = """
 import os, resource, threading
 from cachefs.memory import tune_malloc
-from storage_server.client import encode_put
+from storage_server.proto import storage_pb2 as pb
 tuned = tune_malloc()
 assert tune_malloc() == tuned  # idempotent
 data = os.urandom(4 << 20)
@@ -19,7 +20,7 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def work():
     for _ in range(30):
-        request = encode_put([(bytes(32), data)])
+        request = pb.PutRequest(needles=[pb.Needle(key=bytes(32), data=data)]).SerializeToString()
         copy = bytes(memoryview(request)[8:])
         del request, copy
 threads = [threading.Thread(target=work) for _ in range(4)]

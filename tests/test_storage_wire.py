@@ -12,6 +12,7 @@ from storage_server.wire import (
     decode_get_response,
     decode_put_request,
     encode_get_response,
+    encode_put_request,
     encode_varint,
 )
 
@@ -24,6 +25,14 @@ def test_put_request_decodes_what_protobuf_encodes(items: list[tuple[bytes, byte
     decoded = decode_put_request(message.SerializeToString())
     assert [(key, bytes(data)) for key, data in decoded] == items
     assert all(isinstance(data, memoryview) for _, data in decoded)  # not copied
+
+
+@given(needle_lists)
+def test_put_request_encodes_what_protobuf_encodes(items: list[tuple[bytes, bytes]]) -> None:
+    expected = pb.PutRequest(needles=[pb.Needle(key=k, data=d) for k, d in items])
+    assert encode_put_request(items) == expected.SerializeToString()
+    assert encode_put_request([(k, memoryview(d)) for k, d in items]) == \
+        expected.SerializeToString()
 
 
 @given(st.binary(max_size=5000))
