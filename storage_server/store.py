@@ -58,7 +58,8 @@ class VolumeStore:
 
     def __init__(self, data_dir: str | os.PathLike[str], volumes: int | None = None,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync_interval_ms: float = 0.0,
-                 map_size: int = DEFAULT_MAP_SIZE, index_interval_ms: float = 50.0) -> None:
+                 map_size: int = DEFAULT_MAP_SIZE, index_interval_ms: float = 50.0,
+                 direct_io: bool = True) -> None:
         if volumes is not None and not 1 <= volumes <= MAX_VOLUMES:
             raise UsageError(f"--volumes {volumes}: must be between 1 and {MAX_VOLUMES}")
         if segment_bytes < 4096:
@@ -80,7 +81,7 @@ class VolumeStore:
             self.counters = Counters()
             self.index = Index(self.data_dir / "index", map_size)
             self._volumes = [Volume(self.data_dir / "volumes" / f"{vid:04x}", vid, self.cookie,
-                                    segment_bytes, self.counters)
+                                    segment_bytes, self.counters, direct_io)
                              for vid in range(self.volumes)]
             self.recovered = self._recover()
             self.commit = GroupCommit(self.index, self.counters, fsync_interval_ms,

@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="group commit: at most one fsync per N ms, so more writes share each "
                         "(default 0: the next fsync starts when the last ends; the writes that "
                         "arrived meanwhile still share it)")
+    s.add_argument("--buffered-writes", action="store_true",
+                   help="append needles through the page cache instead of with O_DIRECT "
+                        "(default: O_DIRECT where the file system allows it, which spares the "
+                        "CPU a copy of every byte; writes are durable either way)")
     s.add_argument("--volumes", type=int, metavar="N",
                    help="logical volumes of a new data directory (an existing one keeps its own)")
     s.add_argument("--segment-size", type=parse_size, metavar="SIZE",
@@ -120,7 +124,8 @@ def serve(args: argparse.Namespace) -> int:
     check_listen(host, token)  # before the store is opened: a refused start changes nothing
     agent = agent_config(args, host)
     options: dict[str, Any] = {"volumes": args.volumes,
-                               "fsync_interval_ms": args.fsync_interval_ms}
+                               "fsync_interval_ms": args.fsync_interval_ms,
+                               "direct_io": not args.buffered_writes}
     if args.segment_size is not None:
         options["segment_bytes"] = args.segment_size
     store = VolumeStore(args.data_dir, **options)
