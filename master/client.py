@@ -25,8 +25,8 @@ reports False).
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -233,7 +233,7 @@ class MasterClient:
         """Set an entry; with `if_absent`, False when the name exists (or, with `last_under`,
         when a name with that prefix sorts after it)."""
         return self._call("DirPut", pb.DirPutRequest(
-            entry=entry.message(), if_absent=if_absent, request_id=uuid.uuid4().hex,
+            entry=entry.message(), if_absent=if_absent, request_id=os.urandom(16).hex(),
             only_if_last_under=last_under)).created
 
     def dir_put_many(self, entries: Sequence[DirEntry]) -> int:
