@@ -22,16 +22,26 @@ file's new size is metadata, so the group commit's fdatasync is what makes the n
 Reads stay buffered (warm reads are the page cache's job); the kernel drops cached pages of a
 range an O_DIRECT write covers.
 
-A file system without O_DIRECT (tmpfs) makes `DirectAppender.open` return None: the volume then
-appends through the page cache as before.
+Large reads. A needle of at least `DIRECT_READ_MIN` bytes (a cachefs chunk) is read from the
+page cache when all of it is there (`fully_cached` asks with cachestat(2), which starts no I/O,
+where a read with RWF_NOWAIT would start readahead on a miss) and otherwise with O_DIRECT
+(`DirectReader`) into a reused aligned buffer and copied out: a cold chunk costs no page-cache
+fill (measured: that fill was 2.2 s of system CPU per storage server for a 3.2 GB checkout),
+and chunks streaming through do not evict the small, hot needles. Small needles are always read
+through the page cache, which is their cache.
+
+A file system without O_DIRECT (tmpfs) makes `DirectAppender.open` and `DirectReader.open` return
+None: the volume then appends and reads through the page cache as before.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
 import os
+import sys
 import threading
 
 from cachefs.errors import LocalIOError
@@ -39,8 +49,10 @@ from cachefs.errors import LocalIOError
 log = logging.getLogger(__name__)
 
 BLOCK = 4096
+DIRECT_READ_MIN = 1 << 20
 _ZEROS = bytes(BLOCK)
 _MIN_BUFFER = 64 << 10
+_LARGE_STEP = 1 << 20  # buffers above this grow in steps of it (a 4 MiB chunk's needle: 5 MiB)
 
 
 def align_down(n: int) -> int:
@@ -52,11 +64,11 @@ def align_up(n: int) -> int:
 
 
 class AlignedBuffers:
-    """Reusable page-aligned buffers (anonymous mmaps) for O_DIRECT writes. A fresh mapping
-    is slow to fill (every page faults and is zeroed), so buffers are kept, in power-of-two
-    sizes, up to `keep_bytes` in all; bigger needs get a mapping of their own."""
+    """Reusable page-aligned buffers (anonymous mmaps) for O_DIRECT. A fresh mapping is slow
+    to fill (every page faults and is zeroed), so buffers are kept, in power-of-two sizes up to
+    1 MiB and whole MiB above, up to `keep_bytes` in all; what is beyond that is unmapped."""
 
-    def __init__(self, keep_bytes: int = 64 << 20) -> None:
+    def __init__(self, keep_bytes: int = 128 << 20) -> None:
         self.keep_bytes = keep_bytes
         self._lock = threading.Lock()
         self._free: dict[int, list[mmap.mmap]] = {}
@@ -64,7 +76,10 @@ class AlignedBuffers:
 
     def take(self, size: int) -> mmap.mmap:
         """A page-aligned buffer of at least `size` bytes (contents undefined)."""
-        cls = max(_MIN_BUFFER, 1 << (size - 1).bit_length())
+        if size > _LARGE_STEP:
+            cls = (size + _LARGE_STEP - 1) // _LARGE_STEP * _LARGE_STEP
+        else:
+            cls = max(_MIN_BUFFER, 1 << (size - 1).bit_length())
         with self._lock:
             free = self._free.get(cls)
             if free:
@@ -152,6 +167,76 @@ class DirectAppender:
             except OSError:
                 log.exception("cutting a failed append back to %d", offset)
             raise LocalIOError(f"writing a needle failed: {e}") from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # Linux >= 6.5, the same number on every architecture
+_libc = ctypes.CDLL(None, use_errno=True)
+_cachestat_works = sys.platform == "linux"
+
+
+def fully_cached(fd: int, offset: int, length: int) -> bool | None:
+    """Whether every page of the range is in the page cache (cachestat(2): it only looks,
+    where a read with RWF_NOWAIT would start readahead on a miss); None where the kernel has
+    no cachestat."""
+    global _cachestat_works
+    if not _cachestat_works:
+        return None
+    first = offset // mmap.PAGESIZE
+    pages = (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - first
+    span = _CachestatRange(first * mmap.PAGESIZE, pages * mmap.PAGESIZE)
+    stat = _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
+            log.info("no cachestat(2) (%s): large reads go through the page cache",
+                     os.strerror(err))
+            _cachestat_works = False
+            return None
+        raise OSError(err, f"cachestat: {os.strerror(err)}")
+    return stat.nr_cache >= pages
+
+
+class DirectReader:
+    """Reads byte ranges of one segment with O_DIRECT (see the module docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: os.PathLike[str] | str) -> DirectReader | None:
+        """A reader of the segment at `path`; None where the file system refuses O_DIRECT."""
+        try:
+            return cls(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes at `offset` (fewer at the end of the file): the aligned blocks around them
+        are read into a reused buffer, and they are copied out of it."""
+        start, stop = align_down(offset), align_up(offset + length)
+        buf = BUFFERS.take(stop - start)
+        try:
+            with memoryview(buf) as view:
+                n = os.preadv(self.fd, [view[:stop - start]], start)
+                return bytes(view[offset - start:min(n, offset - start + length)])
+        finally:
+            BUFFERS.give(buf)
 
     def close(self) -> None:
         if self.fd >= 0:

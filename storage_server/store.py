@@ -207,12 +207,13 @@ class VolumeStore:
                 raise CorruptObject(f"needle {key.hex()} (volume {vid}, segment "
                                     f"{entry.segment:08x}, offset {entry.offset}): {e}",
                                     key.hex()) from e
+            view = memoryview(buf).toreadonly()
             if not start and length is None:
-                return memoryview(buf)[HEADER_BYTES:end]
+                return view[HEADER_BYTES:end]
             stop = end if length is None else min(end, HEADER_BYTES + start + length)
             if HEADER_BYTES + start >= stop:
                 return b""
-            return memoryview(buf)[HEADER_BYTES + start:stop]
+            return view[HEADER_BYTES + start:stop]
         raise ObjectNotFound(f"needle {key.hex()}: kept moving while being read; try again")
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -268,7 +269,9 @@ class VolumeStore:
                 "per_volume": per_volume, "totals": totals,
                 "free_bytes": fs.f_bavail * fs.f_frsize,
                 "corrupt_reads": counters.get("corrupt_reads", 0),
-                "preads": counters.get("preads", 0), "fsyncs": counters.get("fsyncs", 0),
+                "preads": counters.get("preads", 0),
+                "direct_reads": counters.get("direct_reads", 0),
+                "fsyncs": counters.get("fsyncs", 0),
                 "group_commits": counters.get("group_commits", 0),
                 "index_commits": counters.get("index_commits", 0),
                 "needles_committed": counters.get("needles_committed", 0),

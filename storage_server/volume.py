@@ -48,7 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from cachefs.errors import CorruptObject, LocalIOError
-from storage_server.direct import BLOCK, DirectAppender
+from storage_server.direct import (
+    BLOCK,
+    DIRECT_READ_MIN,
+    DirectAppender,
+    DirectReader,
+    fully_cached,
+)
 from storage_server.index import Entry, Index, Record
 from storage_server.needle import (
     HEADER_BYTES,
@@ -96,6 +102,7 @@ class Segment:
         # Appends go through O_DIRECT once the first one opens this (storage_server/direct.py);
         # `direct` turns False where the file system refuses it.
         self.appender: DirectAppender | None = None
+        self.reader: DirectReader | None = None  # large reads that miss the page cache
         self.direct = True
 
     def seal(self) -> None:
@@ -113,6 +120,9 @@ class Segment:
 
     def close(self) -> None:
         self.seal()
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -537,16 +547,25 @@ class Volume:
     # -- reading -----------------------------------------------------------------------------
 
     def read(self, entry: Entry) -> bytes | None:
-        """The raw needle `entry` points at, by one pread; None if its segment was retired
+        """The raw needle `entry` points at, by one pread (a large needle not in the page
+        cache: by one O_DIRECT read, storage_server/direct.py); None if its segment was retired
         (the caller looks the key up again)."""
+        direct = self.direct_io and entry.length >= DIRECT_READ_MIN
         with self._pins:
             seg = self.segments.get(entry.segment)
             if seg is None:
                 return None
             seg.readers += 1
+            if direct and seg.direct and seg.reader is None:
+                seg.reader = DirectReader.open(seg.path)
+                seg.direct = seg.reader is not None
+            reader = seg.reader if direct else None
         try:
             self.counters.add("preads")
-            return os.pread(seg.fd, entry.length, entry.offset)
+            if reader is None or fully_cached(seg.fd, entry.offset, entry.length) is not False:
+                return os.pread(seg.fd, entry.length, entry.offset)
+            self.counters.add("direct_reads")
+            return reader.read(entry.offset, entry.length)
         finally:
             with self._pins:
                 seg.readers -= 1

@@ -1,6 +1,7 @@
-"""O_DIRECT appends (storage_server/direct.py): needles bypass the page cache, the zero fill past
-the last needle is cut at close and, after a crash, quietly by recovery; a failed write is cut
-back; without O_DIRECT the store appends through the page cache."""
+"""O_DIRECT appends and large reads (storage_server/direct.py): needles bypass the page cache, the
+zero fill past the last needle is cut at close and, after a crash, quietly by recovery; a failed
+write is cut back; a large needle is read from the page cache when it is all there and with
+O_DIRECT otherwise; without O_DIRECT the store appends and reads through the page cache."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.errors import LocalIOError
-from storage_server.direct import BLOCK, AlignedBuffers
-from storage_server.needle import needle_size
+from cachefs.errors import CorruptObject, LocalIOError
+from storage_server.direct import BLOCK, DIRECT_READ_MIN, AlignedBuffers
+from storage_server.needle import HEADER_BYTES, needle_size
 from storage_server.store import VolumeStore
 from tests.storage_servers import needles
 
@@ -134,3 +135,62 @@ def test_aligned_buffers_are_page_aligned_and_reused() -> None:
     big = pool.take(4 << 20)  # more than it keeps: not kept
     pool.give(big)
     assert big.closed
+
+
+def test_large_needles_missing_from_the_page_cache_are_read_around_it(tmp_path: Path) -> None:
+    small = needles(5, size=100_000)
+    large = needles(3, size=2 * DIRECT_READ_MIN, tag=b"large")
+    with VolumeStore(tmp_path, volumes=1) as store:
+        store.put_many([*small.items(), *large.items()])
+        path = segment(tmp_path)
+        for _ in range(2):  # cold both times: a direct read leaves nothing cached
+            for key, data in large.items():
+                assert store.get(key) == data
+                assert store.get(key, 1000, 10) == data[1000:1010]
+        assert store.stat()["direct_reads"] == 2 * 2 * len(large)
+        assert resident_bytes(path) == 0
+        for key, data in small.items():  # small needles: through the page cache
+            assert store.get(key) == data
+        assert 0 < resident_bytes(path) < packed_size(large)
+        path.read_bytes()  # now all of it is cached: large reads come from the page cache
+        before = store.stat()
+        for key, data in large.items():
+            assert store.get(key) == data
+        after = store.stat()
+        assert after["direct_reads"] == before["direct_reads"]
+        assert after["preads"] - before["preads"] == len(large)  # one data read each
+
+
+def test_a_corrupt_large_needle_read_directly_is_reported(tmp_path: Path) -> None:
+    large = needles(2, size=2 * DIRECT_READ_MIN, tag=b"bad")
+    key = next(iter(large))
+    with VolumeStore(tmp_path, volumes=1) as store:
+        store.put_many(list(large.items()))
+        entry = store.index.get(0, key)
+        assert entry is not None
+        fd = os.open(segment(tmp_path), os.O_RDWR)
+        try:  # flip a byte on disk, not through the page cache the read would skip
+            where = entry.offset + HEADER_BYTES + DIRECT_READ_MIN // 2
+            byte = os.pread(fd, 1, where)
+            os.pwrite(fd, bytes([byte[0] ^ 1]), where)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        with pytest.raises(CorruptObject, match="checksum"):
+            store.get(key)
+        assert store.stat()["corrupt_reads"] == 1 and store.stat()["direct_reads"] == 1
+
+
+def test_without_cachestat_large_needles_are_read_through_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage_server.direct as direct
+
+    monkeypatch.setattr(direct, "_cachestat_works", False)  # an older kernel
+    large = needles(2, size=2 * DIRECT_READ_MIN, tag=b"old")
+    with VolumeStore(tmp_path, volumes=1) as store:
+        store.put_many(list(large.items()))
+        for key, data in large.items():
+            assert store.get(key) == data
+        assert store.stat()["direct_reads"] == 0
+        assert resident_bytes(segment(tmp_path)) > 0
