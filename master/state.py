@@ -40,7 +40,7 @@ from pysyncobj.syncobj import SyncObjException
 from sortedcontainers import SortedList
 
 from cachefs.errors import RemoteError, UsageError
-from master import placement
+from master import journal, placement
 
 log = logging.getLogger("cachefs.master")
 
@@ -331,6 +331,7 @@ class MasterRaft(SyncObj):
             bindRetryTime=0.5, maxBindRetries=10,
             onStateChanged=self._on_state_changed,
         )
+        journal.install()  # entries on disk before they are acknowledged (master/journal.py)
         # Set before SyncObj.__init__: attributes that exist then are not part of the dumps.
         self.state = state
         self.self_address = self_address

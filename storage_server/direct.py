@@ -178,7 +178,9 @@ class _CachestatRange(ctypes.Structure):
     _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
 
-class _Cachestat(ctypes.Structure):
+class Cachestat(ctypes.Structure):
+    """Page counts of a file range in the page cache (struct cachestat of cachestat(2))."""
+
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
@@ -188,17 +190,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat_works = sys.platform == "linux"
 
 
-def fully_cached(fd: int, offset: int, length: int) -> bool | None:
-    """Whether every page of the range is in the page cache (cachestat(2): it only looks,
-    where a read with RWF_NOWAIT would start readahead on a miss); None where the kernel has
-    no cachestat."""
+def cachestat(fd: int, offset: int, length: int) -> Cachestat | None:
+    """The page-cache state of the pages holding `length` bytes at `offset` (cachestat(2):
+    it only looks, where a read with RWF_NOWAIT would start readahead on a miss); None where
+    the kernel has no cachestat."""
     global _cachestat_works
     if not _cachestat_works:
         return None
     first = offset // mmap.PAGESIZE
     pages = (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - first
     span = _CachestatRange(first * mmap.PAGESIZE, pages * mmap.PAGESIZE)
-    stat = _Cachestat()
+    stat = Cachestat()
     if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
@@ -207,6 +209,15 @@ def fully_cached(fd: int, offset: int, length: int) -> bool | None:
             _cachestat_works = False
             return None
         raise OSError(err, f"cachestat: {os.strerror(err)}")
+    return stat
+
+
+def fully_cached(fd: int, offset: int, length: int) -> bool | None:
+    """Whether every page of the range is in the page cache; None without cachestat."""
+    stat = cachestat(fd, offset, length)
+    if stat is None:
+        return None
+    pages = (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE
     return stat.nr_cache >= pages
 
 
