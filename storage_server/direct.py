@@ -63,6 +63,17 @@ def align_up(n: int) -> int:
     return (n + BLOCK - 1) & ~(BLOCK - 1)
 
 
+def _open_direct(path: os.PathLike[str] | str, flags: int) -> int | None:
+    """`path` opened with `flags | O_DIRECT`; None where the file system refuses O_DIRECT."""
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.info("%s: the file system refuses O_DIRECT; going through the page cache", path)
+        return None
+
+
 class AlignedBuffers:
     """Reusable page-aligned buffers (anonymous mmaps) for O_DIRECT. A fresh mapping is slow
     to fill (every page faults and is zeroed), so buffers are kept, in power-of-two sizes up to
@@ -114,13 +125,8 @@ class DirectAppender:
              end: int) -> DirectAppender | None:
         """An appender for the segment at `path` whose needles end at `end` (its partial last
         block is read through `buffered_fd`); None where the file system refuses O_DIRECT."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.info("%s: the file system refuses O_DIRECT; writing through the page cache",
-                     path)
+        fd = _open_direct(path, os.O_WRONLY)
+        if fd is None:
             return None
         head = end - align_down(end)
         tail = os.pread(buffered_fd, head, align_down(end)) if head else b""
@@ -190,6 +196,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat_works = sys.platform == "linux"
 
 
+def _pages(offset: int, length: int) -> tuple[int, int]:
+    """(first page, number of pages) holding `length` bytes at `offset`."""
+    first = offset // mmap.PAGESIZE
+    return first, (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - first
+
+
 def cachestat(fd: int, offset: int, length: int) -> Cachestat | None:
     """The page-cache state of the pages holding `length` bytes at `offset` (cachestat(2):
     it only looks, where a read with RWF_NOWAIT would start readahead on a miss); None where
@@ -197,8 +209,7 @@ def cachestat(fd: int, offset: int, length: int) -> Cachestat | None:
     global _cachestat_works
     if not _cachestat_works:
         return None
-    first = offset // mmap.PAGESIZE
-    pages = (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - first
+    first, pages = _pages(offset, length)
     span = _CachestatRange(first * mmap.PAGESIZE, pages * mmap.PAGESIZE)
     stat = Cachestat()
     if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
@@ -217,8 +228,7 @@ def fully_cached(fd: int, offset: int, length: int) -> bool | None:
     stat = cachestat(fd, offset, length)
     if stat is None:
         return None
-    pages = (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE
-    return stat.nr_cache >= pages
+    return stat.nr_cache >= _pages(offset, length)[1]
 
 
 class DirectReader:
@@ -230,12 +240,8 @@ class DirectReader:
     @classmethod
     def open(cls, path: os.PathLike[str] | str) -> DirectReader | None:
         """A reader of the segment at `path`; None where the file system refuses O_DIRECT."""
-        try:
-            return cls(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            return None
+        fd = _open_direct(path, os.O_RDONLY)
+        return None if fd is None else cls(fd)
 
     def read(self, offset: int, length: int) -> bytes:
         """The bytes at `offset` (fewer at the end of the file): the aligned blocks around them

@@ -207,7 +207,7 @@ class VolumeStore:
                 raise CorruptObject(f"needle {key.hex()} (volume {vid}, segment "
                                     f"{entry.segment:08x}, offset {entry.offset}): {e}",
                                     key.hex()) from e
-            view = memoryview(buf).toreadonly()
+            view = memoryview(buf)  # of bytes: read-only
             if not start and length is None:
                 return view[HEADER_BYTES:end]
             stop = end if length is None else min(end, HEADER_BYTES + start + length)

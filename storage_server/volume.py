@@ -468,22 +468,21 @@ class Volume:
                 if len(records) >= _SCAN_BATCH:
                     index.apply(records, {(self.vid, segment.id): offset})
                     records = []
-        if reason is not None and _zero_fill(segment.fd, offset, segment.end):
-            # the zeros a direct append wrote past its needle up to the block boundary: not a
-            # torn write, nothing to report
-            os.ftruncate(segment.fd, offset)
-            os.fsync(segment.fd)
-            segment.end = offset
-        elif reason is not None:
+        if reason is not None:
             cut = segment.end - offset
-            log.warning("volume %d segment %08x: truncating %d bytes at offset %d: %s",
-                        self.vid, segment.id, cut, offset, reason)
+            # The zeros a direct append wrote past its needle up to the block boundary are cut
+            # too, but they are not a torn write: nothing to report.
+            torn = not _zero_fill(segment.fd, offset, segment.end)
+            if torn:
+                log.warning("volume %d segment %08x: truncating %d bytes at offset %d: %s",
+                            self.vid, segment.id, cut, offset, reason)
             os.ftruncate(segment.fd, offset)
             os.fsync(segment.fd)
             segment.end = offset
-            report["bytes_truncated"] += cut
-            report["truncated"].append({"vid": self.vid, "segment": segment.id,
-                                        "offset": offset, "bytes": cut, "reason": reason})
+            if torn:
+                report["bytes_truncated"] += cut
+                report["truncated"].append({"vid": self.vid, "segment": segment.id,
+                                            "offset": offset, "bytes": cut, "reason": reason})
         index.apply(records, {(self.vid, segment.id): offset})
         return max_sequence
 
