@@ -173,13 +173,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def measured(where: str, remote_of: Callable[[], Any], n: int) -> tuple[float, float]:
                 log(f"commit + checkout through {where} ({n})")
+                dest = work / f"out-{where.removesuffix('://')}-{n}"
                 repo = Repository(remote_of())
                 try:
-                    commit_s, checkout_s, raw["bytes"] = commit_checkout(
-                        repo, src, work / f"out-{where[:-3]}-{n}")
+                    commit_s, checkout_s, raw["bytes"] = commit_checkout(repo, src, dest)
                 finally:
                     repo.close()
-                shutil.rmtree(work / f"out-{where[:-3]}-{n}")
+                shutil.rmtree(dest)
                 raw["runs"].append({"remote": where, "commit_s": commit_s,
                                     "checkout_s": checkout_s})
                 return commit_s, checkout_s
