@@ -1,9 +1,11 @@
-"""Build hook for the compiled extension: cythonizes `cachefs/_lookup.pyx` at install time.
+"""Build hook for the compiled extensions: cythonizes `cachefs/_lookup.pyx` (the read path's
+extent lookup) and `storage_server/_needle.pyx` (the storage server's needle read) at install
+time.
 
 Everything else about the distribution (name, version, dependencies, packages) is in
 pyproject.toml; setuptools merges the `ext_modules` given here into it. Cython is a build
 requirement ([build-system] requires), so both `pip install .` and `pip install -e .` compile
-the extension; the generated C file and the shared object are build outputs, never committed.
+the extensions; the generated C files and the shared objects are build outputs, never committed.
 """
 
 from Cython.Build import cythonize
@@ -11,7 +13,8 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("cachefs._lookup", ["cachefs/_lookup.pyx"])],
+        [Extension("cachefs._lookup", ["cachefs/_lookup.pyx"]),
+         Extension("storage_server._needle", ["storage_server/_needle.pyx"])],
         compiler_directives={"language_level": "3"},
     ),
 )

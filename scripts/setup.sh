@@ -28,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.cachefs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
-   [ cachefs/_lookup.pyx -nt "$stamp" ]; then
+   [ cachefs/_lookup.pyx -nt "$stamp" ] || [ storage_server/_needle.pyx -nt "$stamp" ]; then
   echo "setup: installing cachefs and its test dependencies into .venv" >&2
   log=.venv/pip-install.log
   if ! { .venv/bin/python -m pip install --upgrade pip &&

@@ -30,6 +30,7 @@ import lmdb
 from storage_server.needle import FLAG_TOMBSTONE, needle_size
 
 DEFAULT_MAP_SIZE = 64 << 30  # virtual address space only; the file grows as entries arrive
+DEFAULT_CACHE_ENTRIES = 1 << 17  # looked-up entries kept in memory: ~300 bytes each, ~40 MB
 _VID = struct.Struct(">H")
 _SEGKEY = struct.Struct(">HI")
 _ENTRY = struct.Struct("<IQIB3xQ")
@@ -163,7 +164,8 @@ class _Gate:
 class Index:
     """key → Entry per volume, indexed segment ends, volume counts, retired segments."""
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE,
+                 cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, max_readers=1024,
                              sync=True, metasync=False, readahead=False)
@@ -178,6 +180,18 @@ class Index:
         # consult it first; it only ever holds a key's newest entry (see `stage`).
         self._pending: dict[int, dict[bytes, Entry]] = {}
         self._pending_lock = threading.Lock()
+        # The entry cache: key → entry of recent `get`s, so that a warm read costs no LMDB
+        # transaction (py-lmdb releases the GIL three times per lookup, in begin, get and
+        # abort, and under many reader threads each release is a handoff: a futex wake and a
+        # context switch, several times the cost of the lookup itself). LMDB stays the index:
+        # every commit that changes entries (`apply`, `swap`) first drops their keys from the
+        # cache and bumps the generation, and a lookup remembers what it read only if no such
+        # commit happened since before its transaction began (else it may have read the old
+        # entry). Bounded: the oldest remembered entry goes first.
+        self.cache_entries = max(0, cache_entries)
+        self._cache: dict[bytes, Entry] = {}
+        self._cache_lock = threading.Lock()
+        self._cache_generation = 0
 
     def close(self) -> None:
         self.env.close()
@@ -185,13 +199,19 @@ class Index:
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, vid: int, key: bytes) -> Entry | None:
-        # The overlay first, then LMDB: an entry leaves the overlay only after its LMDB commit,
-        # so a miss here followed by a later LMDB transaction cannot lose it.
+        """The entry of `key` (a `bytes` in volume `vid`), or None."""
+        # The overlay first, then the cache, then LMDB: an entry leaves the overlay only after
+        # its LMDB commit has dropped the key from the cache, so none of the three steps can
+        # miss a newer entry the one before it held.
         pending = self._pending.get(vid)
         if pending:
             entry = pending.get(key)
             if entry is not None:
                 return entry
+        entry = self._cache.get(key)
+        if entry is not None:
+            return entry
+        generation = self._cache_generation
         gate = self._gate
         slot = gate.slot()
         slot.busy = True
@@ -200,12 +220,39 @@ class Index:
                 slot.busy = False
                 with gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
                     raw = txn.get(_VID.pack(vid) + key)
-                    return Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
-            with self.env.begin(db=self._needles, buffers=True) as txn:
-                raw = txn.get(_VID.pack(vid) + key)
-                return Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+            else:
+                with self.env.begin(db=self._needles, buffers=True) as txn:
+                    raw = txn.get(_VID.pack(vid) + key)
+                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
         finally:
             slot.busy = False
+        if entry is not None:
+            self._remember(key, entry, generation)
+        return entry
+
+    def _remember(self, key: bytes, entry: Entry, generation: int) -> None:
+        """Cache what a lookup that began at `generation` read, unless a commit has changed
+        entries since (it may have read the old one)."""
+        with self._cache_lock:
+            if generation != self._cache_generation or not self.cache_entries:
+                return
+            cache = self._cache
+            if len(cache) >= self.cache_entries and key not in cache:
+                del cache[next(iter(cache))]  # the oldest remembered
+            cache[key] = entry
+
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        """Drop cached entries a commit has just changed (see `_cache`)."""
+        with self._cache_lock:
+            self._cache_generation += 1
+            for key in keys:
+                self._cache.pop(key, None)
+
+    @property
+    def cached(self) -> int:
+        """Entries in the entry cache."""
+        return len(self._cache)
 
     def get_many(self, pairs: Iterable[tuple[int, bytes]]) -> list[Entry | None]:
         out: list[Entry | None] = []
@@ -344,6 +391,7 @@ class Index:
         """Index `records` (a needle replaces the key's entry only if its sequence is higher)
         and raise the indexed end of each (vid, segment) in `ends`, in one transaction.
         Returns how many records took effect."""
+        records = list(records)
 
         def body(txn: Any) -> int:
             cache: dict[int, VolumeCounts] = {}
@@ -369,7 +417,9 @@ class Index:
             self._store_counts(txn, self._volumes, cache)
             return applied
 
-        return self._write(body)
+        applied = self._write(body)
+        self._forget(key for _, key, _ in records)
+        return applied
 
     def set_end(self, vid: int, segment: int, end: int) -> None:
         """Record the indexed end of a segment as exactly `end` (after truncating a tail)."""
@@ -412,6 +462,7 @@ class Index:
             return changed
 
         changed = self._write(body)
+        self._forget([key for key, _, _ in moved] + [key for key, _ in dropped])
         self.env.sync(True)  # the retired files are deleted next: this must not be undone
         return changed
 

@@ -14,6 +14,7 @@ length of the needle before reading the rest.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -179,11 +180,10 @@ def decode_needle(buf: bytes | bytearray | memoryview, expect_key: bytes | None 
 _PADDING = tuple(bytes(n) for n in range(ALIGNMENT))
 
 
-def verified_data_end(buf: bytes, expect_key: bytes, expect_cookie: int) -> int:
+def data_end(buf: bytes, expect_key: bytes, expect_cookie: int) -> int:
     """The fast path of `decode_needle` for reads: every check it makes (header fields, length,
     footer magic, checksum, padding, key, cookie) in a few comparisons, returning where the
-    data ends (it starts at `HEADER_BYTES`). On any failure, `decode_needle` runs to raise the
-    `CorruptObject` that names the field."""
+    data ends (it starts at `HEADER_BYTES`), or -1 if any fails."""
     if len(buf) >= HEADER_BYTES:
         magic, version, flags, reserved, size, cookie, _, key = _HEADER.unpack_from(buf, 0)
         end = HEADER_BYTES + size
@@ -197,5 +197,27 @@ def verified_data_end(buf: bytes, expect_key: bytes, expect_cookie: int) -> int:
             if (footer_magic == FOOTER_MAGIC and crc32(memoryview(buf)[:end]) == crc
                     and (not pad or buf[end + FOOTER_BYTES:] == _PADDING[pad])):
                 return end
+    return -1
+
+
+def verified_data_end(buf: bytes, expect_key: bytes, expect_cookie: int) -> int:
+    """`data_end`, raising the `CorruptObject` of `decode_needle` (which names the field) where
+    a check fails."""
+    end = data_end(buf, expect_key, expect_cookie)
+    if end >= 0:
+        return end
     decode_needle(buf, expect_key=expect_key, expect_cookie=expect_cookie)
     raise CorruptObject("needle: failed its checks")  # decode_needle raised already
+
+
+def pread_needle(fd: int, length: int, offset: int, key: bytes,
+                 cookie: int) -> tuple[bytes, int]:
+    """One pread of the needle of `length` bytes at `offset` and its checks: (the bytes, shorter
+    only where the file ends first; `data_end` of them, -1 if a check fails). The reference of
+    the compiled `storage_server._needle.pread_needle`, which the read path uses when built."""
+    if length < 0 or offset < 0:
+        raise ValueError(f"pread_needle: length {length}, offset {offset}")
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"pread_needle: a key is {KEY_BYTES} bytes, got {len(key)}")
+    buf = os.pread(fd, length, offset)
+    return buf, data_end(buf, key, cookie) if len(buf) == length else -1

@@ -28,7 +28,7 @@ from cachefs.errors import (
     RepositoryBusy,
     UsageError,
 )
-from storage_server.index import DEFAULT_MAP_SIZE, Index
+from storage_server.index import DEFAULT_CACHE_ENTRIES, DEFAULT_MAP_SIZE, Index
 from storage_server.needle import (
     FLAG_TOMBSTONE,
     HEADER_BYTES,
@@ -59,11 +59,14 @@ class VolumeStore:
     def __init__(self, data_dir: str | os.PathLike[str], volumes: int | None = None,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync_interval_ms: float = 0.0,
                  map_size: int = DEFAULT_MAP_SIZE, index_interval_ms: float = 50.0,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True,
+                 index_cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
         if volumes is not None and not 1 <= volumes <= MAX_VOLUMES:
             raise UsageError(f"--volumes {volumes}: must be between 1 and {MAX_VOLUMES}")
         if segment_bytes < 4096:
             raise UsageError(f"segment size {segment_bytes}: at least 4096 bytes")
+        if index_cache_entries < 0:
+            raise UsageError(f"--index-cache {index_cache_entries}: must not be negative")
         if fsync_interval_ms < 0:
             raise UsageError(f"--fsync-interval-ms {fsync_interval_ms}: must not be negative")
         self.data_dir = Path(data_dir)
@@ -79,7 +82,7 @@ class VolumeStore:
             self.volumes: int = fmt["volumes"]
             self.cookie: int = fmt["cookie"]
             self.counters = Counters()
-            self.index = Index(self.data_dir / "index", map_size)
+            self.index = Index(self.data_dir / "index", map_size, index_cache_entries)
             self._volumes = [Volume(self.data_dir / "volumes" / f"{vid:04x}", vid, self.cookie,
                                     segment_bytes, self.counters, direct_io)
                              for vid in range(self.volumes)]
@@ -195,11 +198,13 @@ class VolumeStore:
             entry = self.index.get(vid, key)
             if entry is None or entry.deleted:
                 raise ObjectNotFound(f"needle {key.hex()}: not stored here")
-            buf = vol.read(entry)
-            if buf is None:
+            got = vol.read(entry, key, self.cookie)
+            if got is None:
                 continue  # compaction moved it between the lookup and the read
+            buf, end = got
             try:
-                end = verified_data_end(buf, key, self.cookie)
+                if end < 0:
+                    verified_data_end(buf, key, self.cookie)  # raises, naming the field
             except CorruptObject as e:
                 self.counters.add("corrupt_reads")
                 log.error("volume %d segment %08x offset %d: %s", vid, entry.segment,
@@ -275,6 +280,8 @@ class VolumeStore:
                 "group_commits": counters.get("group_commits", 0),
                 "index_commits": counters.get("index_commits", 0),
                 "needles_committed": counters.get("needles_committed", 0),
+                "index_cache": {"entries": self.index.cached,
+                                "capacity": self.index.cache_entries},
                 "recovered": self.recovered}
 
     def compact(self, vid: int | None = None) -> dict[str, Any]:

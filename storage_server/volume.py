@@ -15,8 +15,10 @@ to LMDB in larger transactions (every `index_interval_ms`) and then drops them f
 overlay; until then recovery would find them past the indexed ends, which never pass a needle
 that is not yet in LMDB.
 
-Reads. One index lookup gives (segment, offset, size); one `os.pread` of the whole needle
-follows, and the needle is verified (key, cookie, CRC-32) before any byte is returned.
+Reads. One index lookup gives (segment, offset, size) (from the index's entry cache when the
+key was read lately); one pread of the whole needle follows, and the needle is verified (key,
+cookie, CRC-32) before any byte is returned. Both are compiled (`pread_needle`, storage_server/
+_needle.pyx): a needle in the page cache is read and checked without releasing the GIL.
 
 Recovery. At open, each segment is scanned from its indexed end: complete valid needles are
 indexed, the first torn or invalid one and everything after it is truncated (only the tail of
@@ -58,10 +60,23 @@ from storage_server.direct import (
 from storage_server.index import Entry, Index, Record
 from storage_server.needle import (
     HEADER_BYTES,
+    data_end,
     decode_needle,
     encode_needle_parts,
     parse_header,
 )
+
+try:  # the compiled read (storage_server/_needle.pyx), built at install time
+    from storage_server._needle import pread_needle
+
+    COMPILED_READ = True
+except ImportError as e:  # pragma: no cover - exercised only without a build
+    from storage_server.needle import pread_needle
+
+    COMPILED_READ = False
+    logging.getLogger(__name__).warning(
+        "storage_server._needle (the compiled needle read) is not built: using the slower "
+        "pure-Python read (%s); reinstall with `pip install -e .` to build it", e)
 
 log = logging.getLogger(__name__)
 
@@ -545,11 +560,13 @@ class Volume:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def read(self, entry: Entry) -> bytes | None:
+    def read(self, entry: Entry, key: bytes, cookie: int) -> tuple[bytes, int] | None:
         """The raw needle `entry` points at, by one pread (a large needle not in the page
-        cache: by one O_DIRECT read, storage_server/direct.py); None if its segment was retired
-        (the caller looks the key up again)."""
-        direct = self.direct_io and entry.length >= DIRECT_READ_MIN
+        cache: by one O_DIRECT read, storage_server/direct.py), and where its data ends if it
+        passes every check for `key` and `cookie` (`data_end`: -1 if one fails); None if its
+        segment was retired (the caller looks the key up again)."""
+        length = entry.length
+        direct = self.direct_io and length >= DIRECT_READ_MIN
         with self._pins:
             seg = self.segments.get(entry.segment)
             if seg is None:
@@ -561,10 +578,11 @@ class Volume:
             reader = seg.reader if direct else None
         try:
             self.counters.add("preads")
-            if reader is None or fully_cached(seg.fd, entry.offset, entry.length) is not False:
-                return os.pread(seg.fd, entry.length, entry.offset)
+            if reader is None or fully_cached(seg.fd, entry.offset, length) is not False:
+                return pread_needle(seg.fd, length, entry.offset, key, cookie)
             self.counters.add("direct_reads")
-            return reader.read(entry.offset, entry.length)
+            buf = reader.read(entry.offset, length)
+            return buf, data_end(buf, key, cookie)
         finally:
             with self._pins:
                 seg.readers -= 1

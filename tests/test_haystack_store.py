@@ -119,7 +119,7 @@ GOOD = encode_needle(key_of(1), b"abc", 7, sequence=3)  # 3 bytes of data: 5 of 
 END = HEADER_BYTES + 3
 
 
-@pytest.mark.parametrize(("buf", "message"), [
+MALFORMED = [  # (a needle of key_of(1) and cookie 7 with one thing wrong, what decode says)
     (_field(GOOD, "<I", 0, 0xDEADBEEF), "header magic"),
     (_field(GOOD, "<B", 4, 2), "format version"),
     (_field(GOOD, "<B", 5, 0x80), "flags"),
@@ -138,7 +138,10 @@ END = HEADER_BYTES + 3
     (_field(GOOD, "<B", 24, 0), "checksum"),  # the key is covered too
     (_field(GOOD, "<B", len(GOOD) - 1, 1), "padding"),
     (b"", "truncated"),
-])
+]
+
+
+@pytest.mark.parametrize(("buf", "message"), MALFORMED)
 def test_malformed_needle_rejected(buf: bytes, message: str) -> None:
     with pytest.raises(CorruptObject, match=message):
         decode_needle(buf)

@@ -287,6 +287,22 @@ def test_server_without_token_says_so(server: StorageServer) -> None:
     assert "without authentication" in server.output()
 
 
+def test_index_cache_option(tmp_path: Path, storage_servers: list[StorageServer]) -> None:
+    started = StorageServer(tmp_path / "nocache", extra=("--index-cache", "0")).start()
+    storage_servers.append(started)
+    items = needles(5)
+    with started.client() as client:
+        client.put_many(list(items.items()))
+        for key, data in items.items():
+            assert client.get(key) == data
+        assert client.stat()["index_cache"] == {"entries": 0, "capacity": 0}
+    result = subprocess.run(
+        [sys.executable, "-m", "cachefs.cli.main", "storage", "serve", "--data-dir",
+         str(tmp_path / "bad"), "--listen", f"127.0.0.1:{free_port()}", "--index-cache", "-1"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--index-cache -1" in result.stderr
+
+
 # -- malformed requests ------------------------------------------------------------------------
 
 

@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="append needles through the page cache instead of with O_DIRECT "
                         "(default: O_DIRECT where the file system allows it, which spares the "
                         "CPU a copy of every byte; writes are durable either way)")
+    s.add_argument("--index-cache", type=int, metavar="N",
+                   help="keep the index entries of up to N recently read needles in memory "
+                        "(~300 bytes each; default: the store's), so that a warm read needs no "
+                        "index transaction; 0 turns it off")
     s.add_argument("--volumes", type=int, metavar="N",
                    help="logical volumes of a new data directory (an existing one keeps its own)")
     s.add_argument("--segment-size", type=parse_size, metavar="SIZE",
@@ -128,6 +132,8 @@ def serve(args: argparse.Namespace) -> int:
                                "direct_io": not args.buffered_writes}
     if args.segment_size is not None:
         options["segment_bytes"] = args.segment_size
+    if args.index_cache is not None:
+        options["index_cache_entries"] = args.index_cache
     store = VolumeStore(args.data_dir, **options)
     try:
         print(recovery_line(store.stat()), flush=True)
