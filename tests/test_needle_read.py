@@ -145,6 +145,30 @@ def test_a_page_cache_hit_keeps_the_gil(segment: tuple[int, Path]) -> None:
     assert hits < 10  # only the interpreter's forced switches (every 5 ms) remain
 
 
+def test_gets_read_only_their_needles(tmp_path: Path) -> None:
+    """Readahead is off for gets: reading needles one after another in segment order (the
+    pattern readahead ramps up on) brings only their own pages into the page cache."""
+    data_dir = tmp_path / "store"
+    items = [(key_of(i), data_of(i, 3000)) for i in range(200)]
+    with VolumeStore(data_dir, volumes=1) as store:
+        store.put_many(items)
+    with VolumeStore(data_dir, volumes=1) as store:
+        entries = sorted((store.index.get(0, key), key) for key, _ in items)
+        (path,) = sorted((data_dir / "volumes").glob("*/*.seg"))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            read = entries[20:30]
+            for _, key in read:
+                store.get(key)
+            start, end = read[0][0].offset, read[-1][0].offset + read[-1][0].length
+            stat = cachestat(fd, 0, entries[150][0].offset)  # the tail: recovery's to read
+            assert stat is not None
+            assert stat.nr_cache <= (end - start) // 4096 + 2
+        finally:
+            os.close(fd)
+
+
 # -- the index's entry cache -----------------------------------------------------------------
 
 @pytest.fixture
