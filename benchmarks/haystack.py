@@ -17,9 +17,11 @@ buffer), keys are the BLAKE3 of the content. Every phase uses 16 threads.
 
 Phases, for each way: durable small writes, durable large writes, then `sync` and
 `echo 1 > /proc/sys/vm/drop_caches` (root; without it the "cold" reads are warm and the JSON
-says `"cold": false`), small reads in one random order (cold), the same again (warm), and large
-reads. Figures: writes/s, reads/s, MB/s; for the store, data `pread` calls per read from its own
-counter (a read must be one index lookup and one pread); for files, a read is open+read+close.
+says `"cold": false`), small reads in one random order (cold), the same again (warm), large
+reads, and last the batched writes below (for the store and gRPC ways only, so they come after
+the reads: every way has written the same bytes when its reads are measured). Figures:
+writes/s, reads/s, MB/s; for the store, data `pread` calls per read from its own counter (a
+read must be one index lookup and one pread); for files, a read is open+read+close.
 
 Ratios (higher is better): `small_write_vs_files`, `small_read_cold_vs_files`,
 `small_read_warm_vs_files`, `grpc_small_write_vs_files` (one object per Put, against one object
@@ -264,13 +266,6 @@ def measure(way: Any, objects: Objects) -> dict[str, Any]:
     small_write_s = parallel(way.write, objects.small)
     log(f"{way.name}: {len(objects.large)} durable large writes")
     large_write_s = parallel(way.write, objects.large)
-    batched_s = None
-    if hasattr(way, "write_batch"):
-        # the same objects again, as a client with many objects sends them: BATCH per Put
-        # (already stored: the store skips them, so rewrite under fresh keys)
-        log(f"{way.name}: {len(objects.small):,} durable small writes, {BATCH} per call")
-        fresh = [(bytes([k[0] ^ 0xFF]) + k[1:], off, size) for k, off, size in objects.small]
-        batched_s = parallel(way.write_batch, batches(fresh))
     cold = drop_caches()
     preads_before = way.preads() if hasattr(way, "preads") else 0
     log(f"{way.name}: small reads, random order, cold")
@@ -281,6 +276,15 @@ def measure(way: Any, objects: Objects) -> dict[str, Any]:
     log(f"{way.name}: large reads")
     parallel(way.read, objects.large)  # warm them: the figure is transfer, not disk
     large_read_s = parallel(way.read, objects.large)
+    batched_s = None
+    if hasattr(way, "write_batch"):
+        # the same objects again, as a client with many objects sends them: BATCH per Put
+        # (already stored: the store skips them, so rewrite under fresh keys). Last, so that
+        # every way has written the same bytes when its reads are measured (this disk slows
+        # down as gigabytes go by).
+        log(f"{way.name}: {len(objects.small):,} durable small writes, {BATCH} per call")
+        fresh = [(bytes([k[0] ^ 0xFF]) + k[1:], off, size) for k, off, size in objects.small]
+        batched_s = parallel(way.write_batch, batches(fresh))
     n = len(objects.small)
     result = {
         "small_writes_s": n / small_write_s,

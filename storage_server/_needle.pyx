@@ -14,10 +14,12 @@ two GIL handoffs (`os.pread` and ISA-L's `crc32` both release the GIL), and on 1
 threads each handoff is a futex wake and a context switch: measured here, 3.5 voluntary context
 switches and ~65 us of CPU per warm read, four times the copy. So:
 
-- the read is first tried with `preadv2(RWF_NOWAIT)` holding the GIL: a page-cache hit is a
-  copy that cannot block, so no other thread needs to run meanwhile; a miss returns at once
-  (EAGAIN, or the part that was cached) and the rest is read with the GIL released, as disk
-  I/O must be;
+- cachestat(2) (one syscall, no I/O) says whether every page of the needle is in the page
+  cache; if so it is copied out holding the GIL, as no other thread needs to run meanwhile.
+  Otherwise, or if the pages went in between (then the copy is short), the rest is read with
+  the GIL released, as disk I/O must be. On kernels without cachestat (before 6.5) the first
+  try is `preadv2(RWF_NOWAIT)` holding the GIL instead, which returns at once on a miss but
+  starts the readahead for it there (measured: cold reads 10% slower than with cachestat);
 - the CRC-32 is ISA-L's `crc32_gzip_refl` (the C function behind `isal.isal_zlib.crc32`, which
   the reference uses), called directly, under the GIL for a hit and inside the GIL-free block
   for a miss. Where that symbol cannot be found (another build of python-isal), the check goes
@@ -34,7 +36,7 @@ from isal import isal_zlib
 from storage_server import needle as _spec
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EINTR, ENOSYS, EPERM, errno
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp
 from posix.types cimport off_t
@@ -45,6 +47,31 @@ from posix.unistd cimport pread
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
     int RWF_NOWAIT
+
+
+cdef extern from *:
+    """
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    #ifndef SYS_cachestat
+    #define SYS_cachestat 451  /* the same number on every architecture */
+    #endif
+    struct cachefs_cachestat_range { unsigned long long off, len; };
+    struct cachefs_cachestat {
+        unsigned long long nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+    };
+    static long cachefs_cachestat_call(int fd, struct cachefs_cachestat_range *range,
+                                       struct cachefs_cachestat *stat) {
+        return syscall(SYS_cachestat, fd, range, stat, 0);
+    }
+    """
+    struct cachefs_cachestat_range:
+        unsigned long long off
+        unsigned long long len
+    struct cachefs_cachestat:
+        unsigned long long nr_cache
+    long cachefs_cachestat_call(int fd, cachefs_cachestat_range *range,
+                                cachefs_cachestat *stat) nogil
 
 
 ctypedef uint32_t (*crc32_fn)(uint32_t, const unsigned char *, uint64_t) noexcept nogil
@@ -83,6 +110,32 @@ cdef crc32_fn _find_crc32():
 cdef crc32_fn _crc32 = _find_crc32()
 DIRECT_CRC32 = _crc32 != NULL
 """Whether the CRC-32 is computed by ISA-L's C function directly (else through Python)."""
+
+
+cdef bint _cachestat = True  # False once the kernel refused it: RWF_NOWAIT instead
+
+
+def use_cachestat(bint enabled):
+    """Whether a read asks cachestat(2) first (True, where the kernel has it) or tries
+    RWF_NOWAIT; returns the previous setting (tests cover both paths)."""
+    global _cachestat
+    previous = _cachestat
+    _cachestat = enabled
+    return previous
+
+
+cdef bint _all_cached(int fd, off_t offset, Py_ssize_t length) noexcept:
+    """Whether every page holding the range is in the page cache (False when unknown)."""
+    global _cachestat
+    cdef cachefs_cachestat_range rng
+    cdef cachefs_cachestat counts
+    rng.off = offset & ~4095
+    rng.len = ((offset + length + 4095) & ~4095) - rng.off
+    if cachefs_cachestat_call(fd, &rng, &counts) != 0:
+        if errno == ENOSYS or errno == EPERM:  # an older kernel, or a seccomp filter
+            _cachestat = False
+        return False
+    return counts.nr_cache * 4096 >= rng.len
 
 
 cdef inline uint32_t _le32(const unsigned char *p) noexcept nogil:
@@ -132,7 +185,12 @@ def pread_needle(int fd, Py_ssize_t length, off_t offset, bytes key, uint32_t co
     cdef iovec iov
     iov.iov_base = p
     iov.iov_len = length
-    if length:
+    if length and _cachestat:
+        if _all_cached(fd, offset, length):  # a copy out of the page cache: keep the GIL
+            got = pread(fd, p, length, offset)
+            if got > 0:
+                done = got
+    elif length:
         got = preadv2(fd, &iov, 1, offset, RWF_NOWAIT)  # holding the GIL: cannot block
         if got > 0:
             done = got

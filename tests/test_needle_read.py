@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,11 +60,12 @@ def _evict(fd: int) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=3000), offset=st.integers(0, 9000),
        flip=st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 7)),
-       extra=st.integers(-9, 9), cookie=st.sampled_from([7, 8]), evict=st.booleans())
+       extra=st.integers(-9, 9), cookie=st.sampled_from([7, 8]), evict=st.booleans(),
+       ask_cachestat=st.booleans())
 def test_compiled_read_agrees_with_the_reference(segment: tuple[int, Path], data: bytes,
                                                  offset: int, flip: tuple[int, int] | None,
-                                                 extra: int, cookie: int,
-                                                 evict: bool) -> None:
+                                                 extra: int, cookie: int, evict: bool,
+                                                 ask_cachestat: bool) -> None:
     fd, _ = segment
     buf = bytearray(encode_needle(key_of(1), data, 7, sequence=3))
     if flip is not None:
@@ -72,10 +74,14 @@ def test_compiled_read_agrees_with_the_reference(segment: tuple[int, Path], data
     _write(fd, bytes(buf), offset)
     length = max(0, len(buf) + extra)  # a wrong length, or one past the end of the file
     answers = []
-    for read in READS:
-        if evict:  # the read misses the page cache: the path that releases the GIL
-            _evict(fd)
-        answers.append(read(fd, length, offset, key_of(1), cookie))
+    previous = compiled.use_cachestat(ask_cachestat)  # its first try: cachestat, or RWF_NOWAIT
+    try:
+        for read in READS:
+            if evict:  # the read misses the page cache: the path that releases the GIL
+                _evict(fd)
+            answers.append(read(fd, length, offset, key_of(1), cookie))
+    finally:
+        compiled.use_cachestat(previous)
     assert answers[0] == answers[1]
     got, end = answers[1]
     assert got == bytes(buf)[:length]
@@ -110,39 +116,49 @@ def test_read_errors(segment: tuple[int, Path], read: Read) -> None:
     assert e.value.errno == errno.EBADF
 
 
-def _handoffs(read: Callable[[], object], n: int) -> int:
-    """Voluntary context switches of this process over n reads while another Python thread
-    wants the GIL: a read that releases it hands it over and sleeps until it gets it back."""
-    stop = threading.Event()
+def _lets_others_run(read: Callable[[], object]) -> bool:
+    """Whether another Python thread ran while `read()` was in progress, i.e. whether the read
+    released the GIL: that thread is woken just before the read and needs the GIL to note the
+    time. (Forced switches are put off meanwhile, so a read that keeps the GIL keeps it out.)"""
+    go = threading.Event()
+    ran_at: list[int] = []
 
-    def spin() -> None:
-        while not stop.is_set():
-            pass
+    def other() -> None:
+        go.wait()
+        ran_at.append(time.monotonic_ns())
 
-    spinner = threading.Thread(target=spin)
-    spinner.start()
+    thread = threading.Thread(target=other)
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
     try:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
-        for _ in range(n):
-            read()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before
+        go.set()
+        began = time.monotonic_ns()
+        read()
+        ended = time.monotonic_ns()
     finally:
-        stop.set()
-        spinner.join()
+        sys.setswitchinterval(interval)
+        thread.join()
+    return began < ran_at[0] < ended
 
 
-def test_a_page_cache_hit_keeps_the_gil(segment: tuple[int, Path]) -> None:
+@pytest.mark.parametrize("ask_cachestat", [True, False], ids=["cachestat", "rwf-nowait"])
+def test_a_page_cache_hit_keeps_the_gil(segment: tuple[int, Path], ask_cachestat: bool) -> None:
     fd, _ = segment
-    buf = encode_needle(key_of(1), data_of(1, 110_000), 7)
+    buf = encode_needle(key_of(1), data_of(1, 32 << 20), 7)  # a copy of milliseconds
     _write(fd, buf, 4096)
     os.pread(fd, len(buf), 4096)
     stat = cachestat(fd, 4096, len(buf))
     assert stat is not None and stat.nr_cache * 4096 >= len(buf)  # all of it is cached
-    n = 100
-    reference = _handoffs(lambda: needle.pread_needle(fd, len(buf), 4096, key_of(1), 7), n)
-    hits = _handoffs(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7), n)
-    assert reference >= n  # the measurement sees handoffs: os.pread and crc32 each release
-    assert hits < 10  # only the interpreter's forced switches (every 5 ms) remain
+    assert _lets_others_run(lambda: needle.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+    previous = compiled.use_cachestat(ask_cachestat)
+    try:
+        assert not _lets_others_run(
+            lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+        _evict(fd)  # a miss waits for the disk with the GIL released
+        assert _lets_others_run(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+    finally:
+        compiled.use_cachestat(previous)
 
 
 def test_gets_read_only_their_needles(tmp_path: Path) -> None:
