@@ -15,9 +15,11 @@ threads each handoff is a futex wake and a context switch: measured here, 3.5 vo
 switches and ~65 us of CPU per warm read, four times the copy. So:
 
 - cachestat(2) (one syscall, no I/O) says whether every page of the needle is in the page
-  cache; if so it is copied out holding the GIL, as no other thread needs to run meanwhile.
-  Otherwise, or if the pages went in between (then the copy is short), the rest is read with
-  the GIL released, as disk I/O must be. On kernels without cachestat (before 6.5) the first
+  cache; if so, and the needle is shorter than `GIL_COPY_MAX` (1 MiB: a copy of ~100 us, where
+  a handoff costs ~10), it is copied out holding the GIL, as no other thread needs to run
+  meanwhile. Otherwise, or if the pages went in between (then the copy is short), the rest is
+  read with the GIL released, as disk I/O must be, and as a long copy should be: a cached
+  chunk of megabytes would keep every other thread waiting for milliseconds. On kernels without cachestat (before 6.5) the first
   try is `preadv2(RWF_NOWAIT)` holding the GIL instead, which returns at once on a miss but
   starts the readahead for it there (measured: cold reads 10% slower than with cachestat);
 - the CRC-32 is ISA-L's `crc32_gzip_refl` (the C function behind `isal.isal_zlib.crc32`, which
@@ -112,6 +114,10 @@ DIRECT_CRC32 = _crc32 != NULL
 """Whether the CRC-32 is computed by ISA-L's C function directly (else through Python)."""
 
 
+cdef Py_ssize_t _GIL_COPY_MAX = 1 << 20
+GIL_COPY_MAX = _GIL_COPY_MAX
+"""Needles shorter than this are copied out of the page cache holding the GIL."""
+
 cdef bint _cachestat = True  # False once the kernel refused it: RWF_NOWAIT instead
 
 
@@ -185,15 +191,16 @@ def pread_needle(int fd, Py_ssize_t length, off_t offset, bytes key, uint32_t co
     cdef iovec iov
     iov.iov_base = p
     iov.iov_len = length
-    if length and _cachestat:
-        if _all_cached(fd, offset, length):  # a copy out of the page cache: keep the GIL
-            got = pread(fd, p, length, offset)
+    if 0 < length < _GIL_COPY_MAX:  # a short copy out of the page cache keeps the GIL
+        if _cachestat:
+            if _all_cached(fd, offset, length):
+                got = pread(fd, p, length, offset)
+                if got > 0:
+                    done = got
+        else:
+            got = preadv2(fd, &iov, 1, offset, RWF_NOWAIT)  # cannot block
             if got > 0:
                 done = got
-    elif length:
-        got = preadv2(fd, &iov, 1, offset, RWF_NOWAIT)  # holding the GIL: cannot block
-        if got > 0:
-            done = got
     if done == length:
         end = _data_end(p, done, k, cookie)
     else:

@@ -143,22 +143,41 @@ def _lets_others_run(read: Callable[[], object]) -> bool:
 
 
 @pytest.mark.parametrize("ask_cachestat", [True, False], ids=["cachestat", "rwf-nowait"])
-def test_a_page_cache_hit_keeps_the_gil(segment: tuple[int, Path], ask_cachestat: bool) -> None:
+def test_a_short_page_cache_hit_keeps_the_gil(segment: tuple[int, Path],
+                                              ask_cachestat: bool) -> None:
     fd, _ = segment
-    buf = encode_needle(key_of(1), data_of(1, 32 << 20), 7)  # a copy of milliseconds
+    buf = encode_needle(key_of(1), data_of(1, 110_000), 7)
+    assert len(buf) < compiled.GIL_COPY_MAX
     _write(fd, buf, 4096)
     os.pread(fd, len(buf), 4096)
     stat = cachestat(fd, 4096, len(buf))
     assert stat is not None and stat.nr_cache * 4096 >= len(buf)  # all of it is cached
-    assert _lets_others_run(lambda: needle.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+
+    def reads(read: Read) -> Callable[[], None]:
+        def run() -> None:  # milliseconds of reads: another thread has time to get the GIL
+            for _ in range(300):
+                read(fd, len(buf), 4096, key_of(1), 7)
+        return run
+
+    assert _lets_others_run(reads(needle.pread_needle))  # os.pread and crc32 release it
     previous = compiled.use_cachestat(ask_cachestat)
     try:
-        assert not _lets_others_run(
-            lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+        assert not _lets_others_run(reads(compiled.pread_needle))
         _evict(fd)  # a miss waits for the disk with the GIL released
         assert _lets_others_run(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
     finally:
         compiled.use_cachestat(previous)
+
+
+def test_a_long_copy_releases_the_gil(segment: tuple[int, Path]) -> None:
+    """A cached chunk of megabytes is copied with the GIL released: other threads (gRPC
+    calls) do not wait milliseconds for it."""
+    fd, _ = segment
+    buf = encode_needle(key_of(1), data_of(1, 32 << 20), 7)
+    _write(fd, buf, 4096)
+    os.pread(fd, len(buf), 4096)
+    assert _lets_others_run(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+    assert compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7)[1] == 56 + (32 << 20)
 
 
 def test_gets_read_only_their_needles(tmp_path: Path) -> None:
