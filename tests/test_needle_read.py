@@ -5,10 +5,10 @@ commit has replaced (deletes, compaction) and stays within its bound."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,30 +116,51 @@ def test_read_errors(segment: tuple[int, Path], read: Read) -> None:
     assert e.value.errno == errno.EBADF
 
 
-def _lets_others_run(read: Callable[[], object]) -> bool:
-    """Whether another Python thread ran while `read()` was in progress, i.e. whether the read
-    released the GIL: that thread is woken just before the read and needs the GIL to note the
-    time. (Forced switches are put off meanwhile, so a read that keeps the GIL keeps it out.)"""
-    go = threading.Event()
-    ran_at: list[int] = []
+class _GilWatcher:
+    """Another Python thread, woken on entry and needing the GIL to note that it ran: while
+    this thread holds the GIL it cannot run, so it ran during whatever released the GIL.
+    Meanwhile forced switches are put off, and so is the garbage collector (a finalizer it runs
+    may release the GIL: closing a file does)."""
 
-    def other() -> None:
-        go.wait()
-        ran_at.append(time.monotonic_ns())
+    def __init__(self) -> None:
+        self._go = threading.Event()
+        self.ran = False
+        self._thread = threading.Thread(target=self._run)
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(10.0)
-    try:
-        go.set()
-        began = time.monotonic_ns()
-        read()
-        ended = time.monotonic_ns()
-    finally:
-        sys.setswitchinterval(interval)
-        thread.join()
-    return began < ran_at[0] < ended
+    def _run(self) -> None:
+        self._go.wait()
+        self.ran = True
+
+    def __enter__(self) -> _GilWatcher:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(10.0)
+        gc.disable()
+        self._thread.start()
+        self._go.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.enable()
+        sys.setswitchinterval(self._interval)
+        self._thread.join()
+
+
+def _releases_gil(reads: Iterator[object]) -> bool:
+    """Whether the watcher gets to run during one of `reads` (it may take it a while to be
+    scheduled, on a loaded machine: the reads go on until it does, or run out)."""
+    with _GilWatcher() as watcher:
+        for _ in reads:
+            if watcher.ran:
+                return True
+        return watcher.ran
+
+
+def _keeps_gil(reads: Iterator[object]) -> bool:
+    """Whether the watcher never runs during `reads`."""
+    with _GilWatcher() as watcher:
+        for _ in reads:
+            pass
+        return not watcher.ran
 
 
 @pytest.mark.parametrize("ask_cachestat", [True, False], ids=["cachestat", "rwf-nowait"])
@@ -148,23 +169,24 @@ def test_a_short_page_cache_hit_keeps_the_gil(segment: tuple[int, Path],
     fd, _ = segment
     buf = encode_needle(key_of(1), data_of(1, 110_000), 7)
     assert len(buf) < compiled.GIL_COPY_MAX
-    _write(fd, buf, 4096)
-    os.pread(fd, len(buf), 4096)
-    stat = cachestat(fd, 4096, len(buf))
-    assert stat is not None and stat.nr_cache * 4096 >= len(buf)  # all of it is cached
+    count = 300
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, buf * count, 0)
+    os.pread(fd, len(buf) * count, 0)
+    stat = cachestat(fd, 0, len(buf) * count)
+    assert stat is not None and stat.nr_cache * 4096 >= len(buf) * count  # all cached
 
-    def reads(read: Read) -> Callable[[], None]:
-        def run() -> None:  # milliseconds of reads: another thread has time to get the GIL
-            for _ in range(300):
-                read(fd, len(buf), 4096, key_of(1), 7)
-        return run
+    def reads(read: Read, rounds: int = 1) -> Iterator[int]:
+        for i in range(rounds * count):
+            yield read(fd, len(buf), (i % count) * len(buf), key_of(1), 7)[1]
 
-    assert _lets_others_run(reads(needle.pread_needle))  # os.pread and crc32 release it
+    assert _releases_gil(reads(needle.pread_needle, rounds=100))  # os.pread, crc32 release it
     previous = compiled.use_cachestat(ask_cachestat)
     try:
-        assert not _lets_others_run(reads(compiled.pread_needle))
-        _evict(fd)  # a miss waits for the disk with the GIL released
-        assert _lets_others_run(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+        assert _keeps_gil(reads(compiled.pread_needle, rounds=3))
+        _evict(fd)  # misses wait for the disk with the GIL released
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # each read a miss, as in the store
+        assert _releases_gil(reads(compiled.pread_needle))
     finally:
         compiled.use_cachestat(previous)
 
@@ -176,7 +198,8 @@ def test_a_long_copy_releases_the_gil(segment: tuple[int, Path]) -> None:
     buf = encode_needle(key_of(1), data_of(1, 32 << 20), 7)
     _write(fd, buf, 4096)
     os.pread(fd, len(buf), 4096)
-    assert _lets_others_run(lambda: compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7))
+    assert _releases_gil(compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7)[1]
+                         for _ in range(50))
     assert compiled.pread_needle(fd, len(buf), 4096, key_of(1), 7)[1] == 56 + (32 << 20)
 
 
