@@ -19,9 +19,10 @@ switches and ~65 us of CPU per warm read, four times the copy. So:
   a handoff costs ~10), it is copied out holding the GIL, as no other thread needs to run
   meanwhile. Otherwise, or if the pages went in between (then the copy is short), the rest is
   read with the GIL released, as disk I/O must be, and as a long copy should be: a cached
-  chunk of megabytes would keep every other thread waiting for milliseconds. On kernels without cachestat (before 6.5) the first
-  try is `preadv2(RWF_NOWAIT)` holding the GIL instead, which returns at once on a miss but
-  starts the readahead for it there (measured: cold reads 10% slower than with cachestat);
+  chunk of megabytes would keep every other thread waiting for milliseconds. On kernels
+  without cachestat (before 6.5) the first try is `preadv2(RWF_NOWAIT)` holding the GIL
+  instead, which returns at once on a miss but starts the readahead for it there (measured:
+  cold reads 10% slower than with cachestat);
 - the CRC-32 is ISA-L's `crc32_gzip_refl` (the C function behind `isal.isal_zlib.crc32`, which
   the reference uses), called directly, under the GIL for a hit and inside the GIL-free block
   for a miss. Where that symbol cannot be found (another build of python-isal), the check goes
