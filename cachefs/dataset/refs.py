@@ -6,6 +6,9 @@ numbered generation objects, `refs/DATASET/heads/NAME/00000000000000000042`, eac
 commit it points to (or a deletion marker) plus who moved it, when and from what. The current
 value is the highest generation. Moving a ref from generation g writes g+1 with put-if-absent:
 of several racing writers exactly one creates it; the others get RefConflict and nothing changes.
+A create told "already exists" reads the generation back first: SDKs resend a request whose reply
+was lost, and the resent create finds the object its first try made. Every generation carries a
+random `attempt` id, so finding exactly our bytes proves the update is ours and it succeeds.
 After a create succeeds the writer checks that no higher generation appeared that does not build
 on its own (so pruning old generations can never resurrect a stale update). The sequence doubles
 as the reflog. A store that can refuse the create itself when a higher generation exists
@@ -29,7 +32,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from cachefs.errors import CorruptObject, InvalidName, RefConflict, RemoteUnsupported
+from cachefs.errors import (
+    CorruptObject,
+    InvalidName,
+    ObjectNotFound,
+    RefConflict,
+    RemoteUnsupported,
+)
 from cachefs.names import check_hash, check_name
 from cachefs.remotes.base import ObjectInfo, Remote
 
@@ -137,9 +146,11 @@ class GenerationRefStore:
         if self._probed:
             return
         key = f"probe/{secrets.token_hex(8)}"
+        ours = secrets.token_hex(8).encode()
         try:
-            first = self.remote.put_if_absent(key, b"1")
-            second = self.remote.put_if_absent(key, b"2")
+            # A first create whose reply was lost and retried reads "exists": it is still ours.
+            first = self._create_or_find(key, ours)
+            second = self.remote.put_if_absent(key, b"second")
         finally:
             self.remote.delete(key)
         if not first or second:
@@ -149,6 +160,33 @@ class GenerationRefStore:
                 "lose commits; ref updates on this store are refused"
             )
         self._probed = True
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether `key` holds exactly `data` (absent: False)."""
+        try:
+            return self.remote.get(key) == data
+        except ObjectNotFound:
+            return False
+
+    def _create_or_find(self, key: str, data: bytes, prefix: str | None = None) -> bool:
+        """Create `key` if absent (with `prefix`: only as the newest under it, where the store
+        can say so); True also when the key already holds exactly `data`.
+
+        SDKs resend a request whose reply was lost, and the resent create then finds the object
+        its first try made: "already exists", although this attempt won. `data` is unique per
+        attempt (a random id in it), so finding it stored proves the create was ours."""
+        create_latest = getattr(self.remote, "put_if_latest", None)
+        if prefix is not None and create_latest is not None:
+            created = create_latest(key, data, prefix)
+        else:
+            created = self.remote.put_if_absent(key, data)
+        if created:
+            return True
+        if self._holds(key, data):
+            log.info("the create of %s was ours (its reply was lost and the retry found it)",
+                     key)
+            return True
+        return False
 
     def compare_and_swap(
         self, dataset: str, kind: RefKind, name: str, expected: RefValue,
@@ -165,21 +203,19 @@ class GenerationRefStore:
             "who": who_am_i(),
             "time_ns": time.time_ns(),
             "reason": reason,
+            "attempt": secrets.token_hex(8),  # makes our bytes ours alone (_create_or_find)
         }
         key = prefix + f"{gen:0{_GEN_DIGITS}d}"
-        create_latest = getattr(self.remote, "put_if_latest", None)
-        if create_latest is not None:  # the store refuses a stale create itself, atomically
-            created = create_latest(key, json.dumps(doc).encode(), prefix)
-        else:
-            created = self.remote.put_if_absent(key, json.dumps(doc).encode())
-        if not created:
+        atomic = getattr(self.remote, "put_if_latest", None) is not None
+        if not self._create_or_find(key, json.dumps(doc).encode(), prefix):
             current = self.read(dataset, kind, name)
             raise RefConflict(
-                f"{kind[:-1] if kind == 'heads' else 'tag'} {name!r} of {dataset!r} moved "
+                f"{'branch' if kind == 'heads' else 'tag'} {name!r} of {dataset!r} moved "
                 f"concurrently (now at {(current.commit or 'deleted')[:12]}); nothing was "
                 "changed, retry the command"
             )
-        later = [] if create_latest is not None else \
+        # A store that refuses a stale create itself (put_if_latest) already checked this.
+        later = [] if atomic else \
             [g for g in self._generations(dataset, kind, name) if g > gen]
         if later and self._load(dataset, kind, name, later[0]).previous != commit:
             raise RefConflict(

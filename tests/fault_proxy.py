@@ -1,0 +1,144 @@
+"""A loopback reverse proxy that loses or spoils chosen answers of a real object-store server.
+
+`FaultProxy` sits in front of an HTTP endpoint (the moto S3 server, the OSS test server) and
+forwards every request unchanged, Host header included, so signatures stay valid. A `Fault`
+picks requests by method and path; for the first `times` of them the proxy still forwards the
+request, so the server applies it, and then, instead of relaying the server's answer:
+
+- ``LOST``: closes the client's connection without a byte, as a connection cut after the
+  request went out (the SDK sees "connection closed" and may retry the request);
+- an HTTP status (e.g. 504): answers it, as a gateway whose backend answered too late;
+- a `rewrite` function: relays the answer with its body replaced (a malformed listing).
+
+Everything binds 127.0.0.1 and stops within a bounded time (tests.servers.LoopbackHTTPServer).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Self
+from urllib.parse import unquote
+
+from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, ServerContext
+
+LOST = "lost"
+UPSTREAM_TIMEOUT_S = 30.0
+
+# Headers that describe one hop, not the message: never forwarded as they are.
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
+               "transfer-encoding", "upgrade"}
+
+
+@dataclass
+class Fault:
+    """What to do to the answers of requests `method` whose (unquoted) path contains
+    `path_part`."""
+
+    method: str
+    path_part: str
+    action: str | int | Callable[[bytes], bytes]  # LOST, a status, or a body rewrite
+    times: int = 1  # how many matching requests get it; later ones pass unchanged
+    hits: int = 0  # how many got it so far
+
+    def matches(self, method: str, path: str) -> bool:
+        return (method == self.method and self.path_part in unquote(path)  # oss2 quotes '/'
+                and self.hits < self.times)
+
+
+@dataclass
+class _Answer:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class _Handler(KeepAliveHandler):
+    server: _Server
+
+    def _upstream(self, body: bytes) -> _Answer:
+        conn = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port,
+                                          timeout=UPSTREAM_TIMEOUT_S)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    conn.putheader(name, value)
+            if body or self.command in ("PUT", "POST"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body or None)
+            response = conn.getresponse()
+            payload = response.read()
+            return _Answer(response.status, response.reason, response.getheaders(), payload)
+        finally:
+            conn.close()
+
+    def _relay(self, answer: _Answer) -> None:
+        self.send_response_only(answer.status, answer.reason)
+        for name, value in answer.headers:
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(answer.body)
+
+    def _serve(self) -> None:
+        body = self.read_body()
+        answer = self._upstream(body)  # the server applies the request in every case
+        fault = self.server.take_fault(self.command, self.path)
+        if fault is None:
+            self._relay(answer)
+        elif fault.action == LOST:
+            self.close_connection = True  # the socket closes with nothing sent
+        elif isinstance(fault.action, int):
+            self._relay(_Answer(fault.action, HTTPStatus(fault.action).phrase, [], b""))
+        else:
+            assert callable(fault.action)
+            self._relay(_Answer(answer.status, answer.reason, answer.headers,
+                                fault.action(answer.body)))
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _serve
+
+
+class _Server(LoopbackHTTPServer):
+    def __init__(self, upstream_host: str, upstream_port: int, faults: list[Fault]) -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.faults = faults
+        self._faults_lock = threading.Lock()
+        super().__init__(_Handler)
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self._faults_lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.hits += 1
+                    return fault
+        return None
+
+
+class FaultProxy(ServerContext):
+    """A reverse proxy on 127.0.0.1 to `upstream` (http://host:port) applying `faults`."""
+
+    def __init__(self, upstream: str, *faults: Fault) -> None:
+        host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
+        self.faults = list(faults)
+        self._server = _Server(host, int(port or 80), self.faults)
+        self.port = int(self._server.server_address[1])
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> Self:
+        self._server.start(f"fault-proxy:{self.port}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, cut open connections, join every thread; safe to call twice."""
+        self._server.stop(timeout)
