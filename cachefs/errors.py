@@ -138,3 +138,8 @@ class RepositoryBusy(CachefsError):
     errno = _errno.EBUSY
     exit_code = 12
     grpc_status = "UNAVAILABLE"
+
+
+class LockLost(RepositoryBusy):
+    """A writer's repository lock went stale (refreshes failed) or was removed before its ref
+    moved: gc may have deleted objects the writer reused, so the ref is left where it was."""

@@ -12,6 +12,13 @@ in the repository itself (restic's approach, since object stores have no locking
   for gc to finish, then tries again;
 - gc creates its lock, then lists the others, and waits until no writer holds one.
 
+A writer whose refreshes fail keeps working, but it must not move a ref once gc may have taken
+its lock for stale: gc may have deleted objects the writer reused. So a writer lock guards every
+ref move through its remote (`refs.add_ref_guard`): the move is refused (LockLost) unless the last
+successful rewrite is younger than half of `stale_s` (the other half absorbs clock skew between
+machines and the time the move itself takes) and the lock object still exists (whoever removed
+it treated the writer as gone). The refresher never re-creates a lock it finds removed.
+
 Listing is strongly consistent on every supported store, so of a writer and gc that lock at the
 same moment at least one sees the other: they never both proceed. Writers never wait for each
 other (refs are compare-and-swap already), and gc only holds its lock for the sweep.
@@ -29,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from cachefs.dataset.refs import who_am_i
-from cachefs.errors import RepositoryBusy
+from cachefs.dataset.refs import add_ref_guard, remove_ref_guard, who_am_i
+from cachefs.errors import LockLost, RepositoryBusy
 from cachefs.remotes.base import ObjectInfo, Remote
 
 log = logging.getLogger("cachefs.locks")
@@ -40,6 +47,7 @@ LOCK_PREFIX = "locks/"
 DEFAULT_REFRESH_S = 60.0
 DEFAULT_STALE_S = 600.0  # ten refreshes missed: the holder is gone (tolerates clock skew too)
 DEFAULT_WAIT_S = 3600.0
+FRESH_FRACTION = 0.5  # a ref moves only while the last rewrite is younger than this * stale_s
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,9 @@ class RepositoryLock:
                                 "started_ns": time.time_ns()}).encode()
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._written_at = 0.0  # monotonic start of the last successful write of the lock
+        self._lost: str | None = None  # why the lock no longer protects us, once known
+        self._last_error: str | None = None  # of the last failed refresh
 
     # -- acquiring ------------------------------------------------------------------------
     def _others(self) -> list[LockInfo]:
@@ -115,7 +126,7 @@ class RepositoryLock:
         deadline = time.monotonic() + self.wait_s
         announced: set[str] = set()
         while True:
-            self.remote.put(self.key, self._doc)
+            self._write()
             others = self._others()
             if self.kind == "gc":
                 rival = [lock for lock in others if lock.kind == "gc" and lock.key < self.key]
@@ -144,18 +155,56 @@ class RepositoryLock:
         self._refresher = threading.Thread(target=self._refresh, name="cachefs-lock",
                                            daemon=True)
         self._refresher.start()
+        if self.kind == "writer":
+            add_ref_guard(self.remote, self.check_held)
         log.debug("acquired %s", self.key)
         return self
+
+    def _write(self) -> None:
+        started = time.monotonic()  # the store's mtime is no older than this
+        self.remote.put(self.key, self._doc)
+        self._written_at = started
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.refresh_s):
             try:
-                self.remote.put(self.key, self._doc)
+                if not self.remote.has([self.key]):
+                    # Removed by someone who took us for dead: re-creating it would hide that.
+                    self._lost = "its lock object was removed"
+                    log.warning("lock %s was removed; this writer may no longer move refs",
+                                self.key)
+                    return
+                self._write()
+                self._last_error = None
             except Exception as e:  # keep trying: stale only after many misses
+                self._last_error = f"{type(e).__name__}: {e}"
                 log.warning("could not refresh lock %s: %s", self.key, e)
+
+    @property
+    def lost(self) -> str | None:
+        """Why this lock no longer protects its holder, once known (None: not known lost)."""
+        return self._lost
+
+    def check_held(self) -> None:
+        """LockLost unless this lock still keeps gc's sweep away (see the module docstring)."""
+        age = time.monotonic() - self._written_at
+        if self._lost is None and age > self.stale_s * FRESH_FRACTION:
+            last = f"; last refresh error: {self._last_error}" if self._last_error else ""
+            self._lost = (f"it was not refreshed for {age:.0f} s (gc ignores a lock after "
+                          f"{self.stale_s:.0f} s){last}")
+        if self._lost is None and not self.remote.has([self.key]):
+            self._lost = "its lock object was removed"
+        if self._lost is not None:
+            raise LockLost(
+                f"{self.kind} lock {self.key} on {self.remote.url} lapsed: {self._lost}. gc may "
+                "have deleted objects this command reused, so the ref was not moved; run the "
+                "command again"
+            )
 
     def release(self) -> None:
         self._stop.set()
+        if self.kind == "writer":
+            remove_ref_guard(self.remote, self.check_held)
         if self._refresher is not None:
             self._refresher.join()
             self._refresher = None

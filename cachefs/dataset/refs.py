@@ -14,6 +14,9 @@ on its own (so pruning old generations can never resurrect a stale update). The 
 as the reflog. A store that can refuse the create itself when a higher generation exists
 (`put_if_latest`, the haystack:// remote's raft directory) does it in that one call instead.
 
+Before a ref moves, every guard registered for the remote object (`add_ref_guard`) is checked: a
+writer's repository lock registers one that refuses the move once the lock may have expired.
+
 Before the first ref update through a store, it is probed: a scratch key is created twice, and a
 store whose second create also succeeds ignores put-if-absent; ref updates are then refused
 rather than risking a silently lost commit.
@@ -27,8 +30,9 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -86,6 +90,37 @@ class RefStore(Protocol):
     def list(self, dataset: str, kind: RefKind) -> dict[str, str]: ...
 
     def history(self, dataset: str, kind: RefKind, name: str) -> list[RefLogEntry]: ...
+
+
+RefGuard = Callable[[], None]  # raises (a CachefsError) to stop a ref move
+
+# Guards per remote object (by identity: a lock and the refs it protects share one object).
+# A module-level table because the ref layer must not depend on locks.py (it imports us).
+_guards: dict[int, list[RefGuard]] = {}
+_guards_lock = threading.Lock()
+
+
+def add_ref_guard(remote: Remote, guard: RefGuard) -> None:
+    """Run `guard()` before every ref move through `remote` until `remove_ref_guard`."""
+    with _guards_lock:
+        _guards.setdefault(id(remote), []).append(guard)
+
+
+def remove_ref_guard(remote: Remote, guard: RefGuard) -> None:
+    with _guards_lock:
+        guards = _guards.get(id(remote), [])
+        if guard in guards:
+            guards.remove(guard)
+        if not guards:
+            _guards.pop(id(remote), None)
+
+
+def check_ref_guards(remote: Remote) -> None:
+    """Raise what a registered guard raises: the ref must not move."""
+    with _guards_lock:
+        guards = list(_guards.get(id(remote), ()))
+    for guard in guards:
+        guard()
 
 
 @functools.cache  # a passwd lookup per ref update cost ~70 us (a file read each time)
@@ -206,6 +241,7 @@ class GenerationRefStore:
             "attempt": secrets.token_hex(8),  # makes our bytes ours alone (_create_or_find)
         }
         key = prefix + f"{gen:0{_GEN_DIGITS}d}"
+        check_ref_guards(self.remote)  # last thing before the move: a lock expired meanwhile?
         atomic = getattr(self.remote, "put_if_latest", None) is not None
         if not self._create_or_find(key, json.dumps(doc).encode(), prefix):
             current = self.read(dataset, kind, name)
