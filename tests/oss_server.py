@@ -17,6 +17,10 @@ request's SHA-256) and the HMAC-SHA256 key chain from ``"aliyun_v4" + secret`` o
 403 InvalidAccessKeyId, a clock off by more than 15 minutes 403 RequestTimeTooSkewed. Errors are
 OSS XML with an ``x-oss-request-id`` header.
 
+A bucket can be created with `BucketQuirks` to act like a faulty OSS-compatible server: one that
+ignores ``x-oss-forbid-overwrite`` (every PUT overwrites), or one whose ListObjectsV2 answers
+lack ``IsTruncated`` (oss2 cannot parse them).
+
 The server counts requests per operation (``counts["GetObject"]``) and errors per code
 (``error_counts["SignatureDoesNotMatch"]``), so tests can assert what a client really sent.
 """
@@ -162,6 +166,14 @@ class StoredObject:
         return int(self.mtime)  # OSS keeps whole seconds
 
 
+@dataclass(frozen=True)
+class BucketQuirks:
+    """How a bucket departs from OSS, as some OSS-compatible servers do."""
+
+    ignore_forbid_overwrite: bool = False  # x-oss-forbid-overwrite: true is not honoured
+    listing_without_is_truncated: bool = False  # ListObjectsV2 answers lack IsTruncated
+
+
 @dataclass
 class Response:
     status: int
@@ -250,6 +262,7 @@ class OSSServer(ServerContext):
         self._keys: dict[str, tuple[str, str | None]] = {}
         self.add_key(access_key_id, access_key_secret)
         self._buckets: dict[str, dict[str, StoredObject]] = {}
+        self._quirks: dict[str, BucketQuirks] = {}
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._error_counts: Counter[str] = Counter()
@@ -262,9 +275,10 @@ class OSSServer(ServerContext):
         """Accept requests signed with this key (and, if given, carrying this STS token)."""
         self._keys[access_key_id] = (secret, security_token)
 
-    def create_bucket(self, name: str) -> None:
+    def create_bucket(self, name: str, quirks: BucketQuirks | None = None) -> None:
         with self._lock:
             self._buckets.setdefault(name, {})
+            self._quirks[name] = quirks or BucketQuirks()
 
     def put_object(self, bucket: str, key: str, data: bytes) -> None:
         with self._lock:
@@ -531,6 +545,7 @@ class OSSServer(ServerContext):
         obj = StoredObject(body, headers.get("content-type") or "application/octet-stream")
         forbid_overwrite = headers.get("x-oss-forbid-overwrite", "").lower() == "true"
         with self._lock:
+            forbid_overwrite &= not self._quirks[bucket].ignore_forbid_overwrite
             objects = self._buckets[bucket]
             if forbid_overwrite and key in objects:
                 raise OSSError(
@@ -641,7 +656,10 @@ class OSSServer(ServerContext):
         _sub(root, "Delimiter", enc(delimiter))
         if encoding:
             _sub(root, "EncodingType", encoding)
-        _sub(root, "IsTruncated", "true" if truncated else "false")
+        with self._lock:
+            quirks = self._quirks[bucket]
+        if not quirks.listing_without_is_truncated:
+            _sub(root, "IsTruncated", "true" if truncated else "false")
         if truncated:
             _sub(root, "NextContinuationToken", base64.urlsafe_b64encode(last.encode()).decode())
         _sub(root, "KeyCount", len(contents) + len(common))

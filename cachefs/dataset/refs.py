@@ -189,8 +189,9 @@ class GenerationRefStore:
         finally:
             self.remote.delete(key)
         if not first or second:
+            mechanism = getattr(self.remote, "conditional_write", "exclusive create")
             raise RemoteUnsupported(
-                f"{self.remote.url} ignores put-if-absent (If-None-Match: *): a second exclusive "
+                f"{self.remote.url} ignores put-if-absent ({mechanism}): a second exclusive "
                 "create of the same key succeeded, so concurrent ref updates could silently "
                 "lose commits; ref updates on this store are refused"
             )

@@ -3,7 +3,12 @@
 A remote is a flat key -> bytes store. All of these operations must be idempotent, like JuiceFS's
 ObjectStorage: `put` of the same key with the same bytes any number of times is harmless, because
 every key but a ref generation is the content hash of its bytes. The one conditional write,
-`put_if_absent`, is what the ref protocol (`cachefs.dataset.refs`) builds compare-and-swap on.
+`put_if_absent`, is what the ref protocol (`cachefs.dataset.refs`) builds compare-and-swap on;
+a backend may name how it asks for it in `conditional_write` (S3 `If-None-Match: *`, OSS
+`x-oss-forbid-overwrite`), which the refusal of a store that ignores it names.
+
+Errors of HTTP backends are one line naming the server (`server_of`: scheme, host and port only),
+whatever the server answered, however malformed (`one_line`).
 
 Keys are '/'-separated ASCII paths built by the repository layer, never from raw user input.
 """
@@ -13,6 +18,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+ONE_LINE_LIMIT = 300  # characters of a server's error kept in a message (parsers quote bodies)
+
+
+def server_of(endpoint: str) -> str:
+    """``scheme://host[:port]`` of an endpoint URL: all of it a message may name (user info,
+    path and query can hold secrets)."""
+    parsed = urlparse(endpoint)
+    try:
+        port = f":{parsed.port}" if parsed.port else ""
+    except ValueError:  # not a number: name no port rather than fail while reporting
+        port = ""
+    if not parsed.hostname:
+        return "the server"
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{parsed.scheme}://{host}{port}"
+
+
+def one_line(error: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
+    """An error's text on one line, cut to `limit` characters: errors are one line on stderr."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ObjectInfo(NamedTuple):

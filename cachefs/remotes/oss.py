@@ -34,7 +34,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import HeadProbing, ObjectInfo
+from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
 
 log = logging.getLogger("cachefs.remotes.oss")
 
@@ -94,6 +94,7 @@ class OSSRemote(HeadProbing):
     """A remote stored as objects under an OSS bucket prefix."""
 
     pool_name = "cachefs-oss"
+    conditional_write = "x-oss-forbid-overwrite"  # how put_if_absent asks (named in refusals)
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class OSSRemote(HeadProbing):
 
         self.bucket = bucket
         self.endpoint = endpoint
+        self.server = server_of(endpoint)  # what messages name: no user info, path or query
         self.region = region
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"oss://{bucket}/{self.prefix}".rstrip("/")
@@ -223,20 +225,32 @@ class OSSRemote(HeadProbing):
             return ConfigError(f"no OSS credentials: set {' and '.join(_credentials_missing())}")
         if status < 0:  # no answer: a connection failure (oss2 RequestError) or a ClientError
             detail = getattr(exc, "exception", None) or getattr(exc, "body", None) or exc
-            return RemoteError(f"{action} {where}: no answer from {self.endpoint}: {detail}")
-        return RemoteError(f"{action} {where}: {code or 'error'} (HTTP {status}): {exc}")
+            return RemoteError(f"{action} {where}: no answer from {self.server}: "
+                               f"{one_line(detail)}")
+        return RemoteError(f"{action} {where}: {code or 'error'} (HTTP {status}) from "
+                           f"{self.server}: {one_line(exc)}")
 
     def _call(self, action: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one oss2 call, translating its errors (and requests' mid-body failures)."""
         import oss2.exceptions
         import requests
 
+        where = f"oss://{self.bucket}/{self._key(key)}"
         try:
             return fn(*args, **kwargs)
         except oss2.exceptions.OssError as e:
             raise self._translate(e, key, action) from e
-        except requests.RequestException as e:
-            raise RemoteError(f"{action} oss://{self.bucket}/{self._key(key)}: {e}") from e
+        except requests.RequestException as e:  # e.g. a connection cut mid-body
+            raise RemoteError(f"{action} {where}: talking to {self.server}: "
+                              f"{one_line(e)}") from e
+        except CachefsError:
+            raise
+        except Exception as e:
+            # oss2 parses answers with checks of its own that raise RuntimeError ("parse xml:
+            # IsTruncated could not be found"), ValueError, ParseError...: a server that is not
+            # quite OSS. One line naming it, never a traceback.
+            raise RemoteError(f"{action} {where}: malformed answer from {self.server}: "
+                              f"{type(e).__name__}: {one_line(e)}") from e
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         headers: dict[str, str] = {}
@@ -322,7 +336,7 @@ class OSSRemote(HeadProbing):
                 return
             if not page.next_continuation_token or page.next_continuation_token == token:
                 raise RemoteError(
-                    f"listing {self.url}: the store sent a truncated page without a new "
+                    f"listing {self.url}: {self.server} sent a truncated page without a new "
                     "continuation token"
                 )
             token = page.next_continuation_token

@@ -21,7 +21,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import HeadProbing, ObjectInfo
+from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
 
 log = logging.getLogger("cachefs.remotes.s3")
 
@@ -37,10 +37,20 @@ def _error_code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def _is_malformed_answer(exc: Exception) -> bool:
+    """Whether `exc` came from reading a server's answer that is not valid S3 (botocore's
+    parser, or our own reading of what it parsed), rather than from no answer at all."""
+    from botocore.parsers import ResponseParserError
+
+    return isinstance(exc, (ResponseParserError, ValueError, LookupError, TypeError,
+                            AttributeError, SyntaxError))
+
+
 class S3Remote(HeadProbing):
     """A remote stored as objects under a bucket prefix."""
 
     pool_name = "cachefs-s3"
+    conditional_write = "If-None-Match: *"  # how put_if_absent asks (named in refusals)
 
     def __init__(
         self,
@@ -77,6 +87,9 @@ class S3Remote(HeadProbing):
             region_name=region,
             config=Config(**config_kwargs),
         )
+        # What messages name: no user info, path or query (the client picks AWS's endpoint
+        # when none is given).
+        self.server = server_of(self._client.meta.endpoint_url)
 
     @classmethod
     def from_url(cls, url: str) -> S3Remote:
@@ -113,7 +126,13 @@ class S3Remote(HeadProbing):
             return PermissionDenied(f"{action} {where}: access denied ({code}); check credentials")
         if code == "NoSuchBucket":
             return RemoteError(f"bucket {self.bucket!r} does not exist ({self.url})")
-        return RemoteError(f"{action} {where}: {code or type(exc).__name__}: {exc}")
+        if code:
+            return RemoteError(f"{action} {where}: {code} from {self.server}: {one_line(exc)}")
+        if _is_malformed_answer(exc):
+            return RemoteError(f"{action} {where}: malformed answer from {self.server}: "
+                               f"{type(exc).__name__}: {one_line(exc)}")
+        return RemoteError(f"{action} {where}: {type(exc).__name__} ({self.server}): "
+                           f"{one_line(exc)}")
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         kwargs: dict[str, str] = {}
