@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import trio
 
 from cachefs.cache.tiered import TieredStore
-from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
-from cachefs.errors import CachefsError
+from cachefs.dataset.objects import Kind, TreeEntry, extent_bytes, zero_chunk_hash
+from cachefs.errors import CachefsError, CorruptObject
 from cachefs.lookup import FileLayout
 
 log = logging.getLogger("cachefs.fs")
@@ -53,6 +53,18 @@ class FsError(Exception):
     def __init__(self, errno_value: int) -> None:
         super().__init__(os.strerror(errno_value))
         self.errno = errno_value
+
+
+def _first_fs_error(group: BaseExceptionGroup) -> BaseException:
+    """The errno a failed multi-piece read answers with: its first piece's FsError when every
+    piece failed with one, else the group itself (a cancellation must stay one)."""
+    errors, rest = group.split(FsError)
+    if errors is None or rest is not None:
+        return group
+    first: BaseException = errors
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class ReadCounters:
     requests: int = 0
     bytes: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # request size -> count
+    bad_extents: int = 0  # reads refused because an extent did not fit its chunk
 
 
 class DatasetFS:
@@ -263,9 +276,12 @@ class DatasetFS:
             async def fetch(i: int, index: int, start: int, length: int) -> None:
                 parts[i] = await self._piece(extents[index].chunk, start, length)
 
-            async with trio.open_nursery() as nursery:
-                for i, (index, start, length) in enumerate(pieces):
-                    nursery.start_soon(fetch, i, index, start, length)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i, (index, start, length) in enumerate(pieces):
+                        nursery.start_soon(fetch, i, index, start, length)
+            except BaseExceptionGroup as group:
+                raise _first_fs_error(group) from None
             reply = b"".join(parts)
         self.reads.bytes += len(reply)
         self._readahead(handle, offset, len(reply), pieces[-1][0])
@@ -275,7 +291,12 @@ class DatasetFS:
         if chunk in self.zero_chunks:
             return bytes(length)
         data = await self._call(self.store.chunk(chunk))
-        return memoryview(data)[start : start + length]
+        try:
+            return extent_bytes(chunk, data, start, length)
+        except CorruptObject as e:
+            self.reads.bad_extents += 1
+            log.error("%s: the tree of this file lies, refusing the read", e)
+            raise FsError(errno.EIO) from e
 
     def _readahead(self, handle: Handle, offset: int, length: int, last_index: int) -> None:
         sequential = offset == handle.next_offset
@@ -337,6 +358,7 @@ class DatasetFS:
             "read_bytes": self.reads.bytes,
             "read_throughput_bytes_per_s": self.reads.bytes / elapsed if elapsed > 0 else 0.0,
             "uptime_s": elapsed,
+            "bad_extents": self.reads.bad_extents,
             "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},
             "inodes": self.inode_count,
             "open_files": len(self._handles),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cachefs.dataset.objects import (
     COMMIT_MAGIC,
+    MAX_CHUNK_SIZE,
     TREE_MAGIC,
     Commit,
     Extent,
@@ -40,7 +41,8 @@ def entries(draw: st.DrawFn, name: str) -> TreeEntry:
     mtime = draw(st.integers(-(2**62), 2**62))
     if kind is Kind.FILE:
         extents = tuple(draw(st.lists(
-            st.builds(Extent, hashes, st.integers(0, 2**40), st.integers(0, 2**32)),
+            st.integers(0, MAX_CHUNK_SIZE).flatmap(lambda length: st.builds(
+                Extent, hashes, st.integers(0, MAX_CHUNK_SIZE - length), st.just(length))),
             max_size=5)))
         return TreeEntry(name, kind, mode, sum(x.length for x in extents), mtime,
                          draw(hashes), extents)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 from cachefs.cache.base import CacheTier
 from cachefs.cache.memory import MemoryCache
+from cachefs.cache.singleflight import SingleFlight
 from cachefs.dataset.objects import (
     COMMIT_MAGIC,
     TREE_MAGIC,
@@ -70,13 +71,6 @@ class OriginStats:
     corrupt: int = 0
 
 
-@dataclass
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
-    error: BaseException | None = None
-
-
 class TieredStore:
     """Objects by key from memory -> disk -> origin, with single flight and verification."""
 
@@ -96,7 +90,8 @@ class TieredStore:
         self.origin = OriginStats()
         self._origin_limiter = trio.CapacityLimiter(origin_parallelism)
         self._disk_limiter = trio.CapacityLimiter(8)
-        self._flights: dict[str, _Flight] = {}
+        self._flights: SingleFlight[bytes] = SingleFlight()
+        self._tree_loads: SingleFlight[Tree] = SingleFlight()
         # Decoded trees, bounded by their total number of entries (what costs memory).
         self._trees: OrderedDict[str, Tree] = OrderedDict()
         self._tree_entries = 0
@@ -108,24 +103,7 @@ class TieredStore:
         data = self.memory.get(key)
         if data is not None:
             return data
-        flight = self._flights.get(key)
-        if flight is not None:
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            assert flight.data is not None
-            return flight.data
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.data = await self._fetch(key, into_memory)
-            return flight.data
-        except BaseException as e:
-            flight.error = e if isinstance(e, CachefsError) else RemoteError(
-                f"fetching {key} was interrupted")
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()
+        return await self._flights.run(key, lambda: self._fetch(key, into_memory))
 
     async def _fetch(self, key: str, into_memory: bool) -> bytes:
         if self.disk is not None:
@@ -203,14 +181,26 @@ class TieredStore:
         if tree is not None:
             self._trees.move_to_end(name)
             return tree
+        return await self._tree_loads.run(name, lambda: self._load_tree(name))
+
+    async def _load_tree(self, name: str) -> Tree:
         stored = await self.get(tree_key(name), into_memory=False)
-        tree = decode_tree(name, stored)
+        # Off the trio thread: a 100,000-entry tree takes about a second to decode, and every
+        # FUSE request would wait for it.
+        tree = await trio.to_thread.run_sync(decode_tree, name, stored)
+        self._remember_tree(name, tree)
+        return tree
+
+    def _remember_tree(self, name: str, tree: Tree) -> None:
+        """Cache a decoded tree, evicting the least recently used while over the entry bound
+        (the newest tree stays even when it alone is over it)."""
+        if name in self._trees:
+            return
         self._trees[name] = tree
         self._tree_entries += len(tree.entries)
         while self._tree_entries > self._tree_entries_limit and len(self._trees) > 1:
             _, old = self._trees.popitem(last=False)
             self._tree_entries -= len(old.entries)
-        return tree
 
     async def commit(self, name: str) -> Commit:
         return decode_commit(name, await self.get(commit_key(name), into_memory=False))
@@ -233,4 +223,5 @@ class TieredStore:
             "origin_timeouts": self.origin.timeouts,
             "corrupt_chunks": self.origin.corrupt + (disk.corrupt if disk else 0),
             "trees_cached": len(self._trees),
+            "tree_entries_cached": self._tree_entries,
         }

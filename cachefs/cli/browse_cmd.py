@@ -8,7 +8,7 @@ import sys
 
 from cachefs.cli.common import HelpFormatter, iso_time, open_repository, print_json
 from cachefs.dataset.diff import diff_commits
-from cachefs.dataset.objects import Kind, TreeEntry
+from cachefs.dataset.objects import Kind, TreeEntry, extent_bytes
 from cachefs.errors import InvalidName, UsageError
 from cachefs.names import format_size, is_hash_prefix, parse_address
 
@@ -96,7 +96,7 @@ def cat(args: argparse.Namespace) -> int:
     for x in entry.extents:
         if x.chunk != current_name:
             current_name, current = x.chunk, repo.get_chunk(x.chunk)
-        out.write(memoryview(current)[x.offset : x.offset + x.length])
+        out.write(extent_bytes(x.chunk, current, x.offset, x.length))
     out.flush()
     return 0
 

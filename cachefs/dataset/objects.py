@@ -66,6 +66,19 @@ def verify_chunk(name: str, data: bytes | memoryview) -> None:
         raise CorruptObject(f"chunk {name} is corrupt: its bytes do not match its hash", name)
 
 
+def extent_bytes(chunk: str, data: bytes | memoryview, offset: int, length: int) -> memoryview:
+    """The `length` bytes at `offset` of chunk `chunk` (its verified `data`), without a copy.
+
+    A tree names its extents; the chunk's hash vouches only for the chunk. An extent that does
+    not fit its chunk belongs to a tree that lies: CorruptObject, never a short slice (a short
+    piece would shift every later byte of a read)."""
+    view = memoryview(data)[offset : offset + length]
+    if len(view) != length:
+        raise CorruptObject(
+            f"an extent ({offset}+{length}) does not fit chunk {chunk} ({len(data)} bytes)", chunk)
+    return view
+
+
 class Kind(IntEnum):
     FILE = 1
     DIR = 2
@@ -257,9 +270,12 @@ def _decode_entry(row: object) -> TreeEntry:
         if type(extra) is not list or len(extra) % 3:
             raise ValueError("file extents must be triples")
         if len(extra) == 3:  # the common case: a small file, one extent
+            offset = _nonneg(extra[1])
             if _nonneg(extra[2]) != size:
                 raise ValueError(f"extents of {name!r} do not add up to its size")
-            extents = (Extent(_hex(extra[0]), _nonneg(extra[1]), extra[2]),)
+            if offset + size > MAX_CHUNK_SIZE:
+                raise ValueError(f"an extent of {name!r} ends past the largest chunk size")
+            extents = (Extent(_hex(extra[0]), offset, size),)
             return TreeEntry(name, kind, mode, size, mtime_ns, _hex(hash_value), extents)
         extents = tuple(
             Extent(_hex(extra[i]), _nonneg(extra[i + 1]), _nonneg(extra[i + 2]))
@@ -267,6 +283,8 @@ def _decode_entry(row: object) -> TreeEntry:
         )
         if sum(x.length for x in extents) != size:
             raise ValueError(f"extents of {name!r} do not add up to its size")
+        if any(x.offset + x.length > MAX_CHUNK_SIZE for x in extents):
+            raise ValueError(f"an extent of {name!r} ends past the largest chunk size")
     elif kind is Kind.SYMLINK:
         if not isinstance(extra, bytes) or not extra or b"\0" in extra:
             raise ValueError("bad symlink target")
