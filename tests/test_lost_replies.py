@@ -94,3 +94,15 @@ def test_oss_commit_survives_a_gateway_timeout_on_the_ref_put(oss_url: str,
         assert proxy.faults[0].hits == 1  # the remote retried the 504 and was told 409
     refs = Repository(open_remote_url(oss_url)).refs
     assert [e.commit for e in refs.history("ds", "heads", "main")] == [second, first]
+
+
+def test_oss_commit_survives_a_cut_connection_on_the_ref_put(oss_url: str,
+                                                             tmp_path: Path) -> None:
+    """oss2 does not resend after a cut connection: the error itself sends us to read back."""
+    endpoint = endpoint_of(oss_url, "endpoint")
+    with FaultProxy(endpoint, Fault("PUT", SECOND_GENERATION, LOST)) as proxy:
+        proxied = oss_url.replace(endpoint, proxy.endpoint)
+        first, second = commit_through(proxied, tmp_path)
+        assert proxy.faults[0].hits == 1
+    refs = Repository(open_remote_url(oss_url)).refs
+    assert [e.commit for e in refs.history("ds", "heads", "main")] == [second, first]

@@ -41,6 +41,7 @@ from cachefs.errors import (
     InvalidName,
     ObjectNotFound,
     RefConflict,
+    RemoteError,
     RemoteUnsupported,
 )
 from cachefs.names import check_hash, check_name
@@ -212,10 +213,18 @@ class GenerationRefStore:
         its first try made: "already exists", although this attempt won. `data` is unique per
         attempt (a random id in it), so finding it stored proves the create was ours."""
         create_latest = getattr(self.remote, "put_if_latest", None)
-        if prefix is not None and create_latest is not None:
-            created = create_latest(key, data, prefix)
-        else:
-            created = self.remote.put_if_absent(key, data)
+        try:
+            if prefix is not None and create_latest is not None:
+                created = create_latest(key, data, prefix)
+            else:
+                created = self.remote.put_if_absent(key, data)
+        except RemoteError:
+            # The reply was lost and not retried (oss2 does not resend after a cut connection):
+            # the create may have happened. If it did, it is ours; if not, the error stands.
+            if self._holds(key, data):
+                log.info("the create of %s was ours (its reply was lost)", key)
+                return True
+            raise
         if created:
             return True
         if self._holds(key, data):
