@@ -6,14 +6,27 @@ the destination name. Files are written in path order; the chunks they need are 
 parallel and verified against their names before a byte of them is written (fetch.py). Chunks of
 zeros are not fetched at all: the file is extended with a hole (sparse files stay sparse). Modes
 and mtimes are applied last, directories deepest first, so read-only directories can be filled.
+
+"Complete when it appears" holds across a crash too: before the rename, one syncfs of the
+destination's file system makes every staged file and directory durable, and after it the parent
+directory is fsynced, so the rename itself is. One syncfs, not an fsync per file: for 2,000 files
+of 8 KiB it took 30 ms against 850-1,030 ms on this project's ext4 disk (one journal commit each).
+It goes through a descriptor opened before the first file is written, because the kernel reports
+a writeback error only to descriptors opened before it happened. A failed sync fails the
+checkout (LocalIOError) and leaves no DEST. A crash before the rename leaves at most the hidden
+staging directory `.DEST.cachefs-checkout-*` (safe to delete) and no DEST; after the parent's
+fsync, DEST is there and complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +35,7 @@ from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
 from cachefs.dataset.repo import Repository
 from cachefs.errors import AlreadyExists, CachefsError, LocalIOError
 from cachefs.progress import NoProgress, Progress
+from cachefs.remotes.local import syncfs
 
 log = logging.getLogger("cachefs.checkout")
 
@@ -104,6 +118,40 @@ class _Checkout:
             os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
 
 
+def _sync_staged(parent_fd: int, job: _Checkout) -> None:
+    """Make the staged tree durable: one syncfs, or (a C library without it) fsync each."""
+    try:
+        syncfs(parent_fd)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+    for path, _ in job.files + job.dirs:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sync(dest: Path, what: str, sync: Callable[[], None]) -> None:
+    """Run `sync`, turning its failure into LocalIOError naming the destination and errno."""
+    try:
+        sync()
+    except OSError as e:
+        name = errno.errorcode.get(e.errno or 0, "?")
+        raise LocalIOError(f"checkout into {dest} failed: syncing {what} to disk: "
+                           f"{e.strerror or e} ({name})") from e
+
+
+def _undo_rename(dest: Path, replaced_empty_dir: bool) -> None:
+    """Take back a rename whose durability failed: DEST never stands for a doubtful copy."""
+    shutil.rmtree(dest, ignore_errors=True)
+    if replaced_empty_dir:
+        with contextlib.suppress(OSError):
+            dest.mkdir()
+
+
 def checkout(
     repo: Repository,
     commit: str,
@@ -124,17 +172,29 @@ def checkout(
         raise LocalIOError(f"parent directory {dest.parent} does not exist")
     staging = dest.parent / f".{dest.name}.cachefs-checkout-{secrets.token_hex(4)}"
     job = _Checkout(repo, progress, workers)
+    replaced_empty_dir = dest.is_dir()
+    try:  # opened before anything is written: syncfs reports writeback errors to it from now on
+        parent_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise LocalIOError(f"cannot open {dest.parent}: {e.strerror or e}") from e
     try:
         job.plan(entry, staging)
         written = job.write_files()
         job.finish()
+        _sync(dest, "the checked-out files", lambda: _sync_staged(parent_fd, job))
         os.rename(staging, dest)  # replaces an empty directory atomically
+        try:
+            _sync(dest, "the rename into place", lambda: os.fsync(parent_fd))
+        except LocalIOError:
+            _undo_rename(dest, replaced_empty_dir)
+            raise
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, CachefsError):
             raise LocalIOError(f"checkout into {dest} failed: {e}") from e
         raise
     finally:
+        os.close(parent_fd)
         progress.close()
     dirs = len(job.dirs)
     return CheckoutResult(len(job.files), dirs, job.links, written)
