@@ -5,6 +5,7 @@
   reply; an extent past the largest chunk size is refused when the tree is decoded.
 - The decoded-tree cache counts each tree once under concurrent lookups, and decodes large trees
   off the trio thread, so other FUSE requests go on meanwhile.
+- `checkout` of such a tree fails with CorruptObject and leaves no destination.
 - A reader waiting on a shared fetch whose leader was cancelled fetches again instead of failing.
 
 Each runs `DatasetFS` / `TieredStore` over a real local repository.
@@ -25,9 +26,11 @@ import trio.testing
 
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.tiered import TieredStore
+from cachefs.dataset.checkout import checkout
 from cachefs.dataset.objects import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    Commit,
     Extent,
     Kind,
     Tree,
@@ -36,7 +39,7 @@ from cachefs.dataset.objects import (
     encode,
     hash_bytes,
 )
-from cachefs.dataset.repo import Repository, chunk_key, tree_key
+from cachefs.dataset.repo import Repository, chunk_key, commit_key, tree_key
 from cachefs.errors import CorruptObject
 from cachefs.fs import ROOT_INODE, DatasetFS, FsError, MountOptions
 from cachefs.remotes.local import LocalRemote
@@ -242,3 +245,16 @@ def test_waiters_refetch_when_the_leading_reader_is_cancelled(tmp_path: Path) ->
         assert len(store._flights) == 0
 
     trio.run(main)
+
+
+def test_checkout_of_a_lying_tree_fails_and_leaves_nothing(repo: Repository,
+                                                           tmp_path: Path) -> None:
+    a = store_chunk(repo, os.urandom(1000))
+    tree = store_tree(repo, [file_entry("lying", [Extent(a, 950, 100)])])
+    name, stored = encode(Commit(tree, (), "ds", "t", "lying", 0, 1, 100))
+    repo.remote.put(commit_key(name), stored)
+    dest = tmp_path / "out"
+    with pytest.raises(CorruptObject, match="does not fit chunk"):
+        checkout(repo, name, "", dest)
+    assert not dest.exists()
+    assert not [p for p in tmp_path.iterdir() if "cachefs-checkout" in p.name]

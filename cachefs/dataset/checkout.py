@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachefs.dataset.fetch import ChunkStream, collapse_repeats
-from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
+from cachefs.dataset.objects import Kind, TreeEntry, extent_bytes, zero_chunk_hash
 from cachefs.dataset.repo import Repository
 from cachefs.errors import AlreadyExists, CachefsError, LocalIOError
 from cachefs.progress import NoProgress, Progress
@@ -95,9 +95,7 @@ class _Checkout:
                         if not _is_hole(x.chunk, x.offset, x.length):
                             if x.chunk != current_name:
                                 current_name, current = x.chunk, stream.take(x.chunk)
-                            view = memoryview(current)[x.offset : x.offset + x.length]
-                            if len(view) != x.length:
-                                raise LocalIOError(f"chunk {x.chunk} is shorter than {path} needs")
+                            view = extent_bytes(x.chunk, current, x.offset, x.length)
                             written = 0
                             while written < x.length:
                                 written += os.pwrite(fd, view[written:], position + written)
