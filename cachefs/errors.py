@@ -124,6 +124,12 @@ class MountError(CachefsError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+class MountHung(MountError):
+    """A mount daemon did not answer within the bound: stopped, deadlocked or swamped."""
+
+    grpc_status = "UNAVAILABLE"
+
+
 class PermissionDenied(CachefsError):
     """A token or credential was refused."""
 

@@ -21,12 +21,12 @@ answers one JSON line and closes:
 
 Ops and their fields: ``ping`` (none); ``mount`` (path, remote, dataset, ref, commit; optional
 cache_dir); ``unmount`` (path); ``bind`` (source, target); ``unbind`` (target); ``status``
-(none; result ``{"mounts": {path: {...MountConfig fields, "state", "pid"}}, "binds":
-{target: source}}``). Every path must be absolute; an unknown op, a missing, unknown or
-mistyped field, bad JSON or an oversized request is answered with a ``UsageError``. ``type``
-names a class of `cachefs.errors`; the client raises that class (so the plugin maps it to a
-gRPC code through its ``grpc_status``); a failure that is not a cachefs error is reported as
-``CachefsError`` (gRPC INTERNAL).
+(none; result ``{"mounts": {path: {...MountConfig fields, "state", "pid"}}, "binds": {target:
+source}}``, state ``serving``, ``dead`` or ``hung``). Every path must be absolute; an unknown
+op, a missing, unknown or mistyped field, bad JSON or an oversized request is answered with a
+``UsageError``. ``type`` names a class of `cachefs.errors`; the client raises that class (so the
+plugin maps it to a gRPC code through its ``grpc_status``); a failure that is not a cachefs
+error is reported as ``CachefsError`` (gRPC INTERNAL).
 
 State: ``STATE_DIR/mounter.json`` records every mount (path -> its MountConfig fields) and every
 bind (target -> source); it is rewritten atomically (temp file, fsync, rename) on each change.
@@ -34,19 +34,25 @@ bind (target -> source); it is rewritten atomically (temp file, fsync, rename) o
 Repair design. A mount daemon can die (OOM kill, crash, kill -9); its kernel mount then stays in
 the mount table but every request on it fails with ENOTCONN ("transport endpoint is not
 connected"), and so do the bind mounts made from it, which keep pointing at the dead FUSE
-connection. A health loop (a thread, every ``--health-interval`` seconds and once at start)
-walks the recorded mounts: a mount that is absent from /proc/self/mountinfo, or whose root
-answers stat/getxattr with ENOTCONN, ECONNABORTED or EIO, is repaired by lazily unmounting the
-dead mount (``fusermount3 -u -z``) and starting a new daemon with the same MountConfig at the
-same path. Then it walks the recorded binds: a bind is stale when its target is not a mount
-point, or when the device (major:minor, one per FUSE connection) of the target's top mount
-differs from the device of its source's top mount; a stale bind is lazily unmounted
-(``umount -l``) and bound again (``mount --bind`` then ``mount -o remount,bind,ro``). So pods see
-their data again once the repaired mount is re-bound (with HostToContainer propagation). A
-repair that fails is logged and retried on the next round; entries whose path no longer exists
-are dropped. Healthy mounts are never touched, so restarting the mounter (or the plugin) leaves
-running mounts alone. A daemon that hangs without dying is not detected (the daemon bounds its
-own reads by the origin timeout).
+connection. A daemon can also hang (stopped, deadlocked): then every request on its mount, and
+on the binds made from it, waits for ever. A health loop (a thread, every ``--health-interval``
+seconds and once at start) asks every recorded mount at once, each question bounded by
+``--hang-timeout`` (`cachefs.fuse.mount.mount_info`) and asked without holding any lock: a mount
+that is absent from /proc/self/mountinfo, or whose root answers getxattr with ENOTCONN,
+ECONNABORTED or EIO, is repaired by lazily unmounting the dead mount (``fusermount3 -u -z``) and
+starting a new daemon with the same MountConfig at the same path; a hung one is first forced off
+(`cachefs.fuse.mount.force_unmount`: its FUSE connection aborted, which fails every request
+waiting on it, the daemon killed, the mount detached), then started again the same way. A repair
+acts only if the path still has the mount (same device) it asked. Then it walks the recorded
+binds: a bind is stale when its target is not a mount point, or when the device (major:minor,
+one per FUSE connection) of the target's top mount differs from the device of its source's top
+mount; a stale bind is lazily unmounted (``umount -l``) and bound again (``mount --bind`` then
+``mount -o remount,bind,ro``). So pods see their data again once the repaired mount is re-bound
+(with HostToContainer propagation). A repair that fails is logged and retried on the next round;
+entries whose path no longer exists are dropped. Healthy mounts are never touched, so restarting
+the mounter (or the plugin) leaves running mounts alone. Requests meet hung mounts the same way:
+``unmount`` forces a hung mount off, ``mount`` and ``bind`` replace it; each waits at most the
+hang timeout for an answer.
 
 Concurrency: each connection is served in its own thread. Operations lock the paths they touch
 (a mount path; a bind's source and target; always acquired in sorted order, so no deadlock), so
@@ -59,11 +65,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import socketserver
@@ -73,17 +77,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from cachefs import errors as cachefs_errors
 from cachefs.config import Config
-from cachefs.errors import CachefsError, LocalIOError, MountError, UsageError
-from cachefs.fs import XATTR_INFO
+from cachefs.errors import CachefsError, LocalIOError, MountError, MountHung, UsageError
 from cachefs.fuse import mount as fuse_mount
 from cachefs.fuse.config import MountConfig, default_cache_dir
-from cachefs.fuse.daemon import unescape_mount_path
+from cachefs.fuse.mount import mount_table, top_mount
 from cachefs.names import check_hash, check_name
 
 log = logging.getLogger("cachefs.csi.mounter")
@@ -97,7 +101,10 @@ SPAWN_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0
 MAX_UNMOUNT_LAYERS = 8  # bounded loops when several mounts are stacked on one path
 SUN_PATH_MAX = 107
-DEAD_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.EIO})
+# Longer than the CLI's: a daemon busy with many slow origin reads still answers in this, and
+# calling a healthy daemon hung would cut off every pod reading it.
+HANG_TIMEOUT_S = 10.0
+PROBE_PARALLELISM = 16
 
 _STR = (str,)
 _OPT_STR = (str, type(None))
@@ -198,8 +205,8 @@ def error_from_wire(type_name: str, message: str) -> CachefsError:
     return CachefsError(f"{type_name}: {message}")
 
 
-def spawn_mounter(socket_path: str, state_dir: str,
-                  health_interval: float = 2.0) -> subprocess.Popen[bytes]:
+def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0,
+                  hang_timeout: float = HANG_TIMEOUT_S) -> subprocess.Popen[bytes]:
     """Start a mounter process (in its own session) and return once it answers ping.
 
     Its log goes to STATE_DIR/mounter.log. Raises MountError (and kills it) if it exits or does
@@ -211,7 +218,8 @@ def spawn_mounter(socket_path: str, state_dir: str,
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "csi.mounter", "--socket", socket_path,
-             "--state-dir", state_dir, "--health-interval", str(health_interval)],
+             "--state-dir", state_dir, "--health-interval", str(health_interval),
+             "--hang-timeout", str(hang_timeout)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True, close_fds=True,
         )
@@ -244,33 +252,6 @@ def _tail(path: str, lines: int = 5) -> str:
 # the kernel's mount table and the commands that change it
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    device: str  # major:minor
-    fstype: str
-
-
-def mount_table() -> list[MountEntry]:
-    """Every mount of this namespace, in mount order (a later entry on one path is on top)."""
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            left_fields = left.split()
-            entries.append(MountEntry(unescape_mount_path(left_fields[4]), left_fields[2],
-                                      right.split()[0]))
-    return entries
-
-
-def top_mount(table: list[MountEntry], path: str) -> MountEntry | None:
-    found = None
-    for entry in table:
-        if entry.mountpoint == path:
-            found = entry
-    return found
-
-
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
@@ -279,19 +260,12 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
         raise MountError(f"{' '.join(args)} failed: {e}") from e
 
 
-def _fusermount() -> str:
-    found = shutil.which("fusermount3") or shutil.which("fusermount")
-    if found is None:
-        raise MountError("fusermount3 is not installed (Debian package fuse3)")
-    return found
-
-
 def lazy_unmount_fuse(path: str) -> None:
     """`fusermount3 -u -z` every cachefs mount stacked at `path`."""
     for _ in range(MAX_UNMOUNT_LAYERS):
         if path not in fuse_mount.cachefs_mounts():
             return
-        proc = _run([_fusermount(), "-u", "-z", path])
+        proc = _run([fuse_mount.fusermount_path(), "-u", "-z", path])
         if proc.returncode != 0:
             raise MountError(f"fusermount3 -u -z {path} failed: {proc.stderr.strip()}")
     raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
@@ -300,14 +274,15 @@ def lazy_unmount_fuse(path: str) -> None:
 def unmount_all(path: str, lazy: bool) -> bool:
     """Unmount every mount stacked at `path` (plain umount first unless `lazy`, then -l).
 
-    Returns whether anything was mounted there.
+    Returns whether anything was mounted there. `path` is canonical already: umount -c then
+    skips its own canonicalization, which statfs()es the target and so waits on a hung mount.
     """
     for layer in range(MAX_UNMOUNT_LAYERS):
         if top_mount(mount_table(), path) is None:
             return layer > 0
-        proc = _run(["umount", path]) if not lazy else None
+        proc = _run(["umount", "-c", path]) if not lazy else None
         if proc is None or proc.returncode != 0:
-            proc = _run(["umount", "-l", path])
+            proc = _run(["umount", "-c", "-l", path])
             if proc.returncode != 0:
                 raise MountError(f"umount -l {path} failed: {proc.stderr.strip()}")
     raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
@@ -321,30 +296,44 @@ def bind_readonly(source: str, target: str) -> None:
     if proc.returncode != 0:
         detail = proc.stderr.strip()
         with contextlib.suppress(MountError):
-            _run(["umount", "-l", target])
+            _run(["umount", "-c", "-l", target])
         raise MountError(f"remounting the bind at {target} read-only failed: {detail}")
 
 
-def probe(path: str) -> str:
-    """"serving", "dead" (mounted, daemon gone) or "absent" (no cachefs mount at `path`)."""
-    if path not in fuse_mount.cachefs_mounts():
-        return "absent"
+@dataclass(frozen=True)
+class Probe:
+    """What asking the mount at a path found."""
+
+    state: str  # "serving", "dead" (daemon gone), "hung" (no answer in time), "absent"
+    device: str | None  # the top mount's major:minor when asked: a repair checks it is the same
+    info: dict[str, Any]  # what the daemon says (serving); its pid from /proc (hung)
+
+
+def probe(path: str, timeout: float) -> Probe:
+    """Ask the cachefs mount at `path` what it is, waiting at most `timeout` s for an answer."""
+    device = cachefs_device(path)
+    if device is None:
+        return Probe("absent", None, {})
     try:
-        os.stat(path)
-        os.getxattr(path, XATTR_INFO.decode())
-    except OSError as e:
-        if e.errno in DEAD_ERRNOS:
-            return "dead"
+        info = fuse_mount.mount_info(path, timeout)
+    except CachefsError as e:
         log.warning("mount %s answers with an unexpected error (left alone): %s", path, e)
-    return "serving"
+        return Probe("serving", device, {})
+    return Probe(str(info["state"]), device, info)
 
 
-def daemon_pid(path: str) -> int | None:
-    try:
-        pid = json.loads(os.getxattr(path, XATTR_INFO.decode())).get("pid")
-    except (OSError, ValueError):
-        return None
-    return pid if isinstance(pid, int) else None
+def probe_all(paths: list[str], timeout: float) -> dict[str, Probe]:
+    """`probe` every path at once: hung mounts cost one timeout in all, not one each."""
+    if not paths:
+        return {}
+    with ThreadPoolExecutor(min(PROBE_PARALLELISM, len(paths))) as pool:
+        return dict(zip(paths, pool.map(lambda p: probe(p, timeout), paths), strict=True))
+
+
+def cachefs_device(path: str) -> str | None:
+    """major:minor of the cachefs mount on top at `path`; None if the top one is no cachefs."""
+    entry = top_mount(mount_table(), path)
+    return entry.device if entry is not None and entry.fstype == fuse_mount.FSTYPE else None
 
 
 def path_exists(path: str) -> bool:
@@ -461,10 +450,12 @@ class StateStore:
 class Mounter:
     """Mount, bind, unmount and unbind, record all of it, and keep recorded mounts healthy."""
 
-    def __init__(self, state_dir: str, cache_dir: str | None = None) -> None:
+    def __init__(self, state_dir: str, cache_dir: str | None = None,
+                 hang_timeout: float = HANG_TIMEOUT_S) -> None:
         self.state = StateStore(state_dir)
         self.locks = KeyedLocks()
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
+        self.hang_timeout = hang_timeout
 
     # ---- requests
 
@@ -505,15 +496,15 @@ class Mounter:
                         f"{dataset}@{commit[:12]}; unmount it first")
                 self._ensure_serving(path, recorded)
                 return
-            state = probe(path)
-            if state == "serving":
-                info = fuse_mount.mount_info(path)
+            found = probe(path, self.hang_timeout)
+            if found.state == "serving":
+                info = found.info
                 if (info.get("dataset"), info.get("commit")) != (dataset, commit):
                     raise MountError(f"{path} is already a cachefs mount of "
                                      f"{info.get('dataset')}@{str(info.get('commit'))[:12]}")
                 log.info("adopting the running mount at %s (%s@%s)", path, dataset, commit[:12])
             else:
-                self._start(path, config)
+                self._replace(path, config, found.state)
             with self.state.lock:
                 self.state.mounts[path] = config
                 self.state.save()
@@ -527,12 +518,17 @@ class Mounter:
             if bound:
                 raise MountError(f"{path} is still bound at {', '.join(bound)}; unbind first")
             for _ in range(MAX_UNMOUNT_LAYERS + 1):
-                state = probe(path)
+                state = probe(path, self.hang_timeout).state
                 if state == "absent":
                     break
                 if state == "serving":
-                    fuse_mount.unmount(path)  # waits for the daemon to exit
-                else:
+                    try:
+                        fuse_mount.unmount(path, answer_timeout=self.hang_timeout)  # waits
+                    except MountHung:  # it stopped answering since the probe
+                        state = "hung"
+                if state == "hung":
+                    self._force_off(path)
+                elif state == "dead":
                     lazy_unmount_fuse(path)
                 log.info("unmounted %s (it was %s)", path, state)
             else:
@@ -591,12 +587,13 @@ class Mounter:
         with self.state.lock:
             mounts = dict(self.state.mounts)
             binds = dict(self.state.binds)
+        found = probe_all(sorted(mounts), self.hang_timeout)
         result: dict[str, Any] = {}
         for path, config in sorted(mounts.items()):
-            state = probe(path)
-            serving = state == "serving"
-            result[path] = {**asdict(config), "state": "serving" if serving else "dead",
-                            "pid": daemon_pid(path) if serving else None}
+            state = found[path].state
+            pid = found[path].info.get("pid") if state in ("serving", "hung") else None
+            result[path] = {**asdict(config), "state": "dead" if state == "absent" else state,
+                            "pid": pid if isinstance(pid, int) else None}
         return {"mounts": result, "binds": binds}
 
     # ---- mounts and repair
@@ -614,13 +611,23 @@ class Mounter:
         log.info("mounted %s@%s (%s) at %s, daemon pid %s", config.dataset, config.ref,
                  config.commit[:12], path, info.get("pid"))
 
-    def _ensure_serving(self, path: str, config: MountConfig) -> None:
-        """Repair the mount at `path` if it is dead or gone (caller holds its lock)."""
-        state = probe(path)
-        if state == "serving":
-            return
+    def _force_off(self, path: str) -> None:
+        log.warning("mount %s does not answer within %g s: aborting its connection and "
+                    "killing its daemon", path, self.hang_timeout)
+        fuse_mount.force_unmount(path)
+
+    def _replace(self, path: str, config: MountConfig, state: str) -> None:
+        """Start a daemon at `path` in place of a dead, hung or absent mount (lock held)."""
+        if state == "hung":
+            self._force_off(path)
         log.warning("mount %s is %s: restarting its daemon", path, state)
         self._start(path, config)
+
+    def _ensure_serving(self, path: str, config: MountConfig) -> None:
+        """Repair the mount at `path` if it is dead, hung or gone (caller holds its lock)."""
+        state = probe(path, self.hang_timeout).state
+        if state != "serving":
+            self._replace(path, config, state)
 
     def _bind_is_current(self, source: str, target: str) -> bool:
         table = mount_table()
@@ -633,12 +640,15 @@ class Mounter:
         return at_target.device == at_source.device
 
     def check_once(self) -> None:
-        """One health round: repair dead mounts, drop vanished entries, re-bind stale binds."""
+        """One health round: repair dead and hung mounts, drop vanished entries, re-bind stale
+        binds. Mounts are asked all at once and without locks (each question bounded), so a
+        hung mount delays neither the requests for other paths nor their repair."""
         with self.state.lock:
             mounts = dict(self.state.mounts)
+        found = probe_all(list(mounts), self.hang_timeout)
         for path, config in mounts.items():
             try:
-                self._check_mount(path, config)
+                self._check_mount(path, config, found[path])
             except Exception as e:  # one bad mount must not stop the round
                 log.error("repair of %s failed (retried next round): %s", path, e)
         with self.state.lock:
@@ -650,22 +660,22 @@ class Mounter:
                 log.error("re-binding %s at %s failed (retried next round): %s", source,
                           target, e)
 
-    def _check_mount(self, path: str, config: MountConfig) -> None:
+    def _check_mount(self, path: str, config: MountConfig, found: Probe) -> None:
+        if found.state == "serving":
+            return
         with self.locks.hold(path):
             with self.state.lock:
                 if self.state.mounts.get(path) != config:
                     return  # unmounted or changed meanwhile
-            state = probe(path)
-            if state == "serving":
-                return
-            if state == "absent" and not path_exists(path):
+            if cachefs_device(path) != found.device:
+                return  # remounted meanwhile (a request repaired it): asked next round
+            if found.state == "absent" and not path_exists(path):
                 log.warning("mount path %s no longer exists: forgetting its mount", path)
                 with self.state.lock:
                     self.state.mounts.pop(path, None)
                     self.state.save()
                 return
-            log.warning("mount %s is %s: restarting its daemon", path, state)
-            self._start(path, config)
+            self._replace(path, config, found.state)
 
     def _check_bind(self, target: str, source: str) -> None:
         with self.locks.hold(source, target):
@@ -679,7 +689,7 @@ class Mounter:
                     self.state.binds.pop(target, None)
                     self.state.save()
                 return
-            if source_config is not None and probe(source) != "serving":
+            if source_config is not None and probe(source, self.hang_timeout).state != "serving":
                 return  # the mount pass repairs it first
             if source_config is None and not os.path.isdir(source):
                 return
@@ -725,7 +735,7 @@ def _check_path(op: str, name: str, value: str) -> str:
         raise UsageError(f"{op}: {name} contains a NUL byte")
     if not os.path.isabs(value):
         raise UsageError(f"{op}: {name} must be an absolute path, not {value!r}")
-    resolved = os.path.realpath(value)
+    resolved = fuse_mount.resolve_mountpoint(value)  # realpath would stat a hung mount
     if resolved == "/":
         raise UsageError(f"{op}: {name} must not be the root directory")
     return resolved
@@ -809,14 +819,15 @@ def _claim_socket(socket_path: str) -> None:
 
 
 def serve(socket_path: str, state_dir: str, health_interval: float,
-          cache_dir: str | None, stop: threading.Event) -> None:
+          cache_dir: str | None, stop: threading.Event,
+          hang_timeout: float = HANG_TIMEOUT_S) -> None:
     """Serve until `stop` is set; mounts are left in place."""
     if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
         raise UsageError(f"socket path too long ({len(os.fsencode(socket_path))} > "
                          f"{SUN_PATH_MAX} bytes): {socket_path}")
     os.makedirs(state_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
-    mounter = Mounter(state_dir, cache_dir)
+    mounter = Mounter(state_dir, cache_dir, hang_timeout)
     mounter.state.load()
     with mounter.state.lock:
         log.info("state %s: %d mount(s), %d bind(s)", mounter.state.path,
@@ -844,8 +855,8 @@ def serve(socket_path: str, state_dir: str, health_interval: float,
                                     name="mounter-serve", daemon=True)
     health_thread.start()
     serve_thread.start()
-    log.info("mounter serving on %s (pid %d, health every %g s)", socket_path, os.getpid(),
-             health_interval)
+    log.info("mounter serving on %s (pid %d, health every %g s, hung after %g s)", socket_path,
+             os.getpid(), health_interval, hang_timeout)
     try:
         stop.wait()
     finally:
@@ -868,12 +879,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"directory of the state file ({STATE_FILE})")
     parser.add_argument("--health-interval", type=float, default=2.0,
                         help="seconds between health checks (default 2)")
+    parser.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT_S,
+                        help="seconds a mount daemon may take to answer before it counts as "
+                             f"hung and is replaced (default {HANG_TIMEOUT_S:g})")
     parser.add_argument("--cache-dir",
                         help="SSD cache directory of mounts that name none "
                              "(default $XDG_CACHE_HOME/cachefs)")
     args = parser.parse_args(argv)
     if not args.health_interval > 0:
         parser.error("--health-interval must be positive")
+    if not args.hang_timeout > 0:
+        parser.error("--hang-timeout must be positive")
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -887,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         serve(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
-              args.health_interval, args.cache_dir, stop)
+              args.health_interval, args.cache_dir, stop, args.hang_timeout)
     except CachefsError as e:
         print(f"cachefs csi mounter: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers import run_cli
@@ -37,6 +38,60 @@ def daemon_pids(mountpoint: Path) -> list[int]:
 def is_mounted(mountpoint: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(mountpoint) for line in f)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited; its parent just did not reap it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def device_at(path: Path) -> str | None:
+    """major:minor of the top mount at `path` (from mountinfo: asks no FUSE daemon)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path):
+                found = fields[2]
+    return found
+
+
+def requests_waiting(path: Path) -> int:
+    """FUSE requests sent to the daemon of the mount at `path` and not answered yet.
+
+    Read from the FUSE control file system (mounted here if it is not; needs root), which asks
+    no daemon: how a test sees that something is blocked on a stopped one.
+    """
+    connections = Path("/sys/fs/fuse/connections")
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == str(connections) for line in f)
+    if not mounted:
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)],
+                       capture_output=True, timeout=30, check=False)
+    device = device_at(path)
+    assert device is not None, f"nothing is mounted at {path}"
+    return int((connections / device.split(":")[1] / "waiting").read_text())
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[int]:
+    """SIGSTOP a daemon; at the end it is killed whatever happened (SIGCONT lets it die).
+
+    While it is stopped, any syscall on its mount blocks the caller in the kernel: a test then
+    looks at /proc only, or runs what would touch the mount as a child with a timeout.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+             timeout=10, what=f"daemon {pid} to stop")
+    try:
+        yield pid
+    finally:
+        for signum in (signal.SIGKILL, signal.SIGCONT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
 
 def wait_for(condition, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -33,10 +33,20 @@ from csi.mounter import (
     spawn_mounter,
 )
 from tests.helpers import cli_json, run_cli, snapshot
-from tests.mounting import daemon_pids, is_mounted, wait_for
+from tests.mounting import (
+    alive,
+    daemon_pids,
+    device_at,
+    is_mounted,
+    requests_waiting,
+    stopped,
+    wait_for,
+)
 
 HEALTH_INTERVAL_S = 0.5
 REPAIR_TIMEOUT_S = 20.0
+HANG_TIMEOUT_S = 1.0  # what the mounter gives a daemon to answer before calling it hung
+BOUND_S = 10.0  # what a request may take when a daemon hangs
 
 
 class Node:
@@ -50,8 +60,9 @@ class Node:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.paths: list[Path] = []
 
-    def spawn(self) -> MounterClient:
-        self.procs.append(spawn_mounter(self.socket, self.state_dir, HEALTH_INTERVAL_S))
+    def spawn(self, health_interval: float = HEALTH_INTERVAL_S) -> MounterClient:
+        self.procs.append(spawn_mounter(self.socket, self.state_dir, health_interval,
+                                        hang_timeout=HANG_TIMEOUT_S))
         return MounterClient(self.socket, timeout=60)
 
     @property
@@ -309,3 +320,72 @@ def test_malformed_requests_are_refused_and_the_mounter_keeps_serving(
     client.ping()
     assert client.status() == {"mounts": {}, "binds": {}}
     assert node.proc.poll() is None
+
+
+def timed(call, *args: str) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    call(*args)
+    return time.monotonic() - start
+
+
+def test_a_stopped_daemon_is_remounted_and_other_volumes_are_not_held_up(
+        node: Node, dataset: Dataset) -> None:
+    client = node.spawn()
+    staging, other, killed = node.path("staging"), node.path("other"), node.path("killed")
+    for path in (staging, other, killed):
+        mount_v1(client, path, dataset)
+    targets = [node.path("pod1/vol"), node.path("pod2/vol")]
+    for target in targets:
+        client.bind(str(staging), str(target))
+    old, old_device = one_daemon(staging), device_at(staging)
+    killed_pid = one_daemon(killed)
+
+    with stopped(old):  # /proc and mountinfo only, until the targets show a new connection
+        wait_for(lambda: requests_waiting(staging) > 0, timeout=REPAIR_TIMEOUT_S,
+                 what="a health check to meet the stopped daemon")
+        os.kill(killed_pid, signal.SIGKILL)  # a dead daemon elsewhere is still repaired
+        assert timed(client.unmount, str(other)) < BOUND_S  # another volume's unstage
+        assert not is_mounted(other)
+        wait_for(lambda: shows(killed, dataset), timeout=REPAIR_TIMEOUT_S,  # dead: no wait
+                 what="the killed daemon's mount to serve again")
+        wait_for(lambda: any(p != old and alive(p) for p in daemon_pids(staging)),
+                 timeout=REPAIR_TIMEOUT_S, what="a new daemon for the hung mount")
+        wait_for(lambda: all(device_at(t) == device_at(staging) != old_device
+                             for t in targets),
+                 timeout=REPAIR_TIMEOUT_S, what="both targets re-bound to the new mount")
+        wait_for(lambda: all(shows(t, dataset) for t in targets), timeout=REPAIR_TIMEOUT_S,
+                 what="both bind targets to serve again")
+        wait_for(lambda: not alive(old), timeout=10, what="the stopped daemon to be killed")
+    assert killed_pid not in daemon_pids(killed)
+    status = client.status()
+    assert status["mounts"][str(staging)]["state"] == "serving"
+    assert status["mounts"][str(staging)]["pid"] == one_daemon(staging)
+    assert status["binds"] == {str(t): str(staging) for t in targets}
+    log = (Path(node.state_dir) / "mounter.log").read_text()
+    assert "does not answer" in log and "re-bound" in log
+
+
+def test_requests_meeting_a_stopped_daemon_finish_in_bounded_time(
+        node: Node, dataset: Dataset) -> None:
+    client = node.spawn(health_interval=3600)  # one round at start, then none: no repair
+    client.ping()
+    staging, other = node.path("staging"), node.path("other")
+    mount_v1(client, staging, dataset)
+    mount_v1(client, other, dataset)
+    target = node.path("pod/vol")
+    client.bind(str(staging), str(target))
+    pid = one_daemon(staging)
+
+    with stopped(pid):
+        with ThreadPoolExecutor(2) as pool:  # at once: neither waits for the other
+            status = pool.submit(client.status)
+            unstage_other = pool.submit(timed, client.unmount, str(other))
+            assert unstage_other.result(timeout=60) < BOUND_S
+            entry = status.result(timeout=60)["mounts"][str(staging)]
+        assert (entry["state"], entry["pid"]) == ("hung", pid)
+        assert timed(client.unbind, str(target)) < BOUND_S  # NodeUnpublish
+        assert timed(client.unmount, str(staging)) < BOUND_S  # NodeUnstage
+        assert not is_mounted(staging) and not is_mounted(target) and not is_mounted(other)
+        wait_for(lambda: not alive(pid), timeout=10, what="the stopped daemon to be killed")
+    assert not [p for p in daemon_pids(staging) if alive(p)]
+    assert client.status() == {"mounts": {}, "binds": {}}

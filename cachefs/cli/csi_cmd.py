@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     m.add_argument("--state-dir", required=True, help="where mounts and binds are recorded")
     m.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between health checks of every mount (default 2)")
+    m.add_argument("--hang-timeout", type=float, metavar="SECONDS",
+                   help="how long a mount daemon may take to answer before it counts as hung: "
+                        "its connection is aborted and it is remounted (default 10)")
     m.add_argument("--cache-dir", dest="mounter_cache_dir",
                    help="default SSD cache directory of the mounts")
     m.set_defaults(func=run_mounter)
@@ -94,6 +97,8 @@ def run_mounter(args: argparse.Namespace) -> int:
 
     argv = ["--socket", args.socket, "--state-dir", args.state_dir,
             "--health-interval", str(args.health_interval)]
+    if args.hang_timeout is not None:
+        argv += ["--hang-timeout", str(args.hang_timeout)]
     if args.mounter_cache_dir:
         argv += ["--cache-dir", args.mounter_cache_dir]
     return main(argv)

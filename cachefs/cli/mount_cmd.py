@@ -60,16 +60,32 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = sub.add_parser("umount", parents=[common], formatter_class=HelpFormatter,
                        help="unmount a cachefs mount",
+                       description="Unmount MOUNTPOINT and wait for its daemon to exit. A "
+                                   "daemon that does not answer (HUNG in `cachefs mounts`) is "
+                                   "refused: --force aborts its FUSE connection, kills it and "
+                                   "detaches the mount; programs still using it get "
+                                   "\"transport endpoint is not connected\".",
                        epilog="examples:\n  cachefs umount /mnt/imagenet\n"
-                              "  cachefs umount /mnt/imagenet --lazy\n")
+                              "  cachefs umount /mnt/imagenet --lazy\n"
+                              "  cachefs umount /mnt/imagenet --force\n")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", "-z", action="store_true",
                    help="detach now even if busy; the daemon exits when the last file closes")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="do not ask the daemon: abort its FUSE connection (root, or the user "
+                        "who mounted), kill it and detach the mount")
+    _answer_timeout(p)
     p.set_defaults(func=umount)
 
     p = sub.add_parser("mounts", parents=[common], formatter_class=HelpFormatter,
                        help="list the cachefs mounts of this machine",
+                       description="List every cachefs mount with what it serves. A mount "
+                                   "whose daemon is gone shows as DEAD; one whose daemon does "
+                                   "not answer within --timeout (stopped, stuck) as HUNG: "
+                                   "`cachefs umount --force` it. --json gives each a \"state\": "
+                                   "serving, dead or hung.",
                        epilog="examples:\n  cachefs mounts\n  cachefs mounts --json\n")
+    _answer_timeout(p)
     p.set_defaults(func=mounts)
 
     p = sub.add_parser("stats", parents=[common], formatter_class=HelpFormatter,
@@ -77,6 +93,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        epilog="examples:\n  cachefs stats /mnt/imagenet\n"
                               "  cachefs stats /mnt/imagenet --json | jq .ssd_hits\n")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _answer_timeout(p)
     p.set_defaults(func=stats)
 
     p = sub.add_parser("warmup", parents=[common], formatter_class=HelpFormatter,
@@ -87,7 +104,27 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                               "  cachefs warmup /mnt/imagenet/train/n01440764 --workers 32\n")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--workers", type=int, default=16, help="files in flight (default 16)")
+    _answer_timeout(p)
     p.set_defaults(func=warmup)
+
+
+def _answer_timeout(parser: argparse.ArgumentParser) -> None:
+    from cachefs.fuse.mount import ANSWER_TIMEOUT_S
+
+    parser.add_argument("--timeout", type=_positive_seconds, default=ANSWER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="how long a mount daemon may take to answer before it counts as "
+                             f"hung (default {ANSWER_TIMEOUT_S:g})")
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return seconds
 
 
 def mount(args: argparse.Namespace) -> int:
@@ -121,9 +158,20 @@ def mount(args: argparse.Namespace) -> int:
 def umount(args: argparse.Namespace) -> int:
     from cachefs.fuse import mount as mounts_api
 
-    mounts_api.unmount(args.mountpoint, lazy=args.lazy)
+    if args.force:
+        result = mounts_api.force_unmount(args.mountpoint)
+        if args.json:
+            print_json({"unmounted": result["mountpoint"], "lazy": True, "forced": True,
+                        "pid": result["pid"], "aborted": result["aborted"]})
+        else:
+            daemon = f"; daemon {result['pid']} killed" if result["pid"] else ""
+            print(f"unmounted {args.mountpoint} (forced: connection "
+                  f"{'aborted' if result['aborted'] else 'not aborted'}{daemon})")
+        return 0
+    mounts_api.unmount(args.mountpoint, lazy=args.lazy, answer_timeout=args.timeout)
     if args.json:
-        print_json({"unmounted": os.path.realpath(args.mountpoint), "lazy": args.lazy})
+        print_json({"unmounted": mounts_api.resolve_mountpoint(args.mountpoint),
+                    "lazy": args.lazy, "forced": False})
     else:
         print(f"unmounted {args.mountpoint}" + (" (lazily)" if args.lazy else ""))
     return 0
@@ -132,17 +180,25 @@ def umount(args: argparse.Namespace) -> int:
 def mounts(args: argparse.Namespace) -> int:
     from cachefs.fuse import mount as mounts_api
 
-    rows = [mounts_api.mount_info(m) for m in mounts_api.cachefs_mounts()]
+    points = mounts_api.cachefs_mounts()
+    # At once: each hung daemon costs the answer timeout, not one per mount in a row.
+    with ThreadPoolExecutor(max(1, min(16, len(points)))) as pool:
+        rows = list(pool.map(lambda m: mounts_api.mount_info(m, args.timeout), points))
     if args.json:
         print_json(rows)
         return 0
     if not rows:
         print("no cachefs mounts", file=sys.stderr)
     for r in rows:
-        if r.get("state") == "dead":
-            print(f"{r['mountpoint']}  DEAD (daemon gone; run: cachefs umount {r['mountpoint']})")
+        point = r["mountpoint"]
+        if r["state"] == "dead":
+            print(f"{point}  DEAD (daemon gone; run: cachefs umount {point})")
+        elif r["state"] == "hung":
+            daemon = f"daemon pid {r['pid']}" if r.get("pid") else "its daemon"
+            print(f"{point}  HUNG ({daemon} does not answer within {args.timeout:g} s; "
+                  f"run: cachefs umount --force {point})")
         else:
-            print(f"{r['mountpoint']}  {r['dataset']}@{r['ref']} {str(r['commit'])[:12]}  "
+            print(f"{point}  {r['dataset']}@{r['ref']} {str(r['commit'])[:12]}  "
                   f"pid {r['pid']}  cache {r['cache_dir']}")
     return 0
 
@@ -150,7 +206,7 @@ def mounts(args: argparse.Namespace) -> int:
 def stats(args: argparse.Namespace) -> int:
     from cachefs.fuse import mount as mounts_api
 
-    figures = mounts_api.mount_stats(args.mountpoint)
+    figures = mounts_api.mount_stats(args.mountpoint, args.timeout)
     if args.json:
         print_json(figures)
         return 0
@@ -178,11 +234,22 @@ def _files_below(paths: list[str]) -> list[tuple[str, int]]:
     return files
 
 
+def _check_answering(paths: list[str], timeout: float) -> None:
+    """Fail fast, before walking them, if a mount the paths lie in does not answer."""
+    from cachefs.fuse import mount as mounts_api
+
+    points = {mounts_api.mount_containing(path) for path in paths} - {None}
+    for point in sorted(p for p in points if p is not None):
+        if mounts_api.mount_info(point, timeout)["state"] == "hung":
+            raise mounts_api.hung_error(point, timeout)
+
+
 def warmup(args: argparse.Namespace) -> int:
     from cachefs.fs import XATTR_WARMUP
 
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    _check_answering(args.paths, args.timeout)
     files = _files_below(args.paths)
     progress = progress_for(args)
     progress.start(sum(size for _, size in files), "B", "warmup")
