@@ -7,11 +7,13 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from cachefs.dataset.repo import Repository
+from cachefs.progress import NoProgress
 from cachefs.remotes.local import LocalRemote
 
 CLI_TIMEOUT_S = 120
@@ -68,3 +70,16 @@ def wait_until_not_racy(root: Path, window_s: float = 1.05, limit_s: float = 5.0
         if time.monotonic() > deadline:
             raise AssertionError("clock did not advance past the racily-clean window")
         time.sleep(0.05)
+
+
+class PausingProgress(NoProgress):
+    """Stops a writer once it holds its lock (its first progress bar), until `resume` is set."""
+
+    def __init__(self, wait_s: float = 30.0) -> None:
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+        self.wait_s = wait_s
+
+    def start(self, total: int, unit: str, description: str) -> None:
+        self.paused.set()
+        assert self.resume.wait(self.wait_s)

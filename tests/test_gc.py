@@ -22,10 +22,9 @@ from cachefs.dataset.locks import LOCK_PREFIX, LockInfo, RepositoryLock, live_lo
 from cachefs.dataset.repo import Repository
 from cachefs.dataset.verify import verify
 from cachefs.errors import CorruptObject, RepositoryBusy
-from cachefs.progress import NoProgress
 from cachefs.remotes.local import LocalRemote
 from cachefs.remotes.registry import open_remote_url
-from tests.helpers import cli_json, run_cli
+from tests.helpers import PausingProgress, cli_json, run_cli
 from tests.recording_remote import RecordingRemote
 
 CHUNK = 64 * 1024
@@ -236,18 +235,6 @@ def test_commit_during_the_mark_phase_is_not_lost(repo: Repository, tmp_path: Pa
 
     collect_garbage(fresh(repo), grace_s=0, lock_factory=commit_then_lock)
     assert_intact(repo, "keep")
-
-
-class PausingProgress(NoProgress):
-    """Stops a commit once it holds its writer lock, until the test lets it go on."""
-
-    def __init__(self) -> None:
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def start(self, total: int, unit: str, description: str) -> None:
-        self.paused.set()
-        assert self.resume.wait(WAIT_S)
 
 
 def test_gc_waits_for_a_running_writer(repo: Repository, tmp_path: Path) -> None:

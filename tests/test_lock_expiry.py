@@ -21,26 +21,14 @@ from cachefs.dataset.refs import GenerationRefStore, RefValue
 from cachefs.dataset.repo import Repository
 from cachefs.dataset.transfer import transfer_dataset
 from cachefs.errors import LockLost, RemoteError, RepositoryBusy
-from cachefs.progress import NoProgress
 from cachefs.remotes.base import Remote
 from cachefs.remotes.registry import open_remote_url
+from tests.helpers import PausingProgress
 from tests.recording_remote import RecordingRemote
 from tests.servers import wait_until
 
 WAIT_S = 30.0
 C1, C2 = "1" * 64, "2" * 64
-
-
-class PausingProgress(NoProgress):
-    """Stops a writer once it holds its lock (its first progress bar), until resumed."""
-
-    def __init__(self) -> None:
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def start(self, total: int, unit: str, description: str) -> None:
-        self.paused.set()
-        assert self.resume.wait(WAIT_S)
 
 
 class FailingLockWrites(RecordingRemote):
