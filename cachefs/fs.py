@@ -127,6 +127,8 @@ class DatasetFS:
         self.commit = commit
         self.options = options
         self.info = info
+        # What the daemon reports about itself beside the counters (e.g. "pinned"), in stats.
+        self.status: dict[str, object] = {}
         root = TreeEntry("", Kind.DIR, 0o755, 0, commit_time_ns, tree)
         self.root = Inode(ROOT_INODE, root, (0, ""))
         self.root.lookups = 1
@@ -353,6 +355,7 @@ class DatasetFS:
     def stats(self) -> dict[str, object]:
         elapsed = time.monotonic() - self._started
         return {
+            **self.status,
             **self.store.stats(),
             "read_requests": self.reads.requests,
             "read_bytes": self.reads.bytes,
