@@ -16,9 +16,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cachefs.errors import AlreadyExists, ConfigError, NotFound
 from cachefs.names import check_name
+from cachefs.remotes.base import server_of
 
 LOCAL_REMOTE = "local"
 
@@ -50,6 +52,13 @@ def _toml_string(value: str) -> str:
     return f'"{escaped}"'
 
 
+def _describe_url(url: str) -> str:
+    """What a message may say of a URL: scheme://host[:port] (user info, path and query can
+    hold secrets)."""
+    parsed = urlparse(url)
+    return server_of(url) if parsed.hostname else f"{parsed.scheme}://..."
+
+
 @dataclass(frozen=True)
 class Config:
     """The named remotes and the default one."""
@@ -72,6 +81,35 @@ class Config:
             known = ", ".join(sorted(remotes))
             raise NotFound(f"no remote named {name_or_url!r} (configured: {known})")
         return remotes[name_or_url]
+
+    def remote_for_volume(self, value: str, *, allow_urls: bool) -> tuple[str | None, str]:
+        """The (configured name, URL) a CSI volume's `remote` may reach: the driver's trust rule.
+
+        A volume is written by whoever may create pods or PersistentVolumes, but its mount
+        carries this node's credentials (CACHEFS_TOKEN, S3/OSS keys): an arbitrary URL would hand
+        them to whatever server it names. So a volume names a configured remote by name; a URL
+        is accepted if it equals a configured remote's URL (volumes made before names were
+        recorded keep working), and any other URL only where `allow_urls` (the cluster admin's
+        --allow-remote-urls, never for inline volumes); then the name is None. Anything else
+        is a ConfigError (INVALID_ARGUMENT) naming the configured remotes, never the URL's
+        credentials.
+        """
+        remotes = self.all_remotes()
+        known = ", ".join(sorted(remotes))
+        if "://" not in value:
+            if value not in remotes:
+                raise ConfigError(f"no remote named {value!r} is configured on this node "
+                                  f"(configured: {known})")
+            return value, remotes[value]
+        named = sorted(name for name, url in remotes.items() if url == value)
+        if named:
+            return named[0], value
+        if allow_urls:
+            return None, value
+        raise ConfigError(
+            f"remote {_describe_url(value)} is not a configured remote: a volume names a "
+            f"configured remote ({known}); a URL only where the CSI plugin and mounter run "
+            "with --allow-remote-urls, and never in an inline ephemeral volume")
 
     def with_remote(self, name: str, url: str, make_default: bool) -> Config:
         check_name(name, "remote name")

@@ -1,12 +1,15 @@
 """The CSI Controller service: volumes are dataset versions, created by resolving a ref.
 
-A volume is named by a StorageClass's parameters: `remote` (URL or configured name; default:
-the plugin's --default-remote), `dataset`, and `ref` (default `main`). CreateVolume resolves the
-ref once, to a commit, and keeps it in the volume context, so every pod using the volume sees the
-same version. Creation is idempotent by name: the same name with a compatible request returns
-the same volume; with an incompatible capacity it is ALREADY_EXISTS. Datasets are immutable, so
-every volume is read-only whatever the access mode: reader modes are what it is for, writer
-modes are accepted and mounted read-only (documented in the README).
+A volume is named by a StorageClass's parameters: `remote` (a configured remote's name;
+default: the plugin's --default-remote, else the configured default), `dataset`, and `ref`
+(default `main`). A URL is accepted only if it equals a configured remote's URL, or with the
+plugin's --allow-remote-urls (`Config.remote_for_volume`: the volume's mount carries the node's
+credentials, so a volume must not choose where they go). CreateVolume records the remote's name
+and resolves the ref once, to a commit, keeping both in the volume context, so every pod using
+the volume sees the same version. Creation is idempotent by name: the same name with a
+compatible request returns the same volume; with an incompatible capacity it is ALREADY_EXISTS.
+Datasets are immutable, so every volume is read-only whatever the access mode: reader modes are
+what it is for, writer modes are accepted and mounted read-only (documented in the README).
 """
 
 from __future__ import annotations
@@ -41,8 +44,22 @@ def check_capability(capability: csi_pb2.VolumeCapability) -> None:
         raise invalid("a volume capability needs an access mode")
 
 
-def resolve_volume(parameters: dict[str, str], default_remote: str | None) -> dict[str, str]:
-    """remote URL, dataset, ref and the commit the ref names now."""
+def volume_remote(value: str | None, default_remote: str | None,
+                  allow_urls: bool) -> tuple[str, str]:
+    """(what a volume context records: the configured name, or an allowed URL; the URL).
+
+    Refused with ConfigError (INVALID_ARGUMENT) before anything connects: see
+    `Config.remote_for_volume`. The default remote goes through the same rule.
+    """
+    config = Config.load()
+    name, url = config.remote_for_volume(value or default_remote or config.default_remote,
+                                         allow_urls=allow_urls)
+    return name or url, url
+
+
+def resolve_volume(parameters: dict[str, str], default_remote: str | None,
+                   allow_urls: bool = False) -> dict[str, str]:
+    """remote (its configured name), dataset, ref and the commit the ref names now."""
     unknown = set(parameters) - PARAMETERS - {p for p in parameters if p.startswith("csi.storage")}
     if unknown:
         raise invalid(f"unknown parameters {sorted(unknown)}; known: {sorted(PARAMETERS)}")
@@ -50,22 +67,24 @@ def resolve_volume(parameters: dict[str, str], default_remote: str | None) -> di
         raise invalid("parameter 'dataset' is required")
     dataset = check_name(parameters["dataset"], "dataset name")
     ref = parameters.get("ref") or "main"
-    config = Config.load()
-    remote_url = config.url_of(parameters.get("remote") or default_remote or config.default_remote)
+    remote, remote_url = volume_remote(parameters.get("remote"), default_remote, allow_urls)
     repo = Repository(open_remote_url(remote_url))
     try:
         commit_name = repo.resolve(dataset, ref).commit
         commit = repo.get_commit(commit_name)
     finally:
         repo.close()
-    return {"remote": remote_url, "dataset": dataset, "ref": ref, "commit": commit_name,
+    return {"remote": remote, "dataset": dataset, "ref": ref, "commit": commit_name,
             "files": str(commit.files), "bytes": str(commit.bytes)}
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, volumes: JsonStore, default_remote: str | None) -> None:
+    def __init__(self, volumes: JsonStore, default_remote: str | None,
+                 allow_remote_urls: bool = False) -> None:
         self.volumes = volumes
         self.default_remote = default_remote
+        # StorageClass parameters are the cluster admin's: URLs only if the admin allows them.
+        self.allow_remote_urls = allow_remote_urls
 
     @staticmethod
     def _volume(record: dict) -> csi_pb2.Volume:
@@ -96,7 +115,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                    f"volume {request.name!r} exists with other parameters or "
                                    "an incompatible capacity")
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(existing))
-            volume_context = resolve_volume(params, self.default_remote)
+            volume_context = resolve_volume(params, self.default_remote,
+                                            self.allow_remote_urls)
             record = {
                 "volume_id": "cachefs-" + blake3(request.name.encode()).hexdigest()[:24],
                 "name": request.name,
