@@ -33,8 +33,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description="Delete the chunks, trees and commits of the remote that no branch or tag "
                     "reaches, nor any ref position or object younger than the grace period "
                     "(the reflog: `cachefs branch DATASET NAME COMMIT` restores a deleted or "
-                    "overwritten branch until then). Safe while commits and pushes run: the "
-                    "deletion waits for running writers and holds new ones back meanwhile.",
+                    "overwritten branch until then), nor any version a live pin holds (mounts "
+                    "and CSI volumes pin theirs: cachefs pin list). Safe while commits and "
+                    "pushes run: the deletion waits for running writers and holds new ones "
+                    "back meanwhile.",
         epilog="examples:\n  cachefs gc --dry-run\n  cachefs gc --grace 7d --remote team\n"
                "  cachefs datasets rm scratch && cachefs gc --grace 0\n")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
@@ -59,6 +61,10 @@ def gc(args: argparse.Namespace) -> int:
     live_bytes = sum(t.bytes for t in result.live.values())
     print(f"kept {live} objects, {format_size(live_bytes)} "
           f"({result.kept_recent} only because they are younger than the grace period)")
+    if result.pins:
+        print(f"kept what {len(result.pins)} live pins hold (cachefs pin list)")
+    if result.pins_pruned:
+        print(f"removed {len(result.pins_pruned)} expired pins")
     if result.ref_generations_pruned:
         print(f"pruned {result.ref_generations_pruned} old reflog entries")
     if result.missing:

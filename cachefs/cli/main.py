@@ -17,6 +17,7 @@ from cachefs.cli import (
     master_cmd,
     materialize_cmd,
     mount_cmd,
+    pin_cmd,
     remote_cmd,
     scheduler_cmd,
     storage_cmd,
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, browse_cmd,
-                   materialize_cmd, mount_cmd, gc_cmd, csi_cmd, scheduler_cmd, storage_cmd,
-                   master_cmd, cluster_cmd):
+                   materialize_cmd, mount_cmd, gc_cmd, pin_cmd, csi_cmd, scheduler_cmd,
+                   storage_cmd, master_cmd, cluster_cmd):
         module.register(sub, common)
     return parser
 

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (always on when mounted by root)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not pin the version in the remote (by default gc keeps a mounted "
+                        "version while the mount lives, even once no ref reaches it)")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, logging to stderr, until unmounted")
     p.set_defaults(func=mount)
@@ -145,7 +148,7 @@ def mount(args: argparse.Namespace) -> int:
         cache_size=args.cache_size, memory_cache=args.memory_cache,
         uid=uid if args.uid is None else args.uid, gid=gid if args.gid is None else args.gid,
         umask=args.umask, origin_timeout=args.timeout, metrics=args.metrics,
-        allow_other=args.allow_other or os.getuid() == 0,
+        allow_other=args.allow_other or os.getuid() == 0, pin=args.pin,
     )
     info = mounts_api.start(config, foreground=args.foreground)
     if args.json:

@@ -1,7 +1,9 @@
-"""Garbage collection: remove objects that no ref, recent reflog entry or recent object reaches.
+"""Garbage collection: remove objects no ref, pin, recent reflog entry or recent object reaches.
 
 What is kept (the "live" set) is everything reachable from:
 - the current commit of every branch and tag of every dataset;
+- the commit of every live pin (pins.py: what mounts and CSI volumes use, even once no ref
+  reaches it any more);
 - every commit a ref pointed to within the grace period (the reflog: a deleted branch or a
   forced push can be undone for that long);
 - every tree and commit stored within the grace period (an interrupted commit or push keeps its
@@ -11,15 +13,18 @@ and `commits/` is garbage.
 
 gc marks in two passes. The first walks the repository without any lock (the long part), so
 commits go on meanwhile. It then takes the gc lock, which waits for running writers to finish
-and holds new ones back (locks.py), and walks again from refs and objects that appeared in the
-meantime: only new objects, so this is short. It then deletes, and releases the lock. An object a
-writer stored or reused during gc is therefore either reached by a ref that writer moved, or
-stored within the grace period, and is never removed.
+and holds new ones back (locks.py), and walks again from refs, pins and objects that appeared
+in the meantime: only new objects, so this is short. It then deletes, and releases the lock. An
+object a writer stored or reused during gc is therefore either reached by a ref that writer
+moved, or stored within the grace period, and is never removed. Pins are created holding a
+writer lock too, so a pin is either read by that second pass or created after the sweep
+(pins.py says why that is safe).
 
 Deletion goes from the top down (commits and trees by decreasing height, chunks last), so an
 interrupted gc never leaves a stored tree whose children are gone: every stored object's closure
 stays complete, which is what commit and push rely on when they skip objects already stored.
-Last, reflog generations older than the grace period are dropped (each ref keeps its newest).
+Last, reflog generations older than the grace period are dropped (each ref keeps its newest),
+and so are pins expired for longer than the grace period (a crashed node's mounts).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cachefs.dataset.locks import RepositoryLock
+from cachefs.dataset.pins import PinStore
 from cachefs.dataset.reach import ObjectWalker, by_height, heights
 from cachefs.dataset.refs import GenerationRefStore, RefAddress
 from cachefs.dataset.repo import Repository
@@ -63,6 +69,8 @@ class GcResult:
     kept_recent: int = 0
     missing: list[str] = field(default_factory=list)
     ref_generations_pruned: int = 0
+    pins: list[str] = field(default_factory=list)  # the live pins honoured
+    pins_pruned: list[str] = field(default_factory=list)
 
     @property
     def garbage_objects(self) -> int:
@@ -83,6 +91,8 @@ class GcResult:
             "kept_recent": self.kept_recent,
             "missing": self.missing,
             "ref_generations_pruned": self.ref_generations_pruned,
+            "pins": self.pins,
+            "pins_pruned": self.pins_pruned,
         }
 
 
@@ -105,7 +115,9 @@ class GarbageCollector:
         self.started_ns = time.time_ns()
         self.cutoff_ns = self.started_ns - int(grace_s * 1e9)
         self.listing: dict[str, ObjectInfo] = {}
-        self.from_refs: set[str] = set()  # reached from refs and the reflog (not recency)
+        self.from_refs: set[str] = set()  # reached from refs, pins and the reflog (not recency)
+        self.pin_store = PinStore(repo.remote)
+        self.pins: set[str] = set()  # names of the live pins seen by any pass
         self.walker = ObjectWalker(repo, workers, on_object=progress.update)
 
     def _recent(self, info: ObjectInfo) -> bool:
@@ -128,13 +140,20 @@ class GarbageCollector:
                              if c is not None)
         return roots, generations
 
+    def pinned_commits(self) -> set[str]:
+        """Commits the live pins keep (read anew by each pass: pins come and go)."""
+        pins = self.pin_store.live()
+        self.pins.update(pin.name for pin in pins)
+        return {pin.commit for pin in pins}
+
     def list_objects(self, prefixes: tuple[str, ...]) -> dict[str, ObjectInfo]:
         return {info.key: info for prefix in prefixes
                 for info in self.repo.remote.list_info(prefix)}
 
     def mark(self, listing: dict[str, ObjectInfo]) -> None:
-        """Walk from the refs and from every recent commit and tree not yet seen."""
+        """Walk from the refs, the pins and every recent commit and tree not yet seen."""
         roots, _ = self.root_commits()
+        roots |= self.pinned_commits()
         recent_commits = [k.rsplit("/", 1)[1] for k, i in listing.items()
                           if k.startswith("commits/") and self._recent(i)]
         recent_trees = [k.rsplit("/", 1)[1] for k, i in listing.items()
@@ -214,6 +233,8 @@ def collect_garbage(
                 gc.delete(garbage)
                 _, generations = gc.root_commits()
                 result.ref_generations_pruned = gc.prune_reflog(generations)
+                result.pins_pruned = gc.pin_store.prune_expired(grace_s)
+            result.pins = sorted(gc.pins)
         finally:
             if lock is not None:
                 lock.release()

@@ -40,6 +40,7 @@ class MountConfig:
     allow_other: bool = False
     read_ahead_kb: int = 4096
     log_file: str | None = None
+    pin: bool = True  # pin the commit in the remote while mounted (gc keeps it)
 
     def __post_init__(self) -> None:
         if self.memory_cache < 0:

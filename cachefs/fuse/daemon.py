@@ -7,6 +7,13 @@ when the mount serves, or fail with the reason. It logs to a file under the cach
 Once mounted, it records the version it serves in CACHE_DIR/versions/ (what the node
 inventory reports as cached; `cachefs.cache.versions`).
 
+It pins the commit it serves (`cachefs.dataset.pins`: a lease of DEFAULT_LEASE_S, 10 minutes,
+renewed every DEFAULT_RENEW_S, 1 minute, on a worker thread) so gc keeps it while mounted, and
+removes the pin when it unmounts. Readiness waits for the pin at most PIN_READY_WAIT_S: a pin
+held back by a running gc sweep is finished in the background. A remote these credentials cannot
+write (read-only keys on nodes) is mounted anyway, unpinned: one warning in the log, and
+`pinned: false` in `cachefs stats`.
+
 Once serving, it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only) so
 sequential reads arrive as large requests (up to 1 MiB, libfuse's max_pages). SIGTERM or
 SIGINT unmount cleanly; an external `fusermount3 -u` (what `cachefs umount` does) ends the main
@@ -15,6 +22,7 @@ loop the same way.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -29,8 +37,10 @@ from cachefs.cache.disk import DiskCache
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.tiered import TieredStore, object_is_intact
 from cachefs.cache.versions import record_version
+from cachefs.dataset.pins import DEFAULT_RENEW_S, LeasedPin, PinLost, PinStore
+from cachefs.dataset.refs import who_am_i
 from cachefs.dataset.repo import Repository
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, PermissionDenied
 from cachefs.fs import DatasetFS, MountOptions
 from cachefs.fuse.config import MountConfig
 from cachefs.fuse.operations import CachefsOperations
@@ -41,6 +51,9 @@ log = logging.getLogger("cachefs.daemon")
 
 DECODED_ENTRY_BYTES = 720  # a decoded tree entry in memory (measured: benchmarks.scale)
 MIN_TREE_CACHE_ENTRIES = 10_000
+PIN_READY_WAIT_S = 10.0  # readiness waits this long for the pin, then pinning goes on behind
+PIN_LOCK_WAIT_S = 300.0  # a gc sweep longer than this: the next renewal tick tries again
+_REFUSED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -145,7 +158,65 @@ def render_metrics(stats: dict[str, object], info: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None]) -> None:
+def mount_pin(fs: DatasetFS, config: MountConfig) -> LeasedPin | None:
+    """The pin this mount will hold (None with --no-pin)."""
+    if not config.pin:
+        return None
+    holder = f"{who_am_i()} pid {os.getpid()} mount {config.mountpoint}"
+    store = PinStore(fs.store.repo.remote, lock_wait_s=PIN_LOCK_WAIT_S)
+    return LeasedPin(store, config.dataset, config.commit, holder)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the remote refused to be written (read-only credentials or file system)."""
+    if isinstance(error, PermissionDenied):
+        return True
+    cause = error.__cause__
+    return isinstance(cause, OSError) and cause.errno in _REFUSED_ERRNOS
+
+
+async def keep_pinned(pin: LeasedPin, fs: DatasetFS, attempted: trio.Event) -> None:
+    """Create the mount's pin, then renew it until cancelled (the daemon removes it after).
+
+    A remote that refuses writes leaves the mount unpinned for good; other failures (a store
+    outage, a long gc sweep) are retried at each renewal tick. One warning either way."""
+    warned = False
+    fs.status["pinned"] = False
+    fs.status["pin"] = pin.name
+    while True:
+        try:
+            # Abandoned on cancel: release() removes a pin whose creation finishes afterwards.
+            if fs.status["pinned"]:
+                await trio.to_thread.run_sync(pin.renew, abandon_on_cancel=True)
+            else:
+                await trio.to_thread.run_sync(pin.create, abandon_on_cancel=True)
+                log.info("pinned %s as %s", config_text(pin), pin.name)
+            fs.status["pinned"] = True
+        except PinLost as e:
+            fs.status["pinned"] = False
+            log.warning("%s: this mount's version is no longer kept from gc", e)
+            return
+        except Exception as e:
+            fs.status["pinned"] = pin.fresh
+            if not warned:
+                warned = True
+                log.warning("could not pin %s (%s); mounted anyway, but gc may remove what "
+                            "this mount has not cached", config_text(pin), e)
+            else:
+                log.info("pin %s: %s", pin.name, e)
+            if _refused(e) and not pin.fresh:
+                return
+        finally:
+            attempted.set()
+        await trio.sleep(DEFAULT_RENEW_S)
+
+
+def config_text(pin: LeasedPin) -> str:
+    return f"{pin.dataset}@{pin.commit[:12]}"
+
+
+async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None],
+                pin: LeasedPin | None = None) -> None:
     metrics = None
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
@@ -153,7 +224,12 @@ async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None
             metrics = MetricsServer(config.metrics, fs, trio.lowlevel.current_trio_token())
             metrics.start()
         nursery.start_soon(_stop_on_signal, nursery)
-        nursery.start_soon(_tune_then_report_ready, config, report)
+        pinned = trio.Event()
+        if pin is None:
+            pinned.set()
+        else:
+            nursery.start_soon(keep_pinned, pin, fs, pinned)
+        nursery.start_soon(_tune_then_report_ready, config, report, pinned)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
@@ -162,8 +238,11 @@ async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None
             nursery.cancel_scope.cancel()
 
 
-async def _tune_then_report_ready(config: MountConfig, report: Callable[[str], None]) -> None:
+async def _tune_then_report_ready(config: MountConfig, report: Callable[[str], None],
+                                  pinned: trio.Event) -> None:
     await trio.to_thread.run_sync(tune_kernel_after_init, config, abandon_on_cancel=True)
+    with trio.move_on_after(PIN_READY_WAIT_S):
+        await pinned.wait()
     log.info("serving %s@%s (%s) at %s", config.dataset, config.ref, config.commit,
              config.mountpoint)
     report("ok")
@@ -227,16 +306,29 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
     ref = "" if config.commit.startswith(config.ref) else config.ref
     record_version(config.cache_dir, config.dataset, config.commit,
                    config.remote_url.split("?")[0], ref)
+    pin = mount_pin(fs, config)
     try:
-        trio.run(serve, fs, config, report)
+        trio.run(serve, fs, config, report, pin)
     except BaseException as e:
         log.exception("mount daemon failed")
         report(f"error: {type(e).__name__}: {e}")
         pyfuse3.close(unmount=True)
+        unpin(pin)
         return 1
     pyfuse3.close(unmount=True)
+    unpin(pin)
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def unpin(pin: LeasedPin | None) -> None:
+    """Remove the mount's pin (best effort: a pin left behind expires with its lease)."""
+    if pin is None:
+        return
+    try:
+        pin.release()
+    except Exception as e:
+        log.warning("could not remove pin %s (it expires by itself): %s", pin.name, e)
 
 
 def main() -> None:
