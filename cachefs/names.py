@@ -17,9 +17,55 @@ HASH_HEX_LEN = 64
 MIN_COMMIT_PREFIX = 4
 
 
+# git's check-ref-format rules, each with the words an InvalidName names it by. Names are one
+# component (no '/'): they are one key segment of refs/DATASET/heads/NAME/... and of
+# datasets/NAME, and git forbids the same names for the same reasons (ambiguous revision
+# syntax, lock files, path tricks), so a name that git refuses is refused here too.
+_REF_FORBIDDEN_CHARS = " ~^:?*[\\"
+
+
+def ref_format_problem(name: str) -> str | None:
+    """Which of git's check-ref-format rules `name` breaks (as one component), else None."""
+    if not name:
+        return "it is empty"
+    if name == "@":
+        return "it is exactly '@'"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "it contains an ASCII control character"
+    bad = sorted({c for c in name if c in _REF_FORBIDDEN_CHARS}, key=_REF_FORBIDDEN_CHARS.index)
+    if bad:
+        return "it contains " + ", ".join(repr(c) for c in bad)
+    if ".." in name:
+        return "it contains '..'"
+    if "@{" in name:
+        return "it contains '@{'"
+    if "//" in name:
+        return "it contains '//'"
+    if name.endswith("/"):
+        return "it ends with '/'"
+    for part in name.split("/"):
+        if part.startswith("."):
+            return "a component starts with '.'"
+        if part.endswith(".lock"):
+            return "a component ends with '.lock'"
+    if name.endswith("."):
+        return "it ends with '.'"
+    return None
+
+
 def check_name(name: str, what: str = "name") -> str:
-    """Return `name` if it is a valid dataset, branch or tag name, else raise InvalidName."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    """Return `name` if it is a valid dataset, remote, branch or tag name, else raise InvalidName.
+
+    A name is 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, and obeys
+    git's check-ref-format rules (so not `a..b`, `x.lock` or `v1.`); the message names the rule
+    that is broken.
+    """
+    if not isinstance(name, str):
+        raise InvalidName(f"invalid {what} {name!r}: not a string")
+    problem = ref_format_problem(name)
+    if problem is not None:
+        raise InvalidName(f"invalid {what} {name!r}: {problem} (git's ref-name rules)")
+    if not _NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid {what} {name!r}: use 1-128 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit"
@@ -83,8 +129,11 @@ def parse_address(text: str, allow_path: bool = True) -> Address:
         raise UsageError(f"{text!r}: a path (':PATH') is not accepted here")
     dataset, at, ref = rest.partition("@")
     check_name(dataset, "dataset name")
-    if at and not (is_hash_prefix(ref) or _NAME_RE.fullmatch(ref)):
-        raise InvalidName(f"invalid ref {ref!r} in {text!r}")
+    if at and not is_hash_prefix(ref):
+        try:
+            check_name(ref, "ref")
+        except InvalidName as e:
+            raise InvalidName(f"{e} in {text!r}") from None
     split_path(path)
     return Address(dataset=dataset, ref=ref if at else None, path=path.strip("/"))
 

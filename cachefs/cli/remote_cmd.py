@@ -6,6 +6,7 @@ import argparse
 
 from cachefs.cli.common import HelpFormatter, print_json
 from cachefs.config import Config
+from cachefs.remotes.registry import check_remote_url
 
 EXAMPLES = """examples:
   cachefs remote add team 's3://datasets/cachefs?endpoint_url=http://rgw:7480' --default
@@ -14,8 +15,14 @@ EXAMPLES = """examples:
   cachefs remote remove scratch
 
 Credentials never go into URLs: S3 uses boto3's default chain (AWS_ACCESS_KEY_ID, profiles,
-instance roles). S3 URL options: endpoint_url, region, addressing_style=path|virtual,
-request_checksum_calculation=when_required (for S3 clones that reject CRC checksums).
+instance roles). `remote add` checks a URL as opening it would, without connecting: the scheme
+(file, s3, oss, haystack), the bucket or host, and every option and its value.
+  s3://BUCKET[/PREFIX]  endpoint_url=http(s)://HOST[:PORT], region, addressing_style=
+    auto|path|virtual, request_checksum_calculation=when_required|when_supported (for S3
+    clones that reject CRC checksums), max_connections (>= 2)
+  oss://BUCKET[/PREFIX] endpoint=http(s)://HOST (required), region, max_connections (>= 2)
+  haystack://HOST:PORT[,HOST:PORT...][/NAMESPACE]  token_file, timeout (seconds)
+  file:///PATH          no options
 """
 
 
@@ -29,7 +36,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add = actions.add_parser("add", parents=[common], help="add a remote",
                              formatter_class=HelpFormatter, epilog=EXAMPLES)
     add.add_argument("name")
-    add.add_argument("url", help="file:///path or s3://bucket/prefix?options")
+    add.add_argument("url", help="file:///path, s3://bucket/prefix?options, "
+                     "oss://bucket/prefix?endpoint=..., haystack://host:port[,...]")
     add.add_argument("--default", action="store_true", help="make it the default remote")
     add.set_defaults(func=add_remote)
     ls = actions.add_parser("list", parents=[common], help="list remotes")
@@ -40,6 +48,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def add_remote(args: argparse.Namespace) -> int:
+    # Refuse a URL now rather than at its first use (ConfigError: exit 2, nothing saved).
+    check_remote_url(args.url)
     config = Config.load().with_remote(args.name, args.url, args.default)
     config.save()
     if args.json:

@@ -37,13 +37,14 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Self
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import blake3
 
 from cachefs.errors import ConfigError, ObjectNotFound, UsageError
 from cachefs.grpc_auth import load_token
 from cachefs.remotes.base import HeadProbing, ObjectInfo
+from cachefs.remotes.registry import url_options
 from master.client import DirEntry, MasterClient, parse_masters
 from storage_server.replicated import ReplicatedStorage
 
@@ -131,6 +132,33 @@ class NameRecorder:
                 self._cond.notify_all()
 
 
+def parse_url(url: str) -> tuple[list[str], str | None, float, str]:
+    """(masters, token_file, timeout, namespace) of a haystack:// URL, checked without
+    connecting or reading the token file (it may be written after `remote add`)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "haystack" or not parsed.netloc:
+        raise ConfigError("invalid haystack URL: expected "
+                          "haystack://HOST:PORT[,HOST:PORT...][/NAMESPACE][?token_file=FILE]")
+    options = url_options(parsed, {"token_file", "timeout"}, "haystack")
+    try:
+        masters = parse_masters(parsed.netloc)
+    except UsageError as e:
+        raise ConfigError(f"haystack URL: {e}") from e
+    if "token_file" in options and not options["token_file"]:
+        raise ConfigError("haystack remote option token_file is empty")
+    try:
+        timeout = float(options.get("timeout", "30"))
+    except ValueError:
+        timeout = 0.0
+    if not 0 < timeout < float("inf"):
+        raise ConfigError("haystack remote option timeout: expected a positive number of seconds")
+    namespace = parsed.path.strip("/")
+    if namespace and not NAMESPACE.match(namespace):
+        raise ConfigError(f"haystack namespace {namespace!r}: use letters, digits, '.', "
+                          "'_', '-' and '/' only")
+    return masters, options.get("token_file"), timeout, namespace
+
+
 class HaystackRemote(HeadProbing):
     """A repository on a haystack cluster (see the module docstring)."""
 
@@ -152,24 +180,12 @@ class HaystackRemote(HeadProbing):
 
     @classmethod
     def from_url(cls, url: str) -> HaystackRemote:
-        parsed = urlparse(url)
-        if parsed.scheme != "haystack" or not parsed.netloc:
-            raise ConfigError(f"invalid haystack URL {url!r}: expected "
-                              "haystack://HOST:PORT[,HOST:PORT...][?token_file=FILE]")
-        query = parse_qs(parsed.query)
-        unknown = set(query) - {"token_file", "timeout"}
-        if unknown:
-            raise ConfigError(f"haystack URL {url!r}: unknown option(s) {', '.join(unknown)} "
-                              "(known: token_file, timeout)")
-        token_file = query.get("token_file", [None])[0]
+        masters, token_file, timeout, namespace = parse_url(url)
         try:
-            timeout = float(query.get("timeout", ["30"])[0])
-        except ValueError:
-            raise ConfigError(f"haystack URL {url!r}: timeout must be a number") from None
-        try:
-            return cls(parsed.netloc, load_token(token_file), timeout, parsed.path)
+            token = load_token(token_file)
         except UsageError as e:
-            raise ConfigError(f"haystack URL {url!r}: {e}") from e
+            raise ConfigError(f"haystack remote: {e}") from e
+        return cls(masters, token, timeout, namespace)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ from urllib.parse import unquote, urlparse
 
 from cachefs.errors import ConfigError, ObjectNotFound, RemoteError
 from cachefs.remotes.base import ObjectInfo
+from cachefs.remotes.registry import url_options
 
 log = logging.getLogger("cachefs.remotes.local")
 
@@ -400,6 +401,16 @@ def _fsync_each(paths: set[Path]) -> None:
         _fsync_dir(directory)
 
 
+def parse_url(url: str) -> str:
+    """The directory of a file:// URL, checked without touching it (it is created on first
+    use); a file URL takes no options."""
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise ConfigError("invalid file URL: expected file:///absolute/path (no host)")
+    url_options(parsed, set(), "file")
+    return unquote(parsed.path)
+
+
 class LocalRemote:
     """A remote stored as files under one directory."""
 
@@ -417,10 +428,7 @@ class LocalRemote:
 
     @classmethod
     def from_url(cls, url: str) -> LocalRemote:
-        parsed = urlparse(url)
-        if parsed.netloc not in ("", "localhost") or not parsed.path:
-            raise ConfigError(f"invalid file URL {url!r}: expected file:///absolute/path")
-        return cls(unquote(parsed.path))
+        return cls(parse_url(url))
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")

@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from cachefs.errors import (
     CachefsError,
@@ -35,6 +35,7 @@ from cachefs.errors import (
     RemoteError,
 )
 from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
+from cachefs.remotes.registry import int_option, url_options
 
 log = logging.getLogger("cachefs.remotes.oss")
 
@@ -90,6 +91,55 @@ def _credentials_missing() -> list[str]:
     return [name for name in _CREDENTIAL_VARS if not os.environ.get(name)]
 
 
+def _check_settings(bucket: str, endpoint: str, region: str | None,
+                    max_connections: int) -> str:
+    """Check what an OSS remote is opened with (the URL's parts, or the constructor's
+    arguments); the region to sign with."""
+    import oss2.utils
+
+    if not oss2.utils.is_valid_bucket_name(bucket):
+        raise ConfigError(f"invalid OSS bucket name {bucket!r}")
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"invalid OSS endpoint {server_of(endpoint)!r}: "
+                          "expected http(s)://HOST[:PORT]")
+    region = region or region_from_endpoint(endpoint)
+    if not region:
+        raise ConfigError(
+            f"the OSS endpoint {server_of(endpoint)!r} does not name its region: add region=... "
+            "(e.g. region=cn-hangzhou) to the remote URL"
+        )
+    if max_connections < 2:
+        raise ConfigError("max_connections must be at least 2")
+    return region
+
+
+def parse_url(url: str) -> tuple[str, str, dict[str, Any]]:
+    """(bucket, prefix, constructor settings) of an oss:// URL, checked without connecting
+    (credentials are the environment's when the remote is opened, not the URL's)."""
+    parsed = urlparse(url)
+    if "@" in parsed.netloc:
+        raise ConfigError(
+            "credentials do not belong in a remote URL: set OSS_ACCESS_KEY_ID and "
+            "OSS_ACCESS_KEY_SECRET in the environment"
+        )
+    if not parsed.netloc:
+        raise ConfigError("invalid OSS URL: no bucket; expected oss://BUCKET[/PREFIX]?endpoint=")
+    options = url_options(parsed, _OPTIONS, "OSS")
+    endpoint = options.get("endpoint")
+    if not endpoint:
+        raise ConfigError(
+            "the OSS URL needs endpoint=..., e.g. endpoint=https://oss-cn-hangzhou.aliyuncs.com"
+        )
+    settings: dict[str, Any] = {
+        "endpoint": endpoint,
+        "region": options.get("region") or None,
+        "max_connections": int_option(options, "max_connections", 32, "OSS", minimum=2),
+    }
+    _check_settings(parsed.netloc, endpoint, settings["region"], settings["max_connections"])
+    return parsed.netloc, parsed.path, settings
+
+
 class OSSRemote(HeadProbing):
     """A remote stored as objects under an OSS bucket prefix."""
 
@@ -107,23 +157,10 @@ class OSSRemote(HeadProbing):
     ) -> None:
         import oss2
         import oss2.credentials
-        import oss2.utils
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
 
-        if not oss2.utils.is_valid_bucket_name(bucket):
-            raise ConfigError(f"invalid OSS bucket name {bucket!r}")
-        parsed = urlparse(endpoint)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"invalid OSS endpoint {endpoint!r}: expected http(s)://HOST[:PORT]")
-        region = region or region_from_endpoint(endpoint)
-        if not region:
-            raise ConfigError(
-                f"the OSS endpoint {endpoint!r} does not name its region: add region=... "
-                "(e.g. region=cn-hangzhou) to the remote URL"
-            )
-        if max_connections < 2:
-            raise ConfigError("max_connections must be at least 2")
+        region = _check_settings(bucket, endpoint, region, max_connections)
         missing = _credentials_missing()
         if missing:
             raise ConfigError(
@@ -169,40 +206,8 @@ class OSSRemote(HeadProbing):
 
     @classmethod
     def from_url(cls, url: str) -> OSSRemote:
-        parsed = urlparse(url)
-        if "@" in parsed.netloc:
-            raise ConfigError(
-                "credentials do not belong in a remote URL: set OSS_ACCESS_KEY_ID and "
-                "OSS_ACCESS_KEY_SECRET in the environment"
-            )
-        if not parsed.netloc:
-            raise ConfigError(f"invalid OSS URL {url!r}: expected oss://BUCKET[/PREFIX]?endpoint=")
-        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(query) - _OPTIONS
-        if unknown:
-            raise ConfigError(
-                f"unknown OSS remote option(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(_OPTIONS))}"
-            )
-        endpoint = query.get("endpoint")
-        if not endpoint:
-            raise ConfigError(
-                f"the OSS URL {url!r} needs endpoint=..., "
-                "e.g. endpoint=https://oss-cn-hangzhou.aliyuncs.com"
-            )
-        try:
-            max_connections = int(query.get("max_connections", "32"))
-        except ValueError:
-            raise ConfigError(
-                f"invalid OSS URL {url!r}: max_connections must be an integer"
-            ) from None
-        return cls(
-            parsed.netloc,
-            parsed.path,
-            endpoint=endpoint,
-            region=query.get("region"),
-            max_connections=max_connections,
-        )
+        bucket, prefix, settings = parse_url(url)
+        return cls(bucket, prefix, **settings)
 
     def _key(self, key: str) -> str:
         return self.prefix + key

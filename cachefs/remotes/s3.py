@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlparse
+from typing import Any
+from urllib.parse import urlparse
 
 from cachefs.errors import (
     CachefsError,
@@ -22,11 +23,14 @@ from cachefs.errors import (
     RemoteError,
 )
 from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
+from cachefs.remotes.registry import int_option, url_options
 
 log = logging.getLogger("cachefs.remotes.s3")
 
 _OPTIONS = {"endpoint_url", "region", "addressing_style", "request_checksum_calculation",
             "max_connections"}
+_CHOICES = {"addressing_style": ("auto", "path", "virtual"),  # botocore's values
+            "request_checksum_calculation": ("when_required", "when_supported")}
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -44,6 +48,34 @@ def _is_malformed_answer(exc: Exception) -> bool:
 
     return isinstance(exc, (ResponseParserError, ValueError, LookupError, TypeError,
                             AttributeError, SyntaxError))
+
+
+def parse_url(url: str) -> tuple[str, str, dict[str, Any]]:
+    """(bucket, prefix, constructor settings) of an s3:// URL, checked without connecting."""
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise ConfigError("invalid S3 URL: no bucket; expected s3://BUCKET[/PREFIX]?OPTIONS")
+    if "@" in parsed.netloc:
+        raise ConfigError("credentials do not belong in a remote URL: use the environment "
+                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), a profile or a role")
+    options = url_options(parsed, _OPTIONS, "S3")
+    settings: dict[str, Any] = {
+        # at least 2: half of them serve transfers, the other half has() probes
+        "max_connections": int_option(options, "max_connections", 32, "S3", minimum=2)}
+    for name, choices in _CHOICES.items():
+        if name in options and options[name] not in choices:
+            raise ConfigError(f"S3 remote option {name}={options[name]!r}: expected one of "
+                              + ", ".join(choices))
+    if "endpoint_url" in options:
+        endpoint = urlparse(options["endpoint_url"])
+        if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+            raise ConfigError("S3 remote option endpoint_url: expected http(s)://HOST[:PORT]")
+    if "region" in options and not options["region"]:
+        raise ConfigError("S3 remote option region is empty")
+    for name in ("endpoint_url", "region", *_CHOICES):
+        if options.get(name):
+            settings[name] = options[name]
+    return parsed.netloc, parsed.path, settings
 
 
 class S3Remote(HeadProbing):
@@ -93,26 +125,8 @@ class S3Remote(HeadProbing):
 
     @classmethod
     def from_url(cls, url: str) -> S3Remote:
-        parsed = urlparse(url)
-        if not parsed.netloc:
-            raise ConfigError(f"invalid S3 URL {url!r}: expected s3://BUCKET[/PREFIX]")
-        if "@" in parsed.netloc:
-            raise ConfigError("credentials do not belong in a remote URL: use the environment "
-                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), a profile or a role")
-        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(query) - _OPTIONS
-        if unknown:
-            raise ConfigError(
-                f"unknown S3 remote option(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(_OPTIONS))}"
-            )
-        try:
-            max_connections = int(query.pop("max_connections", "32"))
-        except ValueError:
-            raise ConfigError(
-                f"invalid S3 URL {url!r}: max_connections must be an integer"
-            ) from None
-        return cls(parsed.netloc, parsed.path, max_connections=max_connections, **query)
+        bucket, prefix, settings = parse_url(url)
+        return cls(bucket, prefix, **settings)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
