@@ -14,22 +14,34 @@ Wire protocol (AF_UNIX, SOCK_STREAM, socket mode 0600): one request per connecti
 sends one JSON object on one line (at most `MAX_REQUEST_BYTES`, newline-terminated), the mounter
 answers one JSON line and closes:
 
-    -> {"op": "mount", "path": "/abs/staging", "remote": "file:///repo", "dataset": "ds",
-        "ref": "main", "commit": "<64 hex>", "cache_dir": null}
+    -> {"op": "mount", "path": "/abs/staging", "remote": "team", "dataset": "ds",
+        "ref": "main", "commit": "<64 hex>", "cache_dir": null, "inline": false}
     <- {"ok": true, "result": null}
     <- {"ok": false, "error": {"type": "MountError", "message": "..."}}
 
 Ops and their fields: ``ping`` (none); ``mount`` (path, remote, dataset, ref, commit; optional
-cache_dir); ``unmount`` (path); ``bind`` (source, target); ``unbind`` (target); ``status``
-(none; result ``{"mounts": {path: {...MountConfig fields, "state", "pid"}}, "binds": {target:
-source}}``, state ``serving``, ``dead`` or ``hung``). Every path must be absolute; an unknown
-op, a missing, unknown or mistyped field, bad JSON or an oversized request is answered with a
-``UsageError``. ``type`` names a class of `cachefs.errors`; the client raises that class (so the
-plugin maps it to a gRPC code through its ``grpc_status``); a failure that is not a cachefs
-error is reported as ``CachefsError`` (gRPC INTERNAL).
+cache_dir, and inline: a boolean, true when absent); ``unmount`` (path); ``bind`` (source, target);
+``unbind`` (target); ``status`` (none; result ``{"mounts": {path: {...MountConfig fields, "state",
+"pid"}}, "binds": {target: source}}``, state ``serving``, ``dead`` or ``hung``). Every path must be
+absolute; an unknown op, a missing, unknown or mistyped field, bad JSON or an oversized request is
+answered with a ``UsageError``. ``type`` names a class of `cachefs.errors`; the client raises that
+class (so the plugin maps it to a gRPC code through its ``grpc_status``); a failure that is not a
+cachefs error is reported as ``CachefsError`` (gRPC INTERNAL).
 
-State: ``STATE_DIR/mounter.json`` records every mount (path -> its MountConfig fields) and every
-bind (target -> source); it is rewritten atomically (temp file, fsync, rename) on each change.
+Trust rule. A mount carries this node's credentials (CACHEFS_TOKEN, S3/OSS keys) to its remote,
+and the remote comes from a volume, which whoever may create pods writes. So ``mount`` reaches
+only what `Config.remote_for_volume` allows (the node's config.toml, read at each request): a
+configured remote's name, or a URL equal to a configured remote's URL; any other URL only when
+the mounter runs with ``--allow-remote-urls`` and the request is not ``inline`` (an inline
+ephemeral volume, written in a pod spec). Anything else is a ``ConfigError`` (gRPC
+INVALID_ARGUMENT) before any connection is made. This is checked here, not only in the plugin,
+because every path arrives here: stage, inline publish, and every remount of a recorded mount
+(repair re-checks the recorded URL by the same rule, with the inline flag recorded for the mount;
+a mount recorded before the flag existed counts as inline).
+
+State: ``STATE_DIR/mounter.json`` records every mount (path -> its MountConfig fields), which of
+them are inline volumes, and every bind (target -> source); it is rewritten atomically (temp
+file, fsync, rename) on each change.
 
 Repair design. A mount daemon can die (OOM kill, crash, kill -9); its kernel mount then stays in
 the mount table but every request on it fails with ENOTCONN ("transport endpoint is not
@@ -108,12 +120,14 @@ PROBE_PARALLELISM = 16
 
 _STR = (str,)
 _OPT_STR = (str, type(None))
+_BOOL = (bool,)
 # op -> {field: (allowed types, required)}
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "ping": {},
     "status": {},
     "mount": {"path": (_STR, True), "remote": (_STR, True), "dataset": (_STR, True),
-              "ref": (_STR, True), "commit": (_STR, True), "cache_dir": (_OPT_STR, False)},
+              "ref": (_STR, True), "commit": (_STR, True), "cache_dir": (_OPT_STR, False),
+              "inline": (_BOOL, False)},
     "unmount": {"path": (_STR, True)},
     "bind": {"source": (_STR, True), "target": (_STR, True)},
     "unbind": {"target": (_STR, True)},
@@ -136,9 +150,10 @@ class MounterClient:
         self._call("ping")
 
     def mount(self, path: str, *, remote: str, dataset: str, ref: str, commit: str,
-              cache_dir: str | None = None) -> None:
+              cache_dir: str | None = None, inline: bool = True) -> None:
+        """`inline`: the volume comes from a pod spec (never a URL); False for a PV's."""
         self._call("mount", path=path, remote=remote, dataset=dataset, ref=ref, commit=commit,
-                   cache_dir=cache_dir)
+                   cache_dir=cache_dir, inline=inline)
 
     def unmount(self, path: str) -> None:
         self._call("unmount", path=path)
@@ -206,7 +221,8 @@ def error_from_wire(type_name: str, message: str) -> CachefsError:
 
 
 def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0,
-                  hang_timeout: float = HANG_TIMEOUT_S) -> subprocess.Popen[bytes]:
+                  hang_timeout: float = HANG_TIMEOUT_S,
+                  allow_remote_urls: bool = False) -> subprocess.Popen[bytes]:
     """Start a mounter process (in its own session) and return once it answers ping.
 
     Its log goes to STATE_DIR/mounter.log. Raises MountError (and kills it) if it exits or does
@@ -215,11 +231,14 @@ def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0
     socket_path, state_dir = os.path.abspath(socket_path), os.path.abspath(state_dir)
     os.makedirs(state_dir, exist_ok=True)
     log_path = os.path.join(state_dir, "mounter.log")
+    argv = [sys.executable, "-m", "csi.mounter", "--socket", socket_path,
+            "--state-dir", state_dir, "--health-interval", str(health_interval),
+            "--hang-timeout", str(hang_timeout)]
+    if allow_remote_urls:
+        argv.append("--allow-remote-urls")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "csi.mounter", "--socket", socket_path,
-             "--state-dir", state_dir, "--health-interval", str(health_interval),
-             "--hang-timeout", str(hang_timeout)],
+            argv,
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True, close_fds=True,
         )
@@ -403,6 +422,7 @@ class StateStore:
         self.lock = threading.Lock()
         self.mounts: dict[str, MountConfig] = {}
         self.binds: dict[str, str] = {}
+        self.inline: set[str] = set()  # mount paths of inline ephemeral volumes
 
     def load(self) -> None:
         try:
@@ -411,18 +431,23 @@ class StateStore:
             mounts = {str(p): MountConfig(**{k: v for k, v in c.items() if k in _CONFIG_FIELDS})
                       for p, c in data.get("mounts", {}).items()}
             binds = {str(t): str(s) for t, s in data.get("binds", {}).items()}
+            # A state written before inline volumes were recorded: every mount counts as
+            # inline, the stricter rule (a PV's URL then needs to be a configured one).
+            inline = ({str(p) for p in data["inline"]} if "inline" in data
+                      else set(mounts))
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, AttributeError, CachefsError) as e:
             raise LocalIOError(f"the mounter state {self.path} is unreadable ({e}); move it "
                                "away to start with no recorded mounts") from e
-        self.mounts, self.binds = mounts, binds
+        self.mounts, self.binds, self.inline = mounts, binds, inline & set(mounts)
 
     def save(self) -> None:
         """Write the state (caller holds `lock`): temp file, fsync, rename, fsync the dir."""
         data = {"version": PROTOCOL_VERSION,
                 "mounts": {p: asdict(c) for p, c in sorted(self.mounts.items())},
-                "binds": dict(sorted(self.binds.items()))}
+                "binds": dict(sorted(self.binds.items())),
+                "inline": sorted(self.inline & set(self.mounts))}
         directory = os.path.dirname(self.path)
         fd, tmp = tempfile.mkstemp(prefix=".mounter.", suffix=".tmp", dir=directory)
         try:
@@ -451,11 +476,18 @@ class Mounter:
     """Mount, bind, unmount and unbind, record all of it, and keep recorded mounts healthy."""
 
     def __init__(self, state_dir: str, cache_dir: str | None = None,
-                 hang_timeout: float = HANG_TIMEOUT_S) -> None:
+                 hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False) -> None:
         self.state = StateStore(state_dir)
         self.locks = KeyedLocks()
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
         self.hang_timeout = hang_timeout
+        self.allow_remote_urls = allow_remote_urls
+
+    def remote_url(self, remote: str, inline: bool) -> str:
+        """The URL a mount may reach for `remote`, or ConfigError: the trust rule (module doc).
+        Read from config.toml each time, so a remote the admin removes is refused from then on."""
+        allow = self.allow_remote_urls and not inline
+        return Config.load().remote_for_volume(remote, allow_urls=allow)[1]
 
     # ---- requests
 
@@ -475,10 +507,10 @@ class Mounter:
         return self.unbind(args["target"])
 
     def mount(self, path: str, remote: str, dataset: str, ref: str, commit: str,
-              cache_dir: str | None = None) -> None:
+              cache_dir: str | None = None, inline: bool = True) -> None:
         check_name(dataset, "dataset name")
         check_hash(commit, "commit")
-        remote_url = Config.load().url_of(remote)
+        remote_url = self.remote_url(remote, inline)  # before anything connects
         cache = cache_dir or self.cache_dir or os.path.abspath(default_cache_dir())
         config = MountConfig(remote_url=remote_url, dataset=dataset, ref=ref, commit=commit,
                              mountpoint=path, cache_dir=cache, uid=0, gid=0,
@@ -504,9 +536,13 @@ class Mounter:
                                      f"{info.get('dataset')}@{str(info.get('commit'))[:12]}")
                 log.info("adopting the running mount at %s (%s@%s)", path, dataset, commit[:12])
             else:
-                self._replace(path, config, found.state)
+                self._replace(path, config, found.state, inline)
             with self.state.lock:
                 self.state.mounts[path] = config
+                if inline:
+                    self.state.inline.add(path)
+                else:
+                    self.state.inline.discard(path)
                 self.state.save()
 
     def unmount(self, path: str) -> None:
@@ -534,6 +570,7 @@ class Mounter:
             else:
                 raise MountError(f"{path} is still mounted after {MAX_UNMOUNT_LAYERS} unmounts")
             with self.state.lock:
+                self.state.inline.discard(path)
                 if self.state.mounts.pop(path, None) is not None:
                     self.state.save()
 
@@ -616,8 +653,16 @@ class Mounter:
                     "killing its daemon", path, self.hang_timeout)
         fuse_mount.force_unmount(path)
 
-    def _replace(self, path: str, config: MountConfig, state: str) -> None:
-        """Start a daemon at `path` in place of a dead, hung or absent mount (lock held)."""
+    def _is_inline(self, path: str) -> bool:
+        with self.state.lock:
+            return path in self.state.inline
+
+    def _replace(self, path: str, config: MountConfig, state: str, inline: bool) -> None:
+        """Start a daemon at `path` in place of a dead, hung or absent mount (lock held).
+
+        The URL is checked again, by the rule a new mount meets: a recorded mount may predate
+        the rule, or the admin may have removed its remote since."""
+        self.remote_url(config.remote_url, inline)
         if state == "hung":
             self._force_off(path)
         log.warning("mount %s is %s: restarting its daemon", path, state)
@@ -627,7 +672,7 @@ class Mounter:
         """Repair the mount at `path` if it is dead, hung or gone (caller holds its lock)."""
         state = probe(path, self.hang_timeout).state
         if state != "serving":
-            self._replace(path, config, state)
+            self._replace(path, config, state, self._is_inline(path))
 
     def _bind_is_current(self, source: str, target: str) -> bool:
         table = mount_table()
@@ -675,7 +720,7 @@ class Mounter:
                     self.state.mounts.pop(path, None)
                     self.state.save()
                 return
-            self._replace(path, config, found.state)
+            self._replace(path, config, found.state, self._is_inline(path))
 
     def _check_bind(self, target: str, source: str) -> None:
         with self.locks.hold(source, target):
@@ -721,7 +766,8 @@ def validate(request: object) -> dict[str, Any]:
             continue
         value = request[name]
         if not isinstance(value, types):
-            raise UsageError(f"{op}: field {name!r} must be a string")
+            kind = "a boolean" if types == _BOOL else "a string"
+            raise UsageError(f"{op}: field {name!r} must be {kind}")
         if isinstance(value, str) and not value:
             raise UsageError(f"{op}: field {name!r} must not be empty")
         if name in PATH_FIELDS and value is not None:
@@ -820,14 +866,14 @@ def _claim_socket(socket_path: str) -> None:
 
 def serve(socket_path: str, state_dir: str, health_interval: float,
           cache_dir: str | None, stop: threading.Event,
-          hang_timeout: float = HANG_TIMEOUT_S) -> None:
+          hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False) -> None:
     """Serve until `stop` is set; mounts are left in place."""
     if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
         raise UsageError(f"socket path too long ({len(os.fsencode(socket_path))} > "
                          f"{SUN_PATH_MAX} bytes): {socket_path}")
     os.makedirs(state_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
-    mounter = Mounter(state_dir, cache_dir, hang_timeout)
+    mounter = Mounter(state_dir, cache_dir, hang_timeout, allow_remote_urls)
     mounter.state.load()
     with mounter.state.lock:
         log.info("state %s: %d mount(s), %d bind(s)", mounter.state.path,
@@ -855,8 +901,9 @@ def serve(socket_path: str, state_dir: str, health_interval: float,
                                     name="mounter-serve", daemon=True)
     health_thread.start()
     serve_thread.start()
-    log.info("mounter serving on %s (pid %d, health every %g s, hung after %g s)", socket_path,
-             os.getpid(), health_interval, hang_timeout)
+    log.info("mounter serving on %s (pid %d, health every %g s, hung after %g s, remote URLs "
+             "%s)", socket_path, os.getpid(), health_interval, hang_timeout,
+             "allowed for PVs" if allow_remote_urls else "only configured ones")
     try:
         stop.wait()
     finally:
@@ -885,6 +932,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir",
                         help="SSD cache directory of mounts that name none "
                              "(default $XDG_CACHE_HOME/cachefs)")
+    parser.add_argument("--allow-remote-urls", action="store_true",
+                        help="mount a PersistentVolume's remote URL even if no configured "
+                             "remote has it (never an inline volume's): the node's credentials "
+                             "go to whatever it names (default: configured remotes only)")
     args = parser.parse_args(argv)
     if not args.health_interval > 0:
         parser.error("--health-interval must be positive")
@@ -903,7 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         serve(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
-              args.health_interval, args.cache_dir, stop, args.hang_timeout)
+              args.health_interval, args.cache_dir, stop, args.hang_timeout,
+              args.allow_remote_urls)
     except CachefsError as e:
         print(f"cachefs csi mounter: error: {e}", file=sys.stderr)
         return e.exit_code

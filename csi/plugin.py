@@ -10,6 +10,12 @@ plugin touches no mount.
 The node plugin can also serve the node's resource inventory over HTTP (`--inventory-listen`)
 and keep it on its Node object (`--publish-inventory`): `csi.inventory`, `csi.publish`.
 
+A volume's `remote` names a configured remote (config.toml, shared by the plugin, the mounter and
+the controller); a URL only if a configured remote has it, or with `--allow-remote-urls` for
+StorageClasses and PersistentVolumes (the cluster admin's), never for inline ephemeral volumes
+(any pod's): see `Config.remote_for_volume`. The flag is passed to a mounter the plugin starts;
+a separately running mounter needs it too.
+
 The CSI socket is local (kubelet and the sidecars reach it through a host path); it is created
 with mode 0660 and carries no token, as in every CSI driver.
 """
@@ -28,7 +34,8 @@ from typing import Any
 
 import grpc
 
-from cachefs.errors import UsageError
+from cachefs.config import Config
+from cachefs.errors import ConfigError, UsageError
 from cachefs.fuse.config import default_cache_dir
 from csi.controller import ControllerService
 from csi.identity import IdentityService
@@ -57,7 +64,8 @@ def socket_path(endpoint: str) -> str:
     return path
 
 
-def connect_mounter(state_dir: Path, mounter_socket: str | None) -> MounterClient:
+def connect_mounter(state_dir: Path, mounter_socket: str | None,
+                    allow_remote_urls: bool = False) -> MounterClient:
     if mounter_socket:
         client = MounterClient(mounter_socket)
         client.ping()
@@ -69,17 +77,29 @@ def connect_mounter(state_dir: Path, mounter_socket: str | None) -> MounterClien
         log.info("using the running mounter at %s", path)
     except Exception:
         log.info("starting a mounter at %s", path)
-        spawn_mounter(path, str(state_dir / "mounter"))
+        spawn_mounter(path, str(state_dir / "mounter"), allow_remote_urls=allow_remote_urls)
     return client
+
+
+def check_default_remote(default_remote: str | None, allow_remote_urls: bool) -> None:
+    """Refuse a --default-remote that volumes could not use: the trust rule applies to it too
+    (a volume that names no remote mounts it, inline ones included)."""
+    if not default_remote:
+        return
+    try:
+        Config.load().remote_for_volume(default_remote, allow_urls=allow_remote_urls)
+    except ConfigError as e:
+        raise UsageError(f"--default-remote: {e}") from None
 
 
 def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | None,
                  state_dir: Path, mounter_socket: str | None = None,
-                 cache_dir: str | None = None) -> grpc.Server:
+                 cache_dir: str | None = None, allow_remote_urls: bool = False) -> grpc.Server:
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if mode != "controller" and not node_id:
         raise UsageError("--node-id is required for the node service")
+    check_default_remote(default_remote, allow_remote_urls)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = socket_path(endpoint)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,12 +108,13 @@ def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | N
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="csi"))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(mode != "node"), server)
     if mode != "node":
-        controller = ControllerService(JsonStore(state_dir / "volumes.json"), default_remote)
+        controller = ControllerService(JsonStore(state_dir / "volumes.json"), default_remote,
+                                       allow_remote_urls)
         csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
     if mode != "controller":
-        mounter = connect_mounter(state_dir, mounter_socket)
+        mounter = connect_mounter(state_dir, mounter_socket, allow_remote_urls)
         node = NodeService(node_id, mounter, JsonStore(state_dir / "node-volumes.json"),
-                           default_remote, cache_dir)
+                           default_remote, cache_dir, allow_remote_urls)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     server.add_insecure_port(f"unix://{path}")
     return server
@@ -129,12 +150,14 @@ def inventory_services(args: argparse.Namespace) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     services = inventory_services(args)
+    allow_urls = getattr(args, "allow_remote_urls", False)
     server = build_server(args.endpoint, args.node_id or "", args.mode, args.default_remote,
-                          state_dir, args.mounter_socket, args.cache_dir)
+                          state_dir, args.mounter_socket, args.cache_dir, allow_urls)
     server.start()
     os.chmod(socket_path(args.endpoint), 0o660)
-    log.info("%s serving %s (mode %s, node %s)", DRIVER_NAME, args.endpoint, args.mode,
-             args.node_id)
+    log.info("%s serving %s (mode %s, node %s, remote URLs %s)", DRIVER_NAME, args.endpoint,
+             args.mode, args.node_id,
+             "allowed for PVs and StorageClasses" if allow_urls else "only configured ones")
     for service in services:
         service.start()
     stop = threading.Event()

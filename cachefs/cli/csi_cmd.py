@@ -21,9 +21,11 @@ EXAMPLES = """examples:
   # this node's inventory (CPU, memory, NUMA, GPUs, RDMA, NICs, cache, cached datasets):
   cachefs csi inventory --cache-dir /var/cache/cachefs
 
-Volumes name a dataset version with three parameters / volume attributes: remote (URL or
-configured remote name; default --default-remote), dataset, ref (default main). Every volume
-is mounted read-only, whatever access mode is asked."""
+Volumes name a dataset version with three parameters / volume attributes: remote (a remote
+configured in config.toml, by name; default --default-remote), dataset, ref (default main).
+A URL is accepted only if a configured remote has it, or, with --allow-remote-urls, in a
+StorageClass or PersistentVolume (never in a pod's inline volume): the mount carries the
+node's credentials to it. Every volume is mounted read-only, whatever access mode is asked."""
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -36,7 +38,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--node-id", help="this node's name (required for the node service)")
     p.add_argument("--mode", choices=("all", "node", "controller"), default="all",
                    help="which services to run (default all)")
-    p.add_argument("--default-remote", help="remote for volumes that name none")
+    p.add_argument("--default-remote",
+                   help="remote for volumes that name none (a configured remote's name)")
+    p.add_argument("--allow-remote-urls", action="store_true",
+                   help="let StorageClasses and PersistentVolumes (the cluster admin's) name a "
+                        "remote by a URL no configured remote has; never inline volumes. The "
+                        "node's credentials go to whatever such a URL names. A separately run "
+                        "mounter needs the flag too (default: configured remotes only)")
     p.add_argument("--state-dir", default="/var/lib/cachefs-csi",
                    help="where volumes and mounts are recorded (default /var/lib/cachefs-csi)")
     p.add_argument("--mounter-socket",
@@ -74,6 +82,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "its connection is aborted and it is remounted (default 10)")
     m.add_argument("--cache-dir", dest="mounter_cache_dir",
                    help="default SSD cache directory of the mounts")
+    m.add_argument("--allow-remote-urls", dest="mounter_allow_remote_urls", action="store_true",
+                   help="mount a PersistentVolume's remote URL that no configured remote has "
+                        "(never an inline volume's; default: configured remotes only)")
     m.set_defaults(func=run_mounter)
     i = roles.add_parser("inventory", parents=[common], formatter_class=HelpFormatter,
                          help="print this node's resource inventory",
@@ -101,6 +112,8 @@ def run_mounter(args: argparse.Namespace) -> int:
         argv += ["--hang-timeout", str(args.hang_timeout)]
     if args.mounter_cache_dir:
         argv += ["--cache-dir", args.mounter_cache_dir]
+    if args.mounter_allow_remote_urls:
+        argv.append("--allow-remote-urls")
     return main(argv)
 
 
