@@ -213,6 +213,9 @@ class GroupCommit:
         # past one of them, so recovery scans from below it.
         self._unindexed: dict[int, tuple[Record, Segment]] = {}
         self._staged: list[int] = []  # durable tickets waiting for the indexer
+        # The lowest ticket of the batch the indexer is committing to LMDB right now (out of
+        # `_unindexed` already, not in LMDB yet): wait_indexed must wait for it too.
+        self._applying: int | None = None
         self._index_wanted = 0  # someone waits until every ticket up to this is indexed
         self._failed: BaseException | None = None
         self._closing = False
@@ -318,7 +321,7 @@ class GroupCommit:
         with self._lock:
             if ticket is None:
                 ticket = self._ticket
-            while self._failed is None and min(self._unindexed, default=ticket + 1) <= ticket:
+            while self._failed is None and self._first_unindexed(ticket + 1) <= ticket:
                 self._index_wanted = max(self._index_wanted, ticket)
                 self._idx.notify()
                 self._done.wait()
@@ -359,6 +362,7 @@ class GroupCommit:
                 tickets, self._staged = self._staged, []
                 batch = [self._unindexed.pop(t) for t in tickets]
                 ends = self._indexed_ends(batch)
+                self._applying = min(tickets)
             if self._failed is None:
                 try:
                     self.index.apply([record for record, _ in batch], ends)
@@ -367,10 +371,17 @@ class GroupCommit:
                 except BaseException as e:  # entries stay in the overlay: reads still work
                     self._fail(e)
             with self._lock:
-                if self._index_wanted and min(self._unindexed, default=self._index_wanted + 1) \
+                self._applying = None
+                if self._index_wanted and self._first_unindexed(self._index_wanted + 1) \
                         > self._index_wanted:
                     self._index_wanted = 0
                 self._done.notify_all()
+
+    def _first_unindexed(self, default: int) -> int:
+        """(Under the lock.) The lowest ticket not yet in LMDB: unindexed, or in the batch
+        being committed; `default` when there is none."""
+        first = min(self._unindexed, default=default)
+        return first if self._applying is None else min(first, self._applying)
 
     def _indexed_ends(self, batch: list[tuple[Record, Segment]]) -> dict[tuple[int, int], int]:
         """(Under the lock.) The end to record for each segment of `batch`: past its needles,
