@@ -24,6 +24,7 @@ from cachefs.remotes.registry import open_remote_url
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.rpc import RpcAbort, invalid, rpc
 from csi.state import JsonStore
+from csi.volume_pins import pin_volume, unpin_volume
 
 PARAMETERS = {"remote", "dataset", "ref"}
 
@@ -125,6 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 "capacity_bytes": required,
                 "context": volume_context,
             }
+            pin_volume(record["volume_id"], volume_context)  # gc keeps it until DeleteVolume
             self.volumes.put(request.name, record)
         return csi_pb2.CreateVolumeResponse(volume=self._volume(record))
 
@@ -138,6 +140,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self.volumes.lock:
             record = self._by_id(request.volume_id)
             if record is not None:
+                unpin_volume(record["volume_id"], record["context"])
                 self.volumes.delete(record["name"])
         return csi_pb2.DeleteVolumeResponse()
 
