@@ -73,6 +73,38 @@ class MountOptions:
     gid: int
     umask: int = 0
     max_readahead_chunks: int = 16
+    # Warmups (`user.cachefs.warmup`) of this mount fetching at once; more wait for a slot, so
+    # no caller can queue unbounded origin fetches.
+    max_warmups: int = 4
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request (the FUSE request's uid, gid and pid; pid 0 when not known)."""
+
+    uid: int
+    gid: int
+    pid: int = 0
+
+
+# The daemon itself (and in-process callers): may do anything, like root.
+TRUSTED_CALLER = Caller(0, 0)
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    """The supplementary groups of process `pid` (FUSE sends only the primary gid); empty when
+    they cannot be read (another pid namespace, an exited caller): then the primary gid alone
+    decides (the kernel's default_permissions check, which sees every group, still applies)."""
+    if pid <= 0:
+        return frozenset()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
 
 
 @dataclass
@@ -139,6 +171,7 @@ class DatasetFS:
         self._next_fh = 1
         self.reads = ReadCounters()
         self.nursery: trio.Nursery | None = None  # set by the daemon, for readahead tasks
+        self._warmups = trio.CapacityLimiter(options.max_warmups)
 
     # -- inodes ---------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -320,7 +353,7 @@ class DatasetFS:
             names.append(XATTR_HASH)
         return names
 
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
+    async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
         node = self.inode(ino)
         if not name.startswith(b"user."):
             # Not ENODATA: on EOPNOTSUPP, ls and cp stop asking for security.selinux and
@@ -335,22 +368,54 @@ class DatasetFS:
         if name == XATTR_STATS and ino == ROOT_INODE:
             return json.dumps(self.stats()).encode()
         if name == XATTR_WARMUP and node.entry.kind is Kind.FILE:
+            # A warmup reads the file from the origin on the caller's behalf: only a caller who
+            # may read it may ask. Getting a user.* xattr needs read permission through the
+            # kernel's default_permissions, but that is the mount's option, not this core's
+            # rule; checked here too, before any fetch.
+            if not self.may_read(node, caller):
+                raise FsError(errno.EACCES)
             return str(await self.warm(node)).encode()
         raise FsError(errno.ENODATA)
 
+    def may_read(self, node: Inode, caller: Caller) -> bool:
+        """Whether `caller` may read `node` under this mount's modes and owner, as the kernel's
+        generic_permission decides it: root reads everything; otherwise the owner's bits if the
+        caller is the owner, else the group's if it is in the group, else the others'."""
+        if caller.uid == 0:
+            return True
+        mode = self.attributes(node).mode
+        if caller.uid == self.options.uid:
+            return bool(mode & stat.S_IRUSR)
+        # FUSE sends only the primary gid: the supplementary groups are read (from /proc) only
+        # where membership changes the answer.
+        in_group = caller.gid == self.options.gid or (
+            bool(mode & stat.S_IRGRP) != bool(mode & stat.S_IROTH)
+            and self.options.gid in _supplementary_groups(caller.pid))
+        return bool(mode & (stat.S_IRGRP if in_group else stat.S_IROTH))
+
     async def warm(self, node: Inode) -> int:
-        """Fetch every chunk of a file into the SSD tier (not memory); bytes fetched."""
-        names = {x.chunk for x in node.entry.extents if x.chunk not in self.zero_chunks}
-        fetched = 0
+        """Fetch every chunk of a file into the SSD tier (not memory); bytes fetched.
 
-        async def one(name: str) -> None:
-            nonlocal fetched
-            fetched += await self._call(self.store.warm(f"chunks/{name[:2]}/{name}"))
+        At most `options.max_warmups` run at once; the others wait for a slot. Waiting is
+        bounded: each waiter is one caller's blocked getxattr (one thread of theirs, one task
+        here, no fetch), and each slot frees once its file is fetched or its origin reads time
+        out (the tiered store bounds every origin read).
+        """
+        async with self._warmups:
+            names = {x.chunk for x in node.entry.extents if x.chunk not in self.zero_chunks}
+            fetched = 0
 
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(one, name)
-        return fetched
+            async def one(name: str) -> None:
+                nonlocal fetched
+                # Not `fetched += await ...`: that reads `fetched` before the await, and
+                # concurrent chunks then overwrite each other's sums.
+                got = await self._call(self.store.warm(f"chunks/{name[:2]}/{name}"))
+                fetched += got
+
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(one, name)
+            return fetched
 
     def stats(self) -> dict[str, object]:
         elapsed = time.monotonic() - self._started

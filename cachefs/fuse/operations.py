@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from cachefs.fs import Attributes, DatasetFS, FsError, Inode
+from cachefs.fs import Attributes, Caller, DatasetFS, FsError, Inode
 
 log = logging.getLogger("cachefs.fuse")
 
@@ -127,7 +127,8 @@ class CachefsOperations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        return await self.fs.getxattr(inode, name)
+        # The caller decides what it may ask for (a warmup needs read permission on the file).
+        return await self.fs.getxattr(inode, name, Caller(ctx.uid, ctx.gid, ctx.pid))
 
     @_errors_to_errno
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
