@@ -53,16 +53,17 @@ def ref_format_problem(name: str) -> str | None:
     return None
 
 
-def check_name(name: str, what: str = "name") -> str:
+def check_name(name: str, what: str = "name", *, existing: bool = False) -> str:
     """Return `name` if it is a valid dataset, remote, branch or tag name, else raise InvalidName.
 
     A name is 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, and obeys
     git's check-ref-format rules (so not `a..b`, `x.lock` or `v1.`); the message names the rule
-    that is broken.
+    that is broken. `existing=True` names something that may have been created before the git
+    rules applied: only the character rule is checked, so it can still be read, moved or deleted.
     """
     if not isinstance(name, str):
         raise InvalidName(f"invalid {what} {name!r}: not a string")
-    problem = ref_format_problem(name)
+    problem = None if existing else ref_format_problem(name)
     if problem is not None:
         raise InvalidName(f"invalid {what} {name!r}: {problem} (git's ref-name rules)")
     if not _NAME_RE.fullmatch(name):
@@ -128,10 +129,10 @@ def parse_address(text: str, allow_path: bool = True) -> Address:
     if sep and not allow_path:
         raise UsageError(f"{text!r}: a path (':PATH') is not accepted here")
     dataset, at, ref = rest.partition("@")
-    check_name(dataset, "dataset name")
+    check_name(dataset, "dataset name", existing=True)
     if at and not is_hash_prefix(ref):
         try:
-            check_name(ref, "ref")
+            check_name(ref, "ref", existing=True)
         except InvalidName as e:
             raise InvalidName(f"{e} in {text!r}") from None
     split_path(path)

@@ -84,7 +84,7 @@ def datasets(args: argparse.Namespace) -> int:
 
 
 def remove_dataset(args: argparse.Namespace) -> int:
-    check_name(args.dataset, "dataset name")
+    check_name(args.dataset, "dataset name", existing=True)
     repo = open_repository(args)
     removed = repo.delete_dataset(args.dataset)
     if args.json:

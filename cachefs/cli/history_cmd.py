@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def commit(args: argparse.Namespace) -> int:
     address = parse_address(args.target, allow_path=False)
-    branch = check_name(address.ref_or_default, "branch name")
+    branch = check_name(address.ref_or_default, "branch name", existing=True)
     repo = open_repository(args)
     skipped: list[str] = []
     scheme = urlparse(args.directory).scheme
@@ -146,11 +146,12 @@ def log_cmd(args: argparse.Namespace) -> int:
 def ref_cmd(args: argparse.Namespace) -> int:
     kind: RefKind = args.kind
     repo = open_repository(args)
-    check_name(args.dataset, "dataset name")
+    check_name(args.dataset, "dataset name", existing=True)
     if args.delete:
         if args.name:
             raise UsageError("give either NAME or -d NAME, not both")
-        old = repo.delete_ref(args.dataset, kind, check_name(args.delete, f"{args.noun} name"))
+        old = repo.delete_ref(args.dataset, kind,
+                              check_name(args.delete, f"{args.noun} name", existing=True))
         if args.json:
             print_json({"deleted": args.delete, "commit": old})
         else:

@@ -90,7 +90,7 @@ def _describe(result: TransferResult, direction: str) -> list[str]:
 
 
 def transfer_cmd(args: argparse.Namespace) -> int:
-    check_name(args.dataset, "dataset name")
+    check_name(args.dataset, "dataset name", existing=True)
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
     here = open_repository(args)

@@ -143,9 +143,9 @@ class GenerationRefStore:
 
     @staticmethod
     def _prefix(dataset: str, kind: RefKind, name: str | None = None) -> str:
-        check_name(dataset, "dataset name")
+        check_name(dataset, "dataset name", existing=True)
         base = f"refs/{dataset}/{kind}/"
-        return base if name is None else base + check_name(name, "ref name") + "/"
+        return base if name is None else base + check_name(name, "ref name", existing=True) + "/"
 
     def _generations(self, dataset: str, kind: RefKind, name: str) -> list[int]:
         prefix = self._prefix(dataset, kind, name)
@@ -239,6 +239,8 @@ class GenerationRefStore:
     ) -> RefValue:
         if commit is not None:
             check_hash(commit, "commit")
+            if expected.commit is None:  # creating it: a new name follows git's rules
+                check_name(name, "branch name" if kind == "heads" else "tag name")
         prefix = self._prefix(dataset, kind, name)  # validates the names before any write
         self.probe()
         gen = expected.generation + 1

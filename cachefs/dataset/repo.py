@@ -130,7 +130,7 @@ class Repository:
         return settings
 
     def dataset(self, name: str) -> DatasetSettings:
-        check_name(name, "dataset name")
+        check_name(name, "dataset name", existing=True)
         try:
             doc = json.loads(self.remote.get(f"datasets/{name}"))
         except ObjectNotFound:
