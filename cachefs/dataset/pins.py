@@ -281,6 +281,8 @@ class LeasedPin:
         self.store.renew(self.name, _document(self.dataset, self.commit, self.holder,
                                               self.ttl_s, self.created_ns))
         self._written_at = started
+        if self._released:  # released while this rewrite ran (an abandoned worker thread)
+            self.store.remove(self.name)
 
     def release(self) -> None:
         with self._mutex:
