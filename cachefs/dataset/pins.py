@@ -100,8 +100,9 @@ class Pin:
                 "expired": self.expired()}
 
 
-def pin_key(name: str) -> str:
-    return PIN_PREFIX + check_name(name, "pin name")
+def pin_key(name: str, existing: bool = True) -> str:
+    """The key of pin `name`; `existing`: only the character rule (reading, removing)."""
+    return PIN_PREFIX + check_name(name, "pin name", existing=existing)
 
 
 def safe_name_part(text: str, limit: int = 40) -> str:
@@ -136,7 +137,8 @@ class PinStore:
         try:
             doc = json.loads(raw)
             ttl = doc.get("ttl_s")
-            return Pin(check_name(name, "pin name"), check_name(str(doc["dataset"]), "dataset"),
+            return Pin(check_name(name, "pin name", existing=True),
+                       check_name(str(doc["dataset"]), "dataset", existing=True),
                        check_hash(str(doc["commit"]), "commit"), str(doc.get("holder", "")),
                        int(doc.get("created_ns", 0)), None if ttl is None else float(ttl),
                        info.mtime_ns)
@@ -175,13 +177,13 @@ class PinStore:
         """Pin `commit` of `dataset` under `name` (generated when None); AlreadyExists if that
         name pins something else. Locked and checked as the module docstring explains:
         ObjectNotFound (and no pin) if gc removed the commit before it could be pinned."""
-        check_name(dataset, "dataset name")
+        check_name(dataset, "dataset name", existing=True)
         check_hash(commit, "commit")
         if ttl_s is not None and ttl_s <= 0:
             raise UsageError("a pin's lease must be positive")
         name = name if name is not None else generated_name(
             f"{safe_name_part(dataset, 80)}-{commit[:12]}")
-        key = pin_key(name)
+        key = pin_key(name, existing=False)
         data = _document(dataset, commit, holder or f"{who_am_i()} cachefs pin", ttl_s,
                          created_ns)
         with self.lock_factory():
