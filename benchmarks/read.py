@@ -10,9 +10,9 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    256 MiB shards; `--quick`: 2,000 files in 20 classes plus two 32 MiB shards). It is committed
    once to the built-in `local` remote (a `file://` repository under the private XDG_DATA_HOME)
    and once to an S3 bucket of a moto server started for the run (`tests.servers.MotoServer`, a
-   real `python -m moto.server` on a loopback port). For the peers the *raw files* (not cachefs
-   chunks) are uploaded as plain objects (key = relative path) to a second bucket of the same
-   server, so every system reads the same dataset through the same S3 endpoint.
+   real `python -m moto.server` on a loopback port). For rclone and s3fs the *raw files* (not
+   cachefs chunks) are uploaded as plain objects (key = relative path) to a second bucket of the
+   same server, so every system reads the same dataset through the same S3 endpoint.
 3. Readers, one code path for every system. Large files: one thread reads each shard whole, one
    after the other, in 1 MiB `readinto` calls (MB/s). Small files: the small files in one shuffled
    order (fixed seed, the same list for everyone), `--readers` threads (default 8, like a PyTorch
@@ -43,15 +43,15 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    counter). The kernel read request sizes the daemon saw during each cold large read come from
    its `read_request_sizes` counter (`cachefs stats MOUNT --json`); every cachefs pass records
    the daemon's counters over the pass (`counters` in raw).
-6. Peers, from Debian: `rclone mount --vfs-cache-mode full` and `s3fs` (`use_cache`,
+6. The other tools, from Debian: `rclone mount --vfs-cache-mode full` and `s3fs` (`use_cache`,
    path-style, passwd file), each on the raw-object bucket with a fresh cache dir and its default
    tuning: small cold (first pass), small warm (the next passes), large cold, large warm.
 
 Warm figures are the best of several passes: PAGE_CACHE_PASSES (5) for page-cache states (local
 disk, epoch 2, cachefs small warm), WARM_PASSES (2) for the memory and SSD tiers (each SSD pass on
-its own fresh mount, each memory pass after its own page drop) and the peers' warm passes.
+its own fresh mount, each memory pass after its own page drop) and the other tools' warm passes.
 Ratios are throughputs divided by the baseline's (higher is better): `*_vs_local` against local
-disk, `*_vs_rclone` / `*_vs_s3fs` cachefs *from S3* against the peer in the same state; `s3_*`
+disk, `*_vs_rclone` / `*_vs_s3fs` cachefs *from S3* against the other tool in the same state; `s3_*`
 keys are the S3-origin variants of the file:// ones. `sync` runs before every cold or remounted
 phase so that write-back of an earlier phase is not charged to it. Each pass records how busy the
 machine's CPUs were (`cpu_percent`, for passes of at least 0.5 s), including `others`: busy time
@@ -64,17 +64,17 @@ Isolation and cleanup: XDG_CONFIG_HOME, XDG_DATA_HOME, XDG_STATE_HOME, XDG_CACHE
 point into the work dir; AWS_* come from `tests.servers` (test credentials; machine settings such
 as AWS_CA_BUNDLE removed, which rclone needs for a plain-HTTP endpoint). Every mount and process
 the run starts is undone in a `finally`: mounts still there are lazily unmounted
-(`fusermount3 -u -z`), mount daemons and peer processes still alive are killed, moto is
+(`fusermount3 -u -z`), mount daemons and rclone/s3fs processes still alive are killed, moto is
 stopped, and the work dir is removed unless `--keep`.
 
 Reproduce (from the repository root; as root the daemon raises the mount's kernel readahead and
-the run can install the peers itself; --quick takes ~2 minutes, the full run ~20, most of it
+the run can install rclone and s3fs itself; --quick takes ~2 minutes, the full run ~20, most of it
 rclone's and s3fs's small-file passes):
 
     apt-get install -y rclone s3fs                       # or let the run install them as root
     .venv/bin/python -m benchmarks.read --quick          # smoke run
     .venv/bin/python -m benchmarks.read --json > out.json
-    .venv/bin/python -m benchmarks.read --skip-peers     # without rclone and s3fs
+    .venv/bin/python -m benchmarks.read --skip-other-tools   # without rclone and s3fs
 
 Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it,
 `--readers N` small-file reader threads, `--memory-cache SIZE` of every cachefs mount.
@@ -128,13 +128,13 @@ DATASET = "bench"
 AUTHOR = "benchmark@localhost"
 BLOCK = 1 << 20  # every read() asks for 1 MiB
 SHUFFLE_SEED = 7
-WARM_PASSES = 2  # memory and SSD tiers, peers' warm passes
+WARM_PASSES = 2  # memory and SSD tiers, other tools' warm passes
 PAGE_CACHE_PASSES = 5  # local disk, epoch 2, cachefs warm small: short passes, noisier
 DEFAULT_READERS = 8
 DEFAULT_MEMORY_CACHE = "1536MiB"
 CACHEFS_BUCKET = "cachefs-bench"
 RAW_BUCKET = "raw-bench"
-PEERS = ("rclone", "s3fs")
+OTHER_TOOLS = ("rclone", "s3fs")
 MOUNT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
@@ -177,8 +177,8 @@ MIN_CPU_TICKS = 100  # a pass shorter than this (in 10 ms ticks, all CPUs) gets 
 CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-# Processes of this run besides this one (mount daemons, moto, peers), whose CPU time counts as
-# ours when telling how much of the machine other tenants used during a pass.
+# Processes of this run besides this one (mount daemons, moto, rclone, s3fs), whose CPU time
+# counts as ours when telling how much of the machine other tenants used during a pass.
 OWN_PIDS: set[int] = set()
 
 
@@ -323,9 +323,9 @@ class Processes:
     def unmount_cachefs(self, mountpoint: Path) -> None:
         self.cli("umount", str(mountpoint))  # waits for the daemon to exit
 
-    def start_peer(self, name: str, argv: list[str], mountpoint: Path,
+    def start_tool(self, name: str, argv: list[str], mountpoint: Path,
                    log_path: Path) -> subprocess.Popen[bytes]:
-        """Start a FUSE peer in the foreground (our child) and wait until it is mounted."""
+        """Start rclone or s3fs in the foreground (our child) and wait until it is mounted."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "ab")  # noqa: SIM115 (closed in close())
         self._logs.append(log_file)
@@ -344,8 +344,8 @@ class Processes:
         os.listdir(mountpoint)  # serves
         return proc
 
-    def stop_peer(self, mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
-        """Unmount (retrying while busy) and wait for the peer to exit."""
+    def stop_tool(self, mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
+        """Unmount (retrying while busy) and wait for the tool to exit."""
         for _ in range(50):
             done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
                                   timeout=60, check=False)
@@ -655,12 +655,12 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     return out
 
 
-def peer_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
+def tool_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
               cache: Path) -> list[str]:
-    peers = work / "peers"
-    peers.mkdir(exist_ok=True)
+    tools_dir = work / "other-tools"
+    tools_dir.mkdir(exist_ok=True)
     if name == "rclone":
-        conf = peers / "rclone.conf"
+        conf = tools_dir / "rclone.conf"
         conf.write_text(
             "[moto]\ntype = s3\nprovider = Other\nenv_auth = false\n"
             f"access_key_id = {AWS_TEST_ENV['AWS_ACCESS_KEY_ID']}\n"
@@ -668,7 +668,7 @@ def peer_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
             f"region = {AWS_TEST_ENV['AWS_DEFAULT_REGION']}\nendpoint = {server.endpoint}\n")
         return ["rclone", "mount", f"moto:{RAW_BUCKET}", str(mountpoint), "--config", str(conf),
                 "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--log-level", "NOTICE"]
-    passwd = peers / "s3fs.passwd"
+    passwd = tools_dir / "s3fs.passwd"
     passwd.write_text(f"{AWS_TEST_ENV['AWS_ACCESS_KEY_ID']}:"
                       f"{AWS_TEST_ENV['AWS_SECRET_ACCESS_KEY']}\n")
     passwd.chmod(0o600)
@@ -677,7 +677,7 @@ def peer_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
             "-o", f"use_cache={cache}", "-o", f"endpoint={AWS_TEST_ENV['AWS_DEFAULT_REGION']}"]
 
 
-def measure_peer(procs: Processes, work: Path, name: str, server: MotoServer, data: Data,
+def measure_other_tool(procs: Processes, work: Path, name: str, server: MotoServer, data: Data,
                  readers: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cache = work / "caches" / name
@@ -685,7 +685,7 @@ def measure_peer(procs: Processes, work: Path, name: str, server: MotoServer, da
     mnt = work / "mnt" / name
     large, small = data.paths(mnt, "large"), data.paths(mnt, "small")
     sync()
-    proc = procs.start_peer(name, peer_argv(name, server, work, mnt, cache), mnt,
+    proc = procs.start_tool(name, tool_argv(name, server, work, mnt, cache), mnt,
                             work / "logs" / f"{name}.log")
     try:
         log(f"{name}: small files, cold, {readers} threads")
@@ -710,7 +710,7 @@ def measure_peer(procs: Processes, work: Path, name: str, server: MotoServer, da
         out["large_warm"] = pass_doc(warm, passes)
         log(f"  {warm.bytes_per_s / 1e6:,.0f} MB/s")
     finally:
-        procs.stop_peer(mnt, proc)
+        procs.stop_tool(mnt, proc)
     shutil.rmtree(cache, ignore_errors=True)
     return out
 
@@ -734,9 +734,9 @@ def damon_pageout() -> str | None:
     return "; ".join(found) or None
 
 
-def ensure_peers() -> str | None:
+def ensure_other_tools() -> str | None:
     """None when rclone and s3fs are installed (installing them as root); else why not."""
-    missing = [p for p in PEERS if shutil.which(p) is None]
+    missing = [p for p in OTHER_TOOLS if shutil.which(p) is None]
     if not missing:
         return None
     if os.geteuid() == 0 and shutil.which("apt-get"):
@@ -744,11 +744,11 @@ def ensure_peers() -> str | None:
         proc = subprocess.run(["apt-get", "install", "-y", *missing], stdout=sys.stderr,
                               stderr=sys.stderr, timeout=600, check=False,
                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        missing = [p for p in PEERS if shutil.which(p) is None]
+        missing = [p for p in OTHER_TOOLS if shutil.which(p) is None]
         if proc.returncode == 0 and not missing:
             return None
     return (f"{' and '.join(missing)} missing: install with `apt-get install -y rclone s3fs` "
-            "(as root), or run with --skip-peers")
+            "(as root), or run with --skip-other-tools")
 
 
 def measure_lookup(quick: bool) -> dict[str, Any]:
@@ -778,17 +778,17 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
         ratios[f"{prefix}warm_ssd_small_vs_local"] = ratio(r["small_ssd"]["files_per_s"],
                                                            local_fps)
     s3 = results["cachefs_s3"]
-    for peer in PEERS:
-        if peer not in results:
+    for tool in OTHER_TOOLS:
+        if tool not in results:
             continue
-        p = results[peer]
-        ratios[f"cold_small_vs_{peer}"] = ratio(s3["small_cold"]["files_per_s"],
+        p = results[tool]
+        ratios[f"cold_small_vs_{tool}"] = ratio(s3["small_cold"]["files_per_s"],
                                                 p["small_cold"]["files_per_s"])
-        ratios[f"warm_small_vs_{peer}"] = ratio(s3["small_warm"]["files_per_s"],
+        ratios[f"warm_small_vs_{tool}"] = ratio(s3["small_warm"]["files_per_s"],
                                                 p["small_warm"]["files_per_s"])
-        ratios[f"cold_large_vs_{peer}"] = ratio(s3["large_cold"]["mb_per_s"],
+        ratios[f"cold_large_vs_{tool}"] = ratio(s3["large_cold"]["mb_per_s"],
                                                 p["large_cold"]["mb_per_s"])
-        ratios[f"warm_large_vs_{peer}"] = ratio(s3["large_epoch2"]["mb_per_s"],
+        ratios[f"warm_large_vs_{tool}"] = ratio(s3["large_epoch2"]["mb_per_s"],
                                                 p["large_warm"]["mb_per_s"])
     return ratios
 
@@ -797,9 +797,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK_SPEC if args.quick else FULL_DATASET
     OWN_PIDS.clear()
     memory_cache = parse_size(args.memory_cache)
-    peers_problem = "--skip-peers" if args.skip_peers else ensure_peers()
-    if peers_problem and not args.skip_peers:
-        raise SystemExit(f"benchmarks.read: {peers_problem}")
+    tools_problem = "--skip-other-tools" if args.skip_other_tools else ensure_other_tools()
+    if tools_problem and not args.skip_other_tools:
+        raise SystemExit(f"benchmarks.read: {tools_problem}")
     if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
         raise SystemExit("benchmarks.read: needs FUSE (/dev/fuse and fusermount3, Debian fuse3)")
     raw: dict[str, Any] = {
@@ -808,7 +808,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "page_cache_passes": PAGE_CACHE_PASSES, "memory_cache": memory_cache,
         "root": os.geteuid() == 0, "damon_pageout": damon_pageout(),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-        "peers": None if args.skip_peers else {
+        "other_tools": None if args.skip_other_tools else {
             "rclone": _version(["rclone", "version"]), "s3fs": _version(["s3fs", "--version"])},
     }
     # First, while the machine is quietest (no servers, no data, a small heap): the lookup's
@@ -838,8 +838,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"&region={AWS_TEST_ENV['AWS_DEFAULT_REGION']}")
             procs.cli("remote", "add", "s3", s3_url)
             raw["commit_s3_s"] = commit_to(s3_url, data.src)
-            if not args.skip_peers:
-                log("uploading the raw files for the peers")
+            if not args.skip_other_tools:
+                log("uploading the raw files for rclone and s3fs")
                 raw["upload_raw_s"] = upload_raw(server, data)
                 log(f"uploaded in {raw['upload_raw_s']:.1f}s")
 
@@ -850,9 +850,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
                                                     args.readers, memory_cache, local)
             results["local_disk"] = local.doc()
-            if not args.skip_peers:
-                for peer in PEERS:
-                    results[peer] = measure_peer(procs, work, peer, server, data, args.readers)
+            if not args.skip_other_tools:
+                for tool in OTHER_TOOLS:
+                    results[tool] = measure_other_tool(procs, work, tool, server, data,
+                                                       args.readers)
         finally:
             procs.close()
             server.stop()
@@ -866,8 +867,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw["read_request_sizes"] = {
         label: results[label]["large_cold"]["counters"]["read_request_sizes"]
         for label in ("cachefs_local", "cachefs_s3")}
-    if args.skip_peers:
-        raw["peers_skipped"] = peers_problem
+    if args.skip_other_tools:
+        raw["other_tools_skipped"] = tools_problem
     ratios = compute_ratios(results)
     ratios["cython_vs_python"] = lookup["ratios"]["cython_vs_python"]
     return {"ratios": ratios, "raw": raw, "targets": dict(TARGETS), "quick": bool(args.quick)}
@@ -928,16 +929,16 @@ def print_report(report: dict[str, Any]) -> None:
             row(name, "small, warm", fps(x["small_warm"]), f"{prefix}warm_small_vs_local"),
             row(name, "small, SSD tier", fps(x["small_ssd"]), f"{prefix}warm_ssd_small_vs_local"),
         ]
-    for peer in PEERS:
-        if peer not in res:
-            rows.append(row(peer, "skipped", "", None))
+    for tool in OTHER_TOOLS:
+        if tool not in res:
+            rows.append(row(tool, "skipped", "", None))
             continue
-        p = res[peer]
+        p = res[tool]
         rows += [
-            row(peer, "small, cold", fps(p["small_cold"]), f"cold_small_vs_{peer}"),
-            row(peer, "small, warm", fps(p["small_warm"]), f"warm_small_vs_{peer}"),
-            row(peer, "large, cold", mbs(p["large_cold"]), f"cold_large_vs_{peer}"),
-            row(peer, "large, warm", mbs(p["large_warm"]), f"warm_large_vs_{peer}"),
+            row(tool, "small, cold", fps(p["small_cold"]), f"cold_small_vs_{tool}"),
+            row(tool, "small, warm", fps(p["small_warm"]), f"warm_small_vs_{tool}"),
+            row(tool, "large, cold", mbs(p["large_cold"]), f"cold_large_vs_{tool}"),
+            row(tool, "large, warm", mbs(p["large_warm"]), f"warm_large_vs_{tool}"),
         ]
     lk = raw["lookup"]["chunked"]
     rows.append(row("extent lookup", f"{lk['python_ns_per_query']:,.0f} -> "
@@ -955,10 +956,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"order, seed {SHUFFLE_SEED}) for every system; large files: one thread, whole files "
         f"in 1 MiB reads.",
         "Ratios: throughput / local disk's (warm page cache); *_vs_rclone / *_vs_s3fs: cachefs "
-        "from S3 / the peer in the same state (moto on 127.0.0.1 for all three).",
+        "from S3 / the other tool in the same state (moto on 127.0.0.1 for all three).",
         f"Warm figures: best of {raw['page_cache_passes']} passes for page-cache states (local "
         f"disk, epoch 2, cachefs small warm), of {raw['warm_passes']} for memory, SSD and the "
-        "peers' warm passes. Memory tier: mount pages dropped "
+        "other tools' warm passes. Memory tier: mount pages dropped "
         "with posix_fadvise(DONTNEED), every byte re-read through FUSE "
         f"({'verified' if _memory_verified(res) else 'NOT verified: see raw'}). "
         f"--memory-cache {fmt_bytes(raw['memory_cache'])}.",
@@ -969,7 +970,7 @@ def print_report(report: dict[str, Any]) -> None:
         "others: share of the machine's CPU time that other processes (other tenants, kernel "
         "threads) used during the pass ('-': too short to tell); a high one marks a disturbed "
         "figure.",
-        f"{raw['cpus']} CPUs; root: {raw['root']}; peers: {raw['peers'] or 'skipped'}.",
+        f"{raw['cpus']} CPUs; root: {raw['root']}; other tools: {raw['other_tools'] or 'skipped'}.",
     ]
     print_table(title, ["system", "case", "throughput", "others", "ratio", "value", "target"],
                 rows, notes)
@@ -983,7 +984,7 @@ def _memory_verified(res: dict[str, Any]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(
         "read", "cachefs mount read throughput against local disk, rclone and s3fs")
-    parser.add_argument("--skip-peers", action="store_true",
+    parser.add_argument("--skip-other-tools", action="store_true",
                         help="do not measure rclone and s3fs (e.g. when they are not installed)")
     parser.add_argument("--readers", type=int, default=DEFAULT_READERS,
                         help=f"small-file reader threads (default {DEFAULT_READERS})")
@@ -991,7 +992,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"--memory-cache of every cachefs mount (default "
                              f"{DEFAULT_MEMORY_CACHE})")
     args = parser.parse_args(argv)
-    # A plain `kill` must unwind through the cleanup (mounts, daemons, moto, peers) too.
+    # A plain `kill` must unwind through the cleanup (mounts, daemons, moto, rclone, s3fs) too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     emit(args, run(args), print_report)
 

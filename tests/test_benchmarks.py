@@ -41,9 +41,9 @@ def test_scale_benchmark_quick_json(tmp_path: Path) -> None:
 
 
 def test_read_benchmark_quick_json(tmp_path: Path) -> None:
-    """The mount read benchmark end to end on a small dataset (peers skipped: no Debian
+    """The mount read benchmark end to end on a small dataset (rclone and s3fs skipped: no Debian
     rclone/s3fs needed in CI; the full run installs and measures them)."""
-    result = run_quick(tmp_path, "read", 600, "--skip-peers")
+    result = run_quick(tmp_path, "read", 600, "--skip-other-tools")
     assert set(result["ratios"]) >= {"epoch2_large_vs_local", "warm_small_vs_local",
                                      "cython_vs_python"}
     assert all(v > 0 for v in result["ratios"].values())
