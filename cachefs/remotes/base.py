@@ -95,11 +95,12 @@ class Remote(Protocol):
         ...
 
 
-class HeadProbing:
-    """For HTTP object stores: `has` as parallel HEAD requests, `list` from `list_info`.
+class ParallelHas:
+    """`has` as parallel one-key `_exists` probes on a thread pool, `list` from `list_info`.
 
-    A backend sets `parallelism` and `pool_name` and implements `_exists` (one HEAD) and
-    `list_info`; `close` must call `_close_pool`."""
+    For backends that check one key per request (an HTTP HEAD on S3 and OSS, a directory
+    lookup on haystack). A backend sets `parallelism` and `pool_name` and implements
+    `_exists` (one probe) and `list_info`; `close` must call `_close_pool`."""
 
     parallelism: int
     pool_name: str

@@ -43,7 +43,7 @@ import blake3
 
 from cachefs.errors import ConfigError, ObjectNotFound, UsageError
 from cachefs.grpc_auth import load_token
-from cachefs.remotes.base import HeadProbing, ObjectInfo
+from cachefs.remotes.base import ObjectInfo, ParallelHas
 from cachefs.remotes.registry import url_options
 from master.client import DirEntry, MasterClient, parse_masters
 from storage_server.replicated import ReplicatedStorage
@@ -159,7 +159,7 @@ def parse_url(url: str) -> tuple[list[str], str | None, float, str]:
     return masters, options.get("token_file"), timeout, namespace
 
 
-class HaystackRemote(HeadProbing):
+class HaystackRemote(ParallelHas):
     """A repository on a haystack cluster (see the module docstring)."""
 
     def __init__(self, masters: str | list[str], token: str | None = None,

@@ -34,7 +34,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
+from cachefs.remotes.base import ObjectInfo, ParallelHas, one_line, server_of
 from cachefs.remotes.registry import int_option, url_options
 
 log = logging.getLogger("cachefs.remotes.oss")
@@ -140,7 +140,7 @@ def parse_url(url: str) -> tuple[str, str, dict[str, Any]]:
     return parsed.netloc, parsed.path, settings
 
 
-class OSSRemote(HeadProbing):
+class OSSRemote(ParallelHas):
     """A remote stored as objects under an OSS bucket prefix."""
 
     pool_name = "cachefs-oss"

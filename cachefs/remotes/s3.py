@@ -22,7 +22,7 @@ from cachefs.errors import (
     PermissionDenied,
     RemoteError,
 )
-from cachefs.remotes.base import HeadProbing, ObjectInfo, one_line, server_of
+from cachefs.remotes.base import ObjectInfo, ParallelHas, one_line, server_of
 from cachefs.remotes.registry import int_option, url_options
 
 log = logging.getLogger("cachefs.remotes.s3")
@@ -78,7 +78,7 @@ def parse_url(url: str) -> tuple[str, str, dict[str, Any]]:
     return parsed.netloc, parsed.path, settings
 
 
-class S3Remote(HeadProbing):
+class S3Remote(ParallelHas):
     """A remote stored as objects under a bucket prefix."""
 
     pool_name = "cachefs-s3"
