@@ -22,7 +22,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class _Flight(Generic[T]):
+class _SharedCall(Generic[T]):
+    """One leader's run of the work for a key, and its outcome once done, for its waiters."""
+
     done: trio.Event = field(default_factory=trio.Event)
     finished: bool = False  # False: the leader was cancelled or interrupted; waiters retry
     result: T | None = None
@@ -33,35 +35,35 @@ class SingleFlight(Generic[T]):
     """Runs at most one `work()` per key at a time; concurrent callers share its outcome."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, _Flight[T]] = {}
+        self._calls: dict[str, _SharedCall[T]] = {}
 
     def __contains__(self, key: str) -> bool:
-        return key in self._flights
+        return key in self._calls
 
     def __len__(self) -> int:
-        return len(self._flights)
+        return len(self._calls)
 
     async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
         """The outcome of `work()` for `key`: this call's own run, or the one in flight."""
-        while (flight := self._flights.get(key)) is not None:
-            await flight.done.wait()
-            if flight.finished:
-                if flight.error is not None:
-                    raise flight.error
-                return flight.result  # type: ignore[return-value]
+        while (call := self._calls.get(key)) is not None:
+            await call.done.wait()
+            if call.finished:
+                if call.error is not None:
+                    raise call.error
+                return call.result  # type: ignore[return-value]
             # The leader was cancelled: loop, and lead the retry unless another waiter does.
-        flight = self._flights[key] = _Flight()
+        call = self._calls[key] = _SharedCall()
         try:
-            flight.result = await work()
-            flight.finished = True
-            return flight.result
+            call.result = await work()
+            call.finished = True
+            return call.result
         except CachefsError as e:
-            flight.error, flight.finished = e, True
+            call.error, call.finished = e, True
             raise
         except Exception as e:  # a bug or an unexpected library error: the same for all
-            flight.error = RemoteError(f"fetching {key} failed: {e}")
-            flight.finished = True
+            call.error = RemoteError(f"fetching {key} failed: {e}")
+            call.finished = True
             raise
         finally:  # also on Cancelled and KeyboardInterrupt: finished stays False
-            del self._flights[key]
-            flight.done.set()
+            del self._calls[key]
+            call.done.set()
