@@ -40,7 +40,7 @@ _VOLUME = struct.Struct("<QQQQ")
 T = TypeVar("T")
 
 
-class Entry(NamedTuple):
+class NeedleLocation(NamedTuple):
     """Where a key's current needle lies: segment, offset, data size, flags, sequence."""
 
     segment: int
@@ -67,14 +67,14 @@ class VolumeCounts:
     deleted: int = 0
     live_bytes: int = 0
 
-    def remove(self, entry: Entry) -> None:
+    def remove(self, entry: NeedleLocation) -> None:
         if entry.deleted:
             self.deleted -= 1
         else:
             self.live -= 1
             self.live_bytes -= entry.length
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: NeedleLocation) -> None:
         if entry.deleted:
             self.deleted += 1
         else:
@@ -88,15 +88,15 @@ class Record(NamedTuple):
 
     vid: int
     key: bytes
-    entry: Entry
+    entry: NeedleLocation
 
 
 def _needle_key(vid: int, key: bytes) -> bytes:
     return _VID.pack(vid) + key
 
 
-class _Slot:
-    """One reader thread's mark: True while it has a read transaction open (fast path)."""
+class _ReaderFlag:
+    """One reader thread's flag: busy while it has a read transaction open (fast path)."""
 
     __slots__ = ("busy",)
 
@@ -104,11 +104,11 @@ class _Slot:
         self.busy = False
 
 
-class _Gate:
+class _MapResizeLock:
     """Many readers or one map resizer: LMDB's map may grow only with no transaction open.
 
-    Lookups take the lock-free fast path: set their thread's slot busy, then check `resizing`
-    (falling back to `shared` when set); the resizer sets `resizing`, then waits for every slot
+    Lookups take the lock-free fast path: set their thread's flag busy, then check `resizing`
+    (falling back to `shared` when set); the resizer sets `resizing`, then waits for every flag
     to be idle. Each side writes its flag before reading the other's, and the GIL orders
     them, so at least one of the two sees the other."""
 
@@ -117,16 +117,16 @@ class _Gate:
         self._readers = 0
         self._resizing = False
         self._local = threading.local()
-        self._slots: list[_Slot] = []
+        self._flags: list[_ReaderFlag] = []
 
-    def slot(self) -> _Slot:
+    def reader_flag(self) -> _ReaderFlag:
         try:
-            return self._local.slot  # type: ignore[no-any-return]
+            return self._local.flag  # type: ignore[no-any-return]
         except AttributeError:
-            slot = self._local.slot = _Slot()
+            flag = self._local.flag = _ReaderFlag()
             with self._cond:
-                self._slots.append(slot)
-            return slot
+                self._flags.append(flag)
+            return flag
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -150,8 +150,8 @@ class _Gate:
             self._resizing = True
             while self._readers:
                 self._cond.wait()
-            slots = list(self._slots)
-        while any(slot.busy for slot in slots):  # fast-path lookups finishing
+            flags = list(self._flags)
+        while any(flag.busy for flag in flags):  # fast-path lookups finishing
             time.sleep(0.0005)
         try:
             yield
@@ -162,7 +162,7 @@ class _Gate:
 
 
 class Index:
-    """key → Entry per volume, indexed segment ends, volume counts, retired segments."""
+    """key → NeedleLocation per volume, indexed segment ends, volume counts, retired segments."""
 
     def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE,
                  cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
@@ -173,12 +173,12 @@ class Index:
         self._segments = self.env.open_db(b"segments")
         self._volumes = self.env.open_db(b"volumes")
         self._retired = self.env.open_db(b"retired")
-        self._gate = _Gate()
+        self._resize_lock = _MapResizeLock()
         self._write_lock = threading.Lock()
         # The overlay: entries of needles already durable in their segments (fsynced, so
         # acknowledged) that the group commit's indexer has not committed to LMDB yet. Lookups
         # consult it first; it only ever holds a key's newest entry (see `stage`).
-        self._pending: dict[int, dict[bytes, Entry]] = {}
+        self._pending: dict[int, dict[bytes, NeedleLocation]] = {}
         self._pending_lock = threading.Lock()
         # The entry cache: key → entry of recent `get`s, so that a warm read costs no LMDB
         # transaction (py-lmdb releases the GIL three times per lookup, in begin, get and
@@ -189,7 +189,7 @@ class Index:
         # commit happened since before its transaction began (else it may have read the old
         # entry). Bounded: the oldest remembered entry goes first.
         self.cache_entries = max(0, cache_entries)
-        self._cache: dict[bytes, Entry] = {}
+        self._cache: dict[bytes, NeedleLocation] = {}
         self._cache_lock = threading.Lock()
         self._cache_generation = 0
 
@@ -198,7 +198,7 @@ class Index:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def get(self, vid: int, key: bytes) -> Entry | None:
+    def get(self, vid: int, key: bytes) -> NeedleLocation | None:
         """The entry of `key` (a `bytes` in volume `vid`), or None."""
         # The overlay first, then the cache, then LMDB: an entry leaves the overlay only after
         # its LMDB commit has dropped the key from the cache, so none of the three steps can
@@ -212,26 +212,26 @@ class Index:
         if entry is not None:
             return entry
         generation = self._cache_generation
-        gate = self._gate
-        slot = gate.slot()
-        slot.busy = True
+        lock = self._resize_lock
+        flag = lock.reader_flag()
+        flag.busy = True
         try:
-            if gate._resizing:  # rare: wait for the resize like any other reader
-                slot.busy = False
-                with gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
+            if lock._resizing:  # rare: wait for the resize like any other reader
+                flag.busy = False
+                with lock.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
                     raw = txn.get(_VID.pack(vid) + key)
-                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+                    entry = NeedleLocation._make(_ENTRY.unpack(raw)) if raw is not None else None
             else:
                 with self.env.begin(db=self._needles, buffers=True) as txn:
                     raw = txn.get(_VID.pack(vid) + key)
-                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+                    entry = NeedleLocation._make(_ENTRY.unpack(raw)) if raw is not None else None
         finally:
-            slot.busy = False
+            flag.busy = False
         if entry is not None:
             self._remember(key, entry, generation)
         return entry
 
-    def _remember(self, key: bytes, entry: Entry, generation: int) -> None:
+    def _remember(self, key: bytes, entry: NeedleLocation, generation: int) -> None:
         """Cache what a lookup that began at `generation` read, unless a commit has changed
         entries since (it may have read the old one)."""
         with self._cache_lock:
@@ -254,32 +254,32 @@ class Index:
         """Entries in the entry cache."""
         return len(self._cache)
 
-    def get_many(self, pairs: Iterable[tuple[int, bytes]]) -> list[Entry | None]:
-        out: list[Entry | None] = []
+    def get_many(self, pairs: Iterable[tuple[int, bytes]]) -> list[NeedleLocation | None]:
+        out: list[NeedleLocation | None] = []
         overlay = self._pending
-        with self._gate.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._needles, buffers=True) as txn:
             for vid, key in pairs:
                 pending = overlay.get(vid)
                 entry = pending.get(key) if pending else None
                 if entry is None:
                     raw = txn.get(_needle_key(vid, key))
-                    entry = Entry._make(_ENTRY.unpack(raw)) if raw is not None else None
+                    entry = NeedleLocation._make(_ENTRY.unpack(raw)) if raw is not None else None
                 out.append(entry)
         return out
 
     def entries(self, vid: int, start_after: bytes | None = None, limit: int | None = None,
-                live_only: bool = False) -> list[tuple[bytes, Entry]]:
+                live_only: bool = False) -> list[tuple[bytes, NeedleLocation]]:
         """Up to `limit` (key, entry) of one volume after `start_after`, in key byte order;
         with `live_only`, deleted keys are passed over (and not counted)."""
         prefix = _VID.pack(vid)
-        out: list[tuple[bytes, Entry]] = []
+        out: list[tuple[bytes, NeedleLocation]] = []
         with self._pending_lock:  # snapshot the overlay before reading LMDB (see `get`)
             pending = dict(self._pending.get(vid, ()))
         if start_after is not None:
             pending = {k: e for k, e in pending.items() if k > start_after}
         extra = sorted(pending)
         i = 0
-        with self._gate.shared(), self.env.begin(db=self._needles) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._needles) as txn:
             cursor = txn.cursor()
             start = prefix + start_after if start_after is not None else prefix
             found = cursor.set_range(start)
@@ -291,7 +291,7 @@ class Index:
                 if stored is None and i == len(extra):
                     break
                 if stored is not None and (i == len(extra) or stored < extra[i]):
-                    key, entry = stored, Entry._make(_ENTRY.unpack(cursor.value()))
+                    key, entry = stored, NeedleLocation._make(_ENTRY.unpack(cursor.value()))
                     found = cursor.next()
                 else:  # the overlay's entry is newer than LMDB's for the same key
                     key = extra[i]
@@ -307,7 +307,7 @@ class Index:
         """segment id → indexed end, for one volume."""
         prefix = _VID.pack(vid)
         out: dict[int, int] = {}
-        with self._gate.shared(), self.env.begin(db=self._segments) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._segments) as txn:
             cursor = txn.cursor()
             found = cursor.set_range(prefix)
             while found and cursor.key().startswith(prefix):
@@ -319,7 +319,7 @@ class Index:
         """Segments a finished compaction replaced whose files may still need removing."""
         prefix = _VID.pack(vid)
         out: list[int] = []
-        with self._gate.shared(), self.env.begin(db=self._retired) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._retired) as txn:
             cursor = txn.cursor()
             found = cursor.set_range(prefix)
             while found and cursor.key().startswith(prefix):
@@ -328,7 +328,7 @@ class Index:
         return out
 
     def counts(self, vid: int) -> VolumeCounts:
-        with self._gate.shared(), self.env.begin(db=self._volumes) as txn:
+        with self._resize_lock.shared(), self.env.begin(db=self._volumes) as txn:
             raw = txn.get(_VID.pack(vid))
         return VolumeCounts(*_VOLUME.unpack(raw)) if raw is not None else VolumeCounts()
 
@@ -367,10 +367,10 @@ class Index:
         with self._write_lock:
             while True:
                 try:
-                    with self._gate.shared(), self.env.begin(write=True) as txn:
+                    with self._resize_lock.shared(), self.env.begin(write=True) as txn:
                         return body(txn)
                 except lmdb.MapFullError:
-                    with self._gate.exclusive():
+                    with self._resize_lock.exclusive():
                         self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
     def _load_counts(self, txn: Any, cache: dict[int, VolumeCounts], vid: int) -> VolumeCounts:
@@ -401,7 +401,7 @@ class Index:
                 raw = txn.get(nkey, db=self._needles)
                 counts = self._load_counts(txn, cache, vid)
                 if raw is not None:
-                    old = Entry._make(_ENTRY.unpack(raw))
+                    old = NeedleLocation._make(_ENTRY.unpack(raw))
                     if old.sequence >= entry.sequence:
                         counts.max_sequence = max(counts.max_sequence, entry.sequence)
                         continue
@@ -426,8 +426,8 @@ class Index:
         self._write(lambda txn: txn.put(_SEGKEY.pack(vid, segment), _END.pack(end),
                                         db=self._segments))
 
-    def swap(self, vid: int, moved: list[tuple[bytes, Entry, Entry]],
-             dropped: list[tuple[bytes, Entry]], retired: list[int],
+    def swap(self, vid: int, moved: list[tuple[bytes, NeedleLocation, NeedleLocation]],
+             dropped: list[tuple[bytes, NeedleLocation]], retired: list[int],
              added: dict[int, int]) -> int:
         """The atomic step of compaction: point each moved key at its copy and remove each
         dropped key, but only where the entry is still the one compaction read (a write or
@@ -441,7 +441,7 @@ class Index:
             for key, old, new in moved:
                 nkey = _needle_key(vid, key)
                 raw = txn.get(nkey, db=self._needles)
-                if raw is not None and Entry._make(_ENTRY.unpack(raw)) == old:
+                if raw is not None and NeedleLocation._make(_ENTRY.unpack(raw)) == old:
                     txn.put(nkey, _ENTRY.pack(*new), db=self._needles)
                     counts.remove(old)
                     counts.add(new)
@@ -449,7 +449,7 @@ class Index:
             for key, old in dropped:
                 nkey = _needle_key(vid, key)
                 raw = txn.get(nkey, db=self._needles)
-                if raw is not None and Entry._make(_ENTRY.unpack(raw)) == old:
+                if raw is not None and NeedleLocation._make(_ENTRY.unpack(raw)) == old:
                     txn.delete(nkey, db=self._needles)
                     counts.remove(old)
                     changed += 1

@@ -57,7 +57,7 @@ from storage_server.direct import (
     DirectReader,
     fully_cached,
 )
-from storage_server.index import Entry, Index, Record
+from storage_server.index import Index, NeedleLocation, Record
 from storage_server.needle import (
     HEADER_BYTES,
     data_end,
@@ -493,7 +493,7 @@ class Volume:
                 except CorruptObject as e:
                     reason = str(e)
                     break
-                entry = Entry(segment.id, offset, len(needle.data), needle.flags,
+                entry = NeedleLocation(segment.id, offset, len(needle.data), needle.flags,
                               needle.sequence)
                 records.append(Record(self.vid, needle.key, entry))
                 report["needles_indexed"] += 1
@@ -561,7 +561,7 @@ class Volume:
                     seg.seal()
                 seg = self.active = self._create_segment()
             offset = seg.end
-            entry = Entry(seg.id, offset, len(data), flags, sequence)
+            entry = NeedleLocation(seg.id, offset, len(data), flags, sequence)
             ticket = commit.register(Record(self.vid, key, entry), seg)
             try:
                 if self.direct_io and seg.direct and seg.appender is None:
@@ -580,7 +580,7 @@ class Volume:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def read(self, entry: Entry, key: bytes, cookie: int) -> tuple[bytes, int] | None:
+    def read(self, entry: NeedleLocation, key: bytes, cookie: int) -> tuple[bytes, int] | None:
         """The raw needle `entry` points at, by one pread (a large needle not in the page
         cache: by one O_DIRECT read, storage_server/direct.py), and where its data ends if it
         passes every check for `key` and `cookie` (`data_end`: -1 if one fails); None if its
@@ -647,8 +647,8 @@ class Volume:
         sealed_bytes = sum(s.end for s in sealed.values())
         work = sorted(((e.segment, e.offset, key, e) for key, e in index.entries(self.vid)
                        if e.segment in sealed), key=lambda t: (t[0], t[1]))
-        moved: list[tuple[bytes, Entry, Entry]] = []
-        dropped: list[tuple[bytes, Entry]] = []
+        moved: list[tuple[bytes, NeedleLocation, NeedleLocation]] = []
+        dropped: list[tuple[bytes, NeedleLocation]] = []
         corrupt: list[str] = []
         outputs: list[Segment] = []
         out: Segment | None = None

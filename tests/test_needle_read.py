@@ -20,7 +20,7 @@ from cachefs.errors import ObjectNotFound
 from storage_server import _needle as compiled
 from storage_server import needle, volume
 from storage_server.direct import cachestat
-from storage_server.index import Entry, Index, Record
+from storage_server.index import Index, NeedleLocation, Record
 from storage_server.needle import encode_needle
 from storage_server.store import VolumeStore
 from tests.test_haystack_store import MALFORMED, data_of, key_of
@@ -235,7 +235,7 @@ def store(tmp_path: Path) -> Iterator[VolumeStore]:
         yield s
 
 
-def _lmdb_entry(store: VolumeStore, key: bytes) -> Entry | None:
+def _lmdb_entry(store: VolumeStore, key: bytes) -> NeedleLocation | None:
     """The entry LMDB holds, past the overlay and the cache."""
     store.commit.wait_indexed()
     found = store.index.get_many([(store.vid_of(key), key)])
@@ -277,8 +277,8 @@ def test_a_lookup_that_raced_a_commit_is_not_cached(tmp_path: Path) -> None:
     index = Index(tmp_path / "index")
     try:
         key = key_of(1)
-        old = Entry(segment=0, offset=0, size=10, flags=0, sequence=1)
-        new = Entry(segment=0, offset=80, size=10, flags=0, sequence=2)
+        old = NeedleLocation(segment=0, offset=0, size=10, flags=0, sequence=1)
+        new = NeedleLocation(segment=0, offset=80, size=10, flags=0, sequence=2)
         index.apply([Record(0, key, old)], {})
         began = index._cache_generation  # a lookup begins and reads `old` from LMDB...
         index.apply([Record(0, key, new)], {})  # ...a commit replaces it...
@@ -293,7 +293,7 @@ def test_a_lookup_that_raced_a_commit_is_not_cached(tmp_path: Path) -> None:
 def test_the_entry_cache_is_bounded(tmp_path: Path, capacity: int) -> None:
     index = Index(tmp_path / "index", cache_entries=capacity)
     try:
-        entries = {key_of(i): Entry(0, 80 * i, 10, 0, i + 1) for i in range(10)}
+        entries = {key_of(i): NeedleLocation(0, 80 * i, 10, 0, i + 1) for i in range(10)}
         index.apply([Record(0, k, e) for k, e in entries.items()], {})
         for _ in range(2):
             for key, entry in entries.items():
