@@ -8,14 +8,14 @@ import sys
 
 from cachefs import __version__
 from cachefs.cli import (
-    browse_cmd,
+    checkout_verify_cmd,
     cluster_cmd,
     csi_cmd,
     dataset_cmd,
     gc_cmd,
     history_cmd,
+    inspect_cmd,
     master_cmd,
-    materialize_cmd,
     mount_cmd,
     pin_cmd,
     remote_cmd,
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, browse_cmd,
-                   materialize_cmd, mount_cmd, gc_cmd, pin_cmd, csi_cmd, scheduler_cmd,
+    for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, inspect_cmd,
+                   checkout_verify_cmd, mount_cmd, gc_cmd, pin_cmd, csi_cmd, scheduler_cmd,
                    storage_cmd, master_cmd, cluster_cmd):
         module.register(sub, common)
     return parser
