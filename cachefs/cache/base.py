@@ -7,6 +7,11 @@ entry is dropped and reported as a miss). A tier that fails is a logged miss, ne
 for the reader (mountpoint-s3's rule); only the origin failing is.
 
 Tiers are called from several threads at once and must be thread-safe.
+
+Two tiers implement it: `memory.MemoryCache` (in the daemon, not verified: it only holds what
+was verified on the way in) and `disk.DiskCache` (the node's SSD, verified on every hit);
+`tiered.TieredStore` puts them in front of the origin. A peer tier (other nodes' caches) is
+designed in docs/design.md but not built yet.
 """
 
 from __future__ import annotations
