@@ -51,6 +51,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="a separately running mounter (default: STATE_DIR/mounter.sock, "
                         "started if needed)")
     p.add_argument("--cache-dir", help="SSD cache directory shared by the node's mounts")
+    _add_inventory_options(p)
+    p.set_defaults(func=run_plugin)
+    roles = p.add_subparsers(dest="role", required=False, metavar="ROLE")
+    _register_mounter(roles)
+    _register_inventory(roles, common)
+
+
+def _add_inventory_options(p: argparse.ArgumentParser) -> None:
     inv = p.add_argument_group(
         "node inventory", "CPU, memory, NUMA, GPUs, RDMA, NICs, the cache disk and the dataset\n"
         "versions cached on the node (see `cachefs csi inventory --help`)")
@@ -68,8 +76,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                      help="Kubernetes API server (default: the in-cluster configuration)")
     inv.add_argument("--kube-token-file", metavar="FILE",
                      help="bearer token for --kube-api")
-    p.set_defaults(func=run_plugin)
-    roles = p.add_subparsers(dest="role", required=False, metavar="ROLE")
+
+
+def _register_mounter(roles: argparse._SubParsersAction) -> None:
     m = roles.add_parser("mounter", help="run the mounter: the process that owns FUSE mounts",
                          description="Own the node's FUSE mounts and bind mounts, repair dead "
                                      "ones, and serve the plugin on a local socket.")
@@ -86,6 +95,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="mount a PersistentVolume's remote URL that no configured remote has "
                         "(never an inline volume's; default: configured remotes only)")
     m.set_defaults(func=run_mounter)
+
+
+def _register_inventory(roles: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     i = roles.add_parser("inventory", parents=[common], formatter_class=HelpFormatter,
                          help="print this node's resource inventory",
                          description="Print this node's resources and the dataset versions "

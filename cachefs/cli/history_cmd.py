@@ -22,6 +22,12 @@ from cachefs.remotes.registry import BACKENDS, open_remote_url
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    _register_commit(sub, common)
+    _register_log(sub, common)
+    _register_refs(sub, common)
+
+
+def _register_commit(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "commit", parents=[common], formatter_class=HelpFormatter,
         help="commit a directory (or a bucket prefix) as a new version",
@@ -45,6 +51,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--workers", type=int, help="parallel chunk uploads (default: per remote)")
     p.set_defaults(func=commit)
 
+
+def _register_log(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("log", parents=[common], formatter_class=HelpFormatter,
                        help="show the history of a version",
                        epilog="examples:\n  cachefs log imagenet\n  cachefs log imagenet@v2 -n 5 "
@@ -53,6 +61,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("-n", "--max-count", type=int, default=None, help="show at most N commits")
     p.set_defaults(func=log_cmd)
 
+
+def _register_refs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     for kind, noun in (("heads", "branch"), ("tags", "tag")):
         p = sub.add_parser(
             noun, parents=[common], formatter_class=HelpFormatter,

@@ -54,7 +54,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                    "membership, volume placement, the object directory.",
                        epilog=f"{SERVE_EXAMPLES}\n\n{STATUS_EXAMPLES}")
     roles = p.add_subparsers(dest="master_command", required=True, metavar="COMMAND")
+    _register_serve(roles, common)
+    _register_admin(roles, common)
 
+
+def _register_serve(roles: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     s = roles.add_parser("serve", parents=[common], formatter_class=HelpFormatter,
                          help="run one member of the master group",
                          description="Run one raft member and serve the Master gRPC API "
@@ -85,6 +89,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="how long a call waits for the raft group (default 5)")
     s.set_defaults(func=serve)
 
+
+def _register_admin(roles: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     for name, help_text, description, epilog, func in (
         ("status", "print the leader, members, storage servers and volumes",
          "Print the state of the master group and of the storage servers it manages.",

@@ -29,6 +29,14 @@ on the machine and kept across remounts and reboots), then the remote. fstab / m
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    _register_mount(sub, common)
+    _register_umount(sub, common)
+    _register_mounts(sub, common)
+    _register_stats(sub, common)
+    _register_warmup(sub, common)
+
+
+def _register_mount(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("mount", parents=[common], formatter_class=HelpFormatter,
                        help="mount a version as a read-only directory",
                        description="Mount DATASET@REF at MOUNTPOINT (read-only, FUSE). Returns "
@@ -61,6 +69,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="stay in the foreground, logging to stderr, until unmounted")
     p.set_defaults(func=mount)
 
+
+def _register_umount(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("umount", parents=[common], formatter_class=HelpFormatter,
                        help="unmount a cachefs mount",
                        description="Unmount MOUNTPOINT and wait for its daemon to exit. A "
@@ -80,6 +90,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _answer_timeout(p)
     p.set_defaults(func=umount)
 
+
+def _register_mounts(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("mounts", parents=[common], formatter_class=HelpFormatter,
                        help="list the cachefs mounts of this machine",
                        description="List every cachefs mount with what it serves. A mount "
@@ -91,6 +103,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _answer_timeout(p)
     p.set_defaults(func=mounts)
 
+
+def _register_stats(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("stats", parents=[common], formatter_class=HelpFormatter,
                        help="cache and read statistics of a mount",
                        epilog="examples:\n  cachefs stats /mnt/imagenet\n"
@@ -99,6 +113,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _answer_timeout(p)
     p.set_defaults(func=stats)
 
+
+def _register_warmup(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("warmup", parents=[common], formatter_class=HelpFormatter,
                        help="prefetch files of a mount into the SSD cache",
                        description="Fetch everything below each PATH (files or directories "

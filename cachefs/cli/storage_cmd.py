@@ -52,7 +52,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                    "volumes of append-only segment files, served over gRPC.",
                        epilog=f"{SERVE_EXAMPLES}\n\n{STAT_EXAMPLES}")
     roles = p.add_subparsers(dest="storage_command", required=True, metavar="COMMAND")
+    _register_serve(roles, common)
+    _register_admin(roles, common)
 
+
+def _register_serve(roles: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     s = roles.add_parser("serve", parents=[common], formatter_class=HelpFormatter,
                          help="serve a data directory over gRPC",
                          description="Serve the volumes of a data directory over gRPC "
@@ -95,6 +99,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="seconds between heartbeats to the masters (default 3)")
     s.set_defaults(func=serve)
 
+
+def _register_admin(roles: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     for name, help_text, description, epilog, func in (
         ("stat", "print a server's volumes, needles, bytes and free space",
          "Print a storage server's totals and per-volume statistics, the corrupt reads it saw "
