@@ -633,6 +633,24 @@ class Volume:
                     "needles_moved": 0, "entries_dropped": 0, "entries_changed": 0,
                     "corrupt": [], "bytes_before": size, "bytes_after": size, "reclaimed": 0,
                     "seconds": round(time.monotonic() - started, 3)}
+        sealed = self._seal_all(commit)
+        _, bytes_before = self.size()
+        sealed_bytes = sum(s.end for s in sealed.values())
+        moved, dropped, corrupt, outputs = self._copy_live_needles(index, sealed)
+        changed = self._swap_in(index, sealed, outputs, moved, dropped)
+        self._retire(index, sealed)
+        _, bytes_after = self.size()
+        output_bytes = sum(seg.end for seg in outputs)
+        return {"vid": self.vid, "segments_compacted": len(sealed),
+                "segments_written": len(outputs), "needles_moved": len(moved),
+                "entries_dropped": len(dropped), "entries_changed": changed,
+                "corrupt": corrupt, "bytes_before": bytes_before, "bytes_after": bytes_after,
+                "reclaimed": sealed_bytes - output_bytes,
+                "seconds": round(time.monotonic() - started, 3)}
+
+    def _seal_all(self, commit: GroupCommit) -> dict[int, Segment]:
+        """Seal the active segment (when it holds anything) and return every sealed segment,
+        once all their needles are indexed in LMDB."""
         with self.lock:
             if self.active is not None and self.active.end:
                 self.active.seal()
@@ -643,8 +661,16 @@ class Volume:
         # Every needle in a sealed segment must be in LMDB, not only in the overlay: the swap
         # moves LMDB entries, and the sealed files are deleted after it.
         commit.wait_indexed(ticket)
-        _, bytes_before = self.size()
-        sealed_bytes = sum(s.end for s in sealed.values())
+        return sealed
+
+    def _copy_live_needles(
+        self, index: Index, sealed: dict[int, Segment],
+    ) -> tuple[list[tuple[bytes, NeedleLocation, NeedleLocation]],
+               list[tuple[bytes, NeedleLocation]], list[str], list[Segment]]:
+        """Copy the live, intact needles of `sealed` into new detached segments, synced.
+
+        Returns (moved: key, old and new location; dropped: deleted or corrupt entries;
+        corrupt key hexes; the new segments). On failure the new segments are removed."""
         work = sorted(((e.segment, e.offset, key, e) for key, e in index.entries(self.vid)
                        if e.segment in sealed), key=lambda t: (t[0], t[1]))
         moved: list[tuple[bytes, NeedleLocation, NeedleLocation]] = []
@@ -685,11 +711,20 @@ class Volume:
                 seg.close()
                 seg.path.unlink(missing_ok=True)
             raise
+        return moved, dropped, corrupt, outputs
+
+    def _swap_in(self, index: Index, sealed: dict[int, Segment], outputs: list[Segment],
+                 moved: list[tuple[bytes, NeedleLocation, NeedleLocation]],
+                 dropped: list[tuple[bytes, NeedleLocation]]) -> int:
+        """Publish the new segments and point the index at them; returns the entries changed."""
         with self._pins:
             for seg in outputs:
                 self.segments[seg.id] = seg
-        changed = index.swap(self.vid, moved, dropped, sorted(sealed),
-                             {seg.id: seg.end for seg in outputs})
+        return index.swap(self.vid, moved, dropped, sorted(sealed),
+                          {seg.id: seg.end for seg in outputs})
+
+    def _retire(self, index: Index, sealed: dict[int, Segment]) -> None:
+        """Drop the compacted segments: closed once their last reader finishes, then deleted."""
         with self._pins:
             for seg_id, seg in sealed.items():
                 del self.segments[seg_id]
@@ -701,14 +736,6 @@ class Volume:
         if sealed:
             fsync_dir(self.root)
             index.forget_retired(self.vid, sorted(sealed))
-        _, bytes_after = self.size()
-        output_bytes = sum(seg.end for seg in outputs)
-        return {"vid": self.vid, "segments_compacted": len(sealed),
-                "segments_written": len(outputs), "needles_moved": len(moved),
-                "entries_dropped": len(dropped), "entries_changed": changed,
-                "corrupt": corrupt, "bytes_before": bytes_before, "bytes_after": bytes_after,
-                "reclaimed": sealed_bytes - output_bytes,
-                "seconds": round(time.monotonic() - started, 3)}
 
     def _create_segment_detached(self) -> Segment:
         """A new segment for compaction output: not yet in `segments` (no entry points into
