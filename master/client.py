@@ -4,7 +4,7 @@
     client.dir_put(DirEntry("refs/x", inline=b"..."), if_absent=True) -> bool (created)
     client.dir_get("refs/x") -> DirEntry | None
     client.dir_delete("refs/x") -> bool;  client.dir_list("refs/") -> iterator of DirEntry
-    client.placement() -> Placement (storage_server.replicated: epoch, volumes, R, vids[vid])
+    client.placement() -> Placement (cachefs.contracts: epoch, volumes, R, vids[vid])
     client.register_storage(...), heartbeat(...), declare_dead(id), register_node(...)
     client.status() -> dict (the JSON of `cachefs master status --json`)
 
@@ -33,12 +33,12 @@ from typing import Any, Self
 
 import grpc
 
+from cachefs.contracts import Placement
 from cachefs.errors import RemoteError, UsageError
 from cachefs.grpc_auth import bearer_metadata
 from cachefs.grpc_errors import error_from_rpc
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
-from storage_server.replicated import Placement
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 ATTEMPT_TIMEOUT_S = 12.0  # one master's answer; above the masters' commit timeout (5 s)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~13x faster (ISA-L): checked per read
 
+from cachefs.contracts import KEY_BYTES, check_key
 from cachefs.errors import CorruptObject, InvalidName
 
 HEADER_MAGIC = 0x484E4643  # b"CFNH" little-endian: cachefs needle header
 FOOTER_MAGIC = 0x464E4643  # b"CFNF": cachefs needle footer
 FORMAT_VERSION = 1
-KEY_BYTES = 32
 MAX_DATA_BYTES = 64 << 20  # a cachefs chunk is at most 64 MiB
 ALIGNMENT = 8
 
@@ -83,19 +83,12 @@ def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
 
 
-def check_key(key: bytes) -> None:
-    """Refuse anything but exactly 32 bytes (a BLAKE3 chunk hash) as a needle key."""
-    if not isinstance(key, bytes | bytearray | memoryview) or len(key) != KEY_BYTES:
-        shown = len(key) if isinstance(key, bytes | bytearray | memoryview) else type(key).__name__
-        raise InvalidName(f"needle key: must be {KEY_BYTES} bytes, got {shown}")
-
-
 def encode_needle_parts(key: bytes, data: bytes | memoryview, cookie: int, flags: int = 0,
                         sequence: int = 0) -> tuple[bytes, bytes | memoryview, bytes]:
     """One needle as (header, data, footer and padding), for a vectored write that never
     copies the data. `cookie` is a u32, `sequence` a u64 (the volume's write order, which
     decides between two needles of one key; see FORMAT.md)."""
-    check_key(key)
+    check_key(key, "needle key")
     if len(data) > MAX_DATA_BYTES:
         raise InvalidName(f"needle data: {len(data)} bytes, at most {MAX_DATA_BYTES}")
     if flags & ~KNOWN_FLAGS or not 0 <= flags <= 0xFF:

@@ -23,32 +23,29 @@ from typing import Any
 
 import grpc
 
+from cachefs.contracts import check_key
 from cachefs.grpc_auth import listening_server
 from cachefs.grpc_errors import invalid, rpc
 from storage_server import wire
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
+from storage_server.protocol import (
+    DEFAULT_LIST_LIMIT,
+    MAX_KEYS_PER_CALL,
+    MAX_LIST_LIMIT,
+    MAX_MESSAGE_BYTES,
+    MAX_NEEDLE_BYTES,
+    SERVICE,
+)
 
 log = logging.getLogger("cachefs.storage")
 
-KEY_BYTES = 32
-MAX_NEEDLE_BYTES = 64 << 20
-MAX_MESSAGE_BYTES = 80 << 20
-MAX_KEYS_PER_CALL = 100_000  # Put needles, Has keys
-DEFAULT_LIST_LIMIT = 1000
-MAX_LIST_LIMIT = 10_000
 WORKERS = 32
-SERVICE = "cachefs.storage.v1.Storage"
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
 ]
-
-
-def check_key(key: bytes, field: str) -> None:
-    if len(key) != KEY_BYTES:
-        raise invalid(f"{field}: a key is {KEY_BYTES} bytes (a BLAKE3 hash), got {len(key)}")
 
 
 def check_count(count: int, field: str) -> None:

@@ -3,9 +3,9 @@
 DATA_DIR holds `format` (JSON: format version, number of volumes, cookie), `lock` (flock'ed
 by the one process that owns the directory), `index/` (the LMDB needle index) and
 `volumes/VVVV/SSSSSSSS.seg` (segment files). A key (a 32-byte chunk hash) lives in volume
-`int.from_bytes(key, "big") % volumes`. Every method is safe to call from many threads at once;
-writes (`put_many`, `delete`) return only once durable, and many of them, in many volumes,
-share each fsync (see storage_server/volume.py).
+`cachefs.contracts.volume_of(key, volumes)` (key mod volumes). Every method is safe to call from
+many threads at once; writes (`put_many`, `delete`) return only once durable, and many of them,
+in many volumes, share each fsync (see storage_server/volume.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cachefs.contracts import check_key, volume_of
 from cachefs.errors import (
     CorruptObject,
     InvalidName,
@@ -33,7 +34,6 @@ from storage_server.needle import (
     FLAG_TOMBSTONE,
     HEADER_BYTES,
     MAX_DATA_BYTES,
-    check_key,
     verified_data_end,
 )
 from storage_server.volume import (
@@ -149,7 +149,7 @@ class VolumeStore:
 
     def vid_of(self, key: bytes) -> int:
         """The volume a key lives in."""
-        return int.from_bytes(key, "big") % self.volumes
+        return volume_of(key, self.volumes)
 
     def _check_vid(self, vid: int) -> Volume:
         if not isinstance(vid, int) or not 0 <= vid < self.volumes:

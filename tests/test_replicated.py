@@ -1,4 +1,4 @@
-"""Tests of storage_server/replicated.py: `ReplicatedStorage` over real storage servers.
+"""Tests of `storage_server.client.ReplicatedStorage` over real storage servers.
 
 Three `cachefs storage serve` processes on 127.0.0.1 with a placement built by hand (4 vids, two
 replicas each on distinct servers, no master): round trip, where needles land, kill -9 of one
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cachefs.contracts import Placement, ReplicaInfo, write_targets
 from cachefs.errors import (
     CorruptObject,
     ObjectNotFound,
@@ -24,14 +25,8 @@ from cachefs.errors import (
     RemoteError,
     UsageError,
 )
-from storage_server import replicated
-from storage_server.replicated import (
-    Placement,
-    ReplicaInfo,
-    ReplicatedStorage,
-    read_order,
-    write_targets,
-)
+from storage_server import client as replicated
+from storage_server.client import ReplicatedStorage, read_order
 from tests.servers import free_port, wait_until
 from tests.storage_servers import MIB, VOLUMES, StorageServer, key_of, needles
 

@@ -15,7 +15,7 @@ directory, so listings are exact per namespace (like a SeaweedFS filer over its 
   are needles in the storage servers keyed by the hash itself: a write goes to every live
   replica of the chunk's volume and returns once `min_replicas` have it durably; a read goes to
   one replica and falls back to the others on a miss, an error or a checksum failure
-  (`storage_server.replicated.ReplicatedStorage`), without asking the master (placement is
+  (`storage_server.client.ReplicatedStorage`), without asking the master (placement is
   cached, refreshed on a miss or an error). The chunk's name is recorded in the directory in
   batches, in the background; `flush` (which the repository calls before it moves a ref)
   returns once every name so far is recorded. `has` names the chunks it finds too: they may be
@@ -46,7 +46,7 @@ from cachefs.grpc_auth import load_token
 from cachefs.remotes.base import ObjectInfo, ParallelHas
 from cachefs.remotes.registry import url_options
 from master.client import DirEntry, MasterClient, parse_masters
-from storage_server.replicated import ReplicatedStorage
+from storage_server.client import ReplicatedStorage
 
 log = logging.getLogger("cachefs.remotes.haystack")
 
