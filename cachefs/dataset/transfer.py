@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from cachefs.dataset.locks import RepositoryLock
 from cachefs.dataset.objects import Kind, Tree, decode_commit, decode_tree
-from cachefs.dataset.reach import ObjectWalker, Prune, by_height, heights
+from cachefs.dataset.reach import ObjectWalker, Prune, Reached, by_height, heights
 from cachefs.dataset.refs import KINDS, RefKind
 from cachefs.dataset.repo import FORMAT_KEY, Repository
 from cachefs.errors import (
@@ -351,44 +351,67 @@ def transfer_dataset(src: Repository, dst: Repository, dataset: str, force: bool
                              getattr(dst.remote, "parallelism", 4))
     result = TransferResult(dataset, src.remote.url, dst.remote.url)
     with RepositoryLock(dst.remote, "writer"):
-        walker = _SizingWalker(src, workers=max(workers, 8),
-                               prune=lambda batch: dst.remote.has(batch))
-        try:
-            reached = walker.walk(sorted(set(tips.values())))
-        except CorruptObject as e:  # a tree or commit of src, found while walking
-            raise CorruptObject(f"{e} (in {src.remote.url}); nothing was copied to "
-                                f"{dst.remote.url}: repair the source first",
-                                e.object_name) from e
-        if reached.missing:
-            raise ObjectNotFound(
-                f"{len(reached.missing)} objects that the refs of {dataset!r} reach are missing "
-                f"from {src.remote.url} (first: {reached.missing[0]}); nothing was copied: "
-                f"run `cachefs verify {dataset}` there")
-        log.info("%d chunks, %d trees, %d commits to copy", len(reached.chunks),
-                 len(reached.trees), len(reached.commits))
-        copier = _Copier(src, dst, workers, progress)
-        try:
-            if reached.chunks:
-                total = sum(walker.chunk_sizes.get(k.rsplit("/", 1)[1], 0)
-                            for k in reached.chunks)
-                progress.start(total, "B", label)
-                try:
-                    copier.chunks(sorted(reached.chunks))
-                finally:
-                    progress.close()
-            copier.levels(by_height(heights(reached.children, reached.trees)))
-            copier.levels(by_height(heights(reached.children, reached.commits)))
-        finally:
-            copier.close()
-            result.chunks, result.trees = copier.counts["chunks"], copier.counts["trees"]
-            result.commits = copier.counts["commits"]
-            result.chunk_bytes, result.meta_bytes = copier.chunk_bytes, copier.meta_bytes
+        walker, reached = _what_to_copy(src, dst, dataset, tips, workers)
+        _copy_objects(src, dst, walker, reached, workers, progress, label, result)
         dst.remote.flush()  # every object durable before any ref points at it
         result.created_dataset = _ensure_dataset(src, dst, dataset, create=True)
-        with ThreadPoolExecutor(8, thread_name_prefix="cachefs-ancestry") as pool:
-            for (kind, name), commit in sorted(tips.items()):
-                update = _update_ref(src, dst, dataset, kind, name, commit, force, pool)
-                if update.action == "refused":
-                    log.info("%s", update.reason)
-                result.refs.append(update)
+        _update_refs(src, dst, dataset, tips, force, result)
     return result
+
+
+def _what_to_copy(src: Repository, dst: Repository, dataset: str,
+                  tips: dict[tuple[RefKind, str], str],
+                  workers: int) -> tuple[_SizingWalker, Reached]:
+    """The objects the refs reach in `src` that `dst` lacks; raises when `src` is damaged."""
+    walker = _SizingWalker(src, workers=max(workers, 8),
+                           prune=lambda batch: dst.remote.has(batch))
+    try:
+        reached = walker.walk(sorted(set(tips.values())))
+    except CorruptObject as e:  # a tree or commit of src, found while walking
+        raise CorruptObject(f"{e} (in {src.remote.url}); nothing was copied to "
+                            f"{dst.remote.url}: repair the source first",
+                            e.object_name) from e
+    if reached.missing:
+        raise ObjectNotFound(
+            f"{len(reached.missing)} objects that the refs of {dataset!r} reach are missing "
+            f"from {src.remote.url} (first: {reached.missing[0]}); nothing was copied: "
+            f"run `cachefs verify {dataset}` there")
+    log.info("%d chunks, %d trees, %d commits to copy", len(reached.chunks),
+             len(reached.trees), len(reached.commits))
+    return walker, reached
+
+
+def _copy_objects(src: Repository, dst: Repository, walker: _SizingWalker, reached: Reached,
+                  workers: int, progress: Progress, label: str,
+                  result: TransferResult) -> None:
+    """Copy chunks, then trees and commits bottom-up (an object only after its children);
+    the counts go into `result`."""
+    copier = _Copier(src, dst, workers, progress)
+    try:
+        if reached.chunks:
+            total = sum(walker.chunk_sizes.get(k.rsplit("/", 1)[1], 0)
+                        for k in reached.chunks)
+            progress.start(total, "B", label)
+            try:
+                copier.chunks(sorted(reached.chunks))
+            finally:
+                progress.close()
+        copier.levels(by_height(heights(reached.children, reached.trees)))
+        copier.levels(by_height(heights(reached.children, reached.commits)))
+    finally:
+        copier.close()
+        result.chunks, result.trees = copier.counts["chunks"], copier.counts["trees"]
+        result.commits = copier.counts["commits"]
+        result.chunk_bytes, result.meta_bytes = copier.chunk_bytes, copier.meta_bytes
+
+
+def _update_refs(src: Repository, dst: Repository, dataset: str,
+                 tips: dict[tuple[RefKind, str], str], force: bool,
+                 result: TransferResult) -> None:
+    """Move each ref of `dst` to its tip in `src` where allowed; each outcome into `result`."""
+    with ThreadPoolExecutor(8, thread_name_prefix="cachefs-ancestry") as pool:
+        for (kind, name), commit in sorted(tips.items()):
+            update = _update_ref(src, dst, dataset, kind, name, commit, force, pool)
+            if update.action == "refused":
+                log.info("%s", update.reason)
+            result.refs.append(update)
