@@ -41,6 +41,15 @@ def verify(repo: Repository, commit: str, progress: Progress | None = None,
     """Check everything reachable from `commit`; the report lists each problem found."""
     progress = progress or NoProgress()
     report = VerifyReport()
+    contents, where = _walk_history(repo, commit, report)
+    _check_files(repo, contents, where, report, progress, workers)
+    return report
+
+
+def _walk_history(repo: Repository, commit: str,
+                  report: VerifyReport) -> tuple[dict[str, TreeEntry], dict[str, str]]:
+    """Read every commit and tree reachable from `commit`: the distinct file contents (content
+    hash -> one file having it) and where each is (content hash -> path)."""
     seen_commits: set[str] = set()
     seen_trees: set[str] = set()
     contents: dict[str, TreeEntry] = {}  # content hash -> one file having it
@@ -59,44 +68,66 @@ def verify(repo: Repository, commit: str, progress: Progress | None = None,
         report.commits += 1
         stack.extend(c.parents)
         _walk_tree(repo, c.tree, "", seen_trees, contents, where, report)
+    return contents, where
 
+
+def _check_files(repo: Repository, contents: dict[str, TreeEntry], where: dict[str, str],
+                 report: VerifyReport, progress: Progress, workers: int) -> None:
+    """Re-assemble each distinct file content from its chunks and check it against its hash;
+    unreadable chunks are listed first, once each."""
     files = sorted(contents.values(), key=lambda e: [x.chunk for x in e.extents])
     progress.start(sum(e.size for e in files), "B", "verify")
-    bad_chunks: dict[str, str] = {}
-    good_chunks: set[str] = set()
     plan = collapse_repeats(x.chunk for e in files for x in e.extents)
-    current_name, current = "", b""
     with ChunkStream(repo, plan, workers=workers) as stream:
+        chunks = _ChunkCursor(stream)
         for entry in files:
-            hasher = blake3()
-            broken = None
-            for x in entry.extents:
-                if x.chunk != current_name:
-                    current_name = x.chunk
-                    try:
-                        current = stream.take(x.chunk)
-                        good_chunks.add(x.chunk)
-                    except CachefsError as e:
-                        current = b""
-                        bad_chunks.setdefault(x.chunk, str(e))
-                if x.chunk in bad_chunks:
-                    broken = f"chunk {x.chunk}"
-                    continue
-                piece = memoryview(current)[x.offset : x.offset + x.length]
-                if len(piece) != x.length:
-                    broken = f"chunk {x.chunk} is too short"
-                hasher.update(piece)
+            broken = _file_problem(entry, chunks)
             report.files += 1
             report.bytes += entry.size
             progress.update(entry.size)
-            if broken is None and hasher.hexdigest() != entry.hash:
-                broken = "its content does not match its hash"
             if broken is not None:
                 report.problems.append(f"file {where[entry.hash]}: {broken}")
     progress.close()
-    report.chunks = len(good_chunks | bad_chunks.keys())
-    report.problems[:0] = list(bad_chunks.values())
-    return report
+    report.chunks = len(chunks.good | chunks.bad.keys())
+    report.problems[:0] = list(chunks.bad.values())
+
+
+class _ChunkCursor:
+    """The stream's chunks in plan order: the current one, those read, those that failed."""
+
+    def __init__(self, stream: ChunkStream) -> None:
+        self.stream = stream
+        self.name, self.data = "", b""
+        self.good: set[str] = set()
+        self.bad: dict[str, str] = {}  # chunk -> the error reading it
+
+    def move_to(self, chunk: str) -> None:
+        if chunk != self.name:
+            self.name = chunk
+            try:
+                self.data = self.stream.take(chunk)
+                self.good.add(chunk)
+            except CachefsError as e:
+                self.data = b""
+                self.bad.setdefault(chunk, str(e))
+
+
+def _file_problem(entry: TreeEntry, chunks: _ChunkCursor) -> str | None:
+    """What is wrong with one file content (None: it matches its hash)."""
+    hasher = blake3()
+    broken = None
+    for x in entry.extents:
+        chunks.move_to(x.chunk)
+        if x.chunk in chunks.bad:
+            broken = f"chunk {x.chunk}"
+            continue
+        piece = memoryview(chunks.data)[x.offset : x.offset + x.length]
+        if len(piece) != x.length:
+            broken = f"chunk {x.chunk} is too short"
+        hasher.update(piece)
+    if broken is None and hasher.hexdigest() != entry.hash:
+        broken = "its content does not match its hash"
+    return broken
 
 
 def _walk_tree(repo: Repository, tree: str, prefix: str, seen: set[str],
