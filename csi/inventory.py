@@ -59,7 +59,14 @@ from typing import Any
 
 from cachefs.cache.disk import DEFAULT_CAPACITY_FRACTION, DiskCache
 from cachefs.cache.versions import read_versions
-from cachefs.dataset.objects import Kind, decode_commit, decode_tree, zero_chunk_hash
+from cachefs.dataset.objects import (
+    Commit,
+    Kind,
+    Tree,
+    decode_commit,
+    decode_tree,
+    zero_chunk_hash,
+)
 from cachefs.dataset.repo import chunk_key, commit_key, tree_key
 from cachefs.errors import CachefsError
 from cachefs.names import format_size
@@ -352,6 +359,33 @@ class _Presence:
     bytes_cached: int
 
 
+def _scan_tree(tree: Tree, chunks: dict[str, int]) -> tuple[int, list[str]]:
+    """One tree's own file bytes and its subdirectories; records in `chunks` the furthest
+    end of each chunk its files reference."""
+    own = 0
+    subdirs = []
+    for entry in tree.entries:
+        if entry.kind is Kind.DIR:
+            subdirs.append(entry.hash)
+        elif entry.kind is Kind.FILE:
+            own += entry.size
+            for x in entry.extents:
+                end = x.offset + x.length
+                if chunks.get(x.chunk, -1) < end:
+                    chunks[x.chunk] = end
+    return own, subdirs
+
+
+def _drop_zero_chunk(chunks: dict[str, int]) -> None:
+    """Whole chunks of zeros (sparse regions) are never fetched: the chunk size is the
+    longest chunk, as files of at least that size are cut into whole chunks."""
+    if chunks:
+        longest = max(chunks.values())
+        zero = zero_chunk_hash(longest)
+        if chunks.get(zero) == longest:
+            del chunks[zero]
+
+
 class CachedDatasets:
     """The dataset versions cached in one cache directory, with their cached fractions; keeps
     the walk of each commit between calls (see the module doc). Thread-safe."""
@@ -370,20 +404,40 @@ class CachedDatasets:
             return None
 
     def _walk(self, commit_name: str) -> _Walk:
-        stored = self._load(commit_key(commit_name))
-        try:
-            commit = decode_commit(commit_name, stored) if stored is not None else None
-        except (CachefsError, ValueError):
-            commit = None
+        commit = self._cached_commit(commit_name)
         if commit is None:
             return _Walk({}, complete=False, unknown_bytes=0)
+        file_bytes, chunks, complete = self._walk_trees(commit.tree)
+        _drop_zero_chunk(chunks)
+        unknown = max(0, commit.bytes - file_bytes.get(commit.tree, 0)) if not complete else 0
+        return _Walk(chunks, complete, unknown)
+
+    def _cached_commit(self, name: str) -> Commit | None:
+        """The commit from the cache; None when it is absent or does not decode."""
+        stored = self._load(commit_key(name))
+        try:
+            return decode_commit(name, stored) if stored is not None else None
+        except (CachefsError, ValueError):
+            return None
+
+    def _cached_tree(self, name: str) -> Tree | None:
+        """The tree from the cache; None when it is absent or does not decode."""
+        stored = self._load(tree_key(name))
+        try:
+            return decode_tree(name, stored) if stored is not None else None
+        except (CachefsError, ValueError):
+            return None
+
+    def _walk_trees(self, root: str) -> tuple[dict[str, int], dict[str, int], bool]:
+        """(file bytes below each tree, chunk name -> furthest end referenced, whether every
+        tree was cached) for the cached trees under `root`."""
         chunks: dict[str, int] = {}
         complete = True
         # Post-order over the tree DAG: each tree is read once, and the file bytes below it
         # are counted with multiplicity (an identical subtree can appear in two places).
         file_bytes: dict[str, int] = {}
         pending: dict[str, tuple[int, list[str]]] = {}
-        stack: list[tuple[str, bool]] = [(commit.tree, False)]
+        stack: list[tuple[str, bool]] = [(root, False)]
         while stack:
             name, finished = stack.pop()
             if finished:
@@ -392,38 +446,16 @@ class CachedDatasets:
                 continue
             if name in file_bytes or name in pending:
                 continue
-            stored = self._load(tree_key(name))
-            try:
-                tree = decode_tree(name, stored) if stored is not None else None
-            except (CachefsError, ValueError):
-                tree = None
+            tree = self._cached_tree(name)
             if tree is None:
                 complete = False
                 file_bytes[name] = 0
                 continue
-            own = 0
-            subdirs = []
-            for entry in tree.entries:
-                if entry.kind is Kind.DIR:
-                    subdirs.append(entry.hash)
-                elif entry.kind is Kind.FILE:
-                    own += entry.size
-                    for x in entry.extents:
-                        end = x.offset + x.length
-                        if chunks.get(x.chunk, -1) < end:
-                            chunks[x.chunk] = end
+            own, subdirs = _scan_tree(tree, chunks)
             pending[name] = (own, subdirs)
             stack.append((name, True))
             stack.extend((d, False) for d in subdirs if d not in file_bytes)
-        if chunks:
-            # Whole chunks of zeros (sparse regions) are never fetched: the chunk size is the
-            # longest chunk, as files of at least that size are cut into whole chunks.
-            longest = max(chunks.values())
-            zero = zero_chunk_hash(longest)
-            if chunks.get(zero) == longest:
-                del chunks[zero]
-        unknown = max(0, commit.bytes - file_bytes.get(commit.tree, 0)) if not complete else 0
-        return _Walk(chunks, complete, unknown)
+        return file_bytes, chunks, complete
 
     def _state_mtime_ns(self) -> int:
         try:
