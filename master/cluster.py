@@ -115,15 +115,32 @@ def cluster_up(root: Path, masters: int = 3, storage: int = 3, replicas: int = 2
     root = root.resolve()
     previous = load_state(root)
     if previous is not None:
-        running = [m["pid"] for m in previous["masters"] + previous["storage"]
-                   if _alive(m["pid"])]
-        if running:
-            raise UsageError(f"{root}: a cluster is already running there (pids "
-                             f"{', '.join(map(str, running))}); `cachefs cluster down --dir "
-                             f"{root}` first")
+        _refuse_if_running(root, previous)
         masters, storage = len(previous["masters"]), len(previous["storage"])
         volumes, replicas = previous["volumes"], previous["replicas"]
         min_replicas = previous.get("min_replicas", 0)
+    token_file = _prepare_dir(root)
+    if previous is not None:
+        m_addrs = [(m["id"], m["addr"], m["raft"]) for m in previous["masters"]]
+        s_addrs = [(s["id"], s["addr"]) for s in previous["storage"]]
+        return _start(root, token_file, m_addrs, s_addrs, volumes, replicas, min_replicas,
+                      timeout, extra_master_args)
+    return _start_fresh(root, token_file, masters, storage, volumes, replicas, min_replicas,
+                        timeout, extra_master_args)
+
+
+def _refuse_if_running(root: Path, previous: dict[str, Any]) -> None:
+    running = [m["pid"] for m in previous["masters"] + previous["storage"]
+               if _alive(m["pid"])]
+    if running:
+        raise UsageError(f"{root}: a cluster is already running there (pids "
+                         f"{', '.join(map(str, running))}); `cachefs cluster down --dir "
+                         f"{root}` first")
+
+
+def _prepare_dir(root: Path) -> Path:
+    """Create the cluster directory's folders and its token (kept across restarts); returns
+    the token file."""
     for sub in ("logs", "masters", "storage"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     token_file = root / "token"
@@ -131,11 +148,14 @@ def cluster_up(root: Path, masters: int = 3, storage: int = 3, replicas: int = 2
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
-    if previous is not None:
-        m_addrs = [(m["id"], m["addr"], m["raft"]) for m in previous["masters"]]
-        s_addrs = [(s["id"], s["addr"]) for s in previous["storage"]]
-        return _start(root, token_file, m_addrs, s_addrs, volumes, replicas, min_replicas,
-                      timeout, extra_master_args)
+    return token_file
+
+
+def _start_fresh(root: Path, token_file: Path, masters: int, storage: int, volumes: int,
+                 replicas: int, min_replicas: int, timeout: float,
+                 extra_master_args: tuple[str, ...]) -> dict[str, Any]:
+    """Start a new cluster on free loopback ports; starts over on fresh ports when one was
+    taken before its member bound it."""
     def start_fresh() -> dict[str, Any]:
         m_addrs = [(str(i + 1), f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}")
                    for i in range(masters)]
