@@ -28,6 +28,8 @@ import pysyncobj.syncobj
 from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer
 from pysyncobj.pickle import dumps, loads
 
+from cachefs.fsutil import fsync_dir
+
 
 class DurableMetaStorer(MetaStorer):  # type: ignore[misc]
     """pysyncobj's store of currentTerm and votedFor, fsynced: raft needs them on stable
@@ -48,11 +50,7 @@ class DurableMetaStorer(MetaStorer):  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
         shutil.move(path + ".tmp", path)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class DurableFileJournal(FileJournal):  # type: ignore[misc]

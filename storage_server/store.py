@@ -29,6 +29,7 @@ from cachefs.errors import (
     RepositoryBusy,
     UsageError,
 )
+from cachefs.fsutil import fsync_dir
 from storage_server.index import DEFAULT_CACHE_ENTRIES, DEFAULT_MAP_SIZE, Index
 from storage_server.needle import (
     FLAG_TOMBSTONE,
@@ -41,7 +42,6 @@ from storage_server.volume import (
     Counters,
     GroupCommit,
     Volume,
-    fsync_dir,
 )
 
 log = logging.getLogger(__name__)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from cachefs.errors import CorruptObject, LocalIOError
+from cachefs.fsutil import fsync_dir
 from storage_server.direct import (
     BLOCK,
     DIRECT_READ_MIN,
@@ -87,14 +88,6 @@ _SCAN_BATCH = 4096
 
 def segment_name(segment: int) -> str:
     return f"{segment:08x}.seg"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Segment:

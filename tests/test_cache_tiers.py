@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.cache.base import CacheTier
-from cachefs.cache.disk import DiskCache, check_key
+from cachefs.cache.disk import DiskCache, split_cache_key
 from cachefs.cache.memory import MemoryCache
 from cachefs.errors import ConfigError
 from tests.contract.cache_suite import (
@@ -204,10 +204,10 @@ class TestDiskCache(CacheTierContract):
         with pytest.raises(ValueError):
             cache.contains(key)
         with pytest.raises(ValueError):
-            check_key(key)
+            split_cache_key(key)
 
     def test_valid_keys_of_every_kind(self, open_cache: OpenCache) -> None:
-        assert check_key("trees/ab/" + HASH) == ("trees", "ab", HASH)
+        assert split_cache_key("trees/ab/" + HASH) == ("trees", "ab", HASH)
         cache = open_cache(verify=lambda key, data: True)
         for kind in ("trees", "commits", "somethingnew"):
             cache.put(f"{kind}/ab/{HASH}", kind.encode())

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from cachefs.cache.base import TierStats, Verifier
 from cachefs.errors import ConfigError
+from cachefs.fsutil import link_into_place, write_new_file
 
 log = logging.getLogger("cachefs.cache.disk")
 
@@ -69,7 +70,7 @@ _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, err
 _Entry = tuple[int, int, str]
 
 
-def check_key(key: str) -> tuple[str, str, str]:
+def split_cache_key(key: str) -> tuple[str, str, str]:
     """Split a repository key into (kind, fan-out, name); ValueError unless it is well formed.
 
     Only ``kind/xx/<64 hex>`` with ``xx`` the name's first two characters is accepted, so a key
@@ -248,7 +249,7 @@ class DiskCache:
     # --- the tier ----------------------------------------------------------------------------
 
     def _path(self, key: str) -> str:
-        kind, fan, name = check_key(key)
+        kind, fan, name = split_cache_key(key)
         return os.path.join(self._objects, kind, fan, name)
 
     def get(self, key: str) -> bytes | None:
@@ -455,38 +456,21 @@ class DiskCache:
         tmp = os.path.join(
             os.path.dirname(path), f"{_TMP_PREFIX}{len(data)}-{secrets.token_hex(8)}"
         )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, flags, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+
+        def stamp(fd: int) -> None:
             now = time.time_ns()
             os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
-        except BaseException:
-            os.close(fd)
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
+
+        write_new_file(tmp, data, mode=0o666, extra_flags=os.O_CLOEXEC, make_parent=True,
+                       before_close=stamp)
         return tmp
 
     @staticmethod
     def _publish(tmp: str, path: str) -> bool:
-        """Link the written temporary file to `path`; False if the entry was already there."""
-        try:
-            os.link(tmp, path)  # never replaces: the first writer of an object wins
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in _NO_HARDLINKS:
-                raise
-            os.replace(tmp, path)  # a file system without hard links: same bytes anyway
-        return True
+        """Link the written temporary file to `path`; False if the entry was already there.
+        Never replaces: the first writer of an object wins; on a file system without hard
+        links the temporary file is renamed over it instead (same bytes anyway)."""
+        return link_into_place(tmp, path, replace_without_links=_NO_HARDLINKS)
 
     def _touch(self, path: str, mtime_ns: int) -> None:
         """Mark an entry as just used, unless that was done less than touch_interval_s ago."""

@@ -77,6 +77,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from cachefs.errors import ConfigError, ObjectNotFound, RemoteError
+from cachefs.fsutil import fsync_dir, link_into_place, write_new_file
 from cachefs.remotes.base import ObjectInfo
 from cachefs.remotes.registry import url_options
 
@@ -102,14 +103,6 @@ def syncfs(fd: int) -> None:
     if _libc_syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:
@@ -332,19 +325,14 @@ class _Durability:
                "start": me.start, "created_ns": time.time_ns()}
         try:
             self.dirty.mkdir()
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except FileExistsError:
             pass
         marker = self.dirty / _marker_name(me)
         tmp = self.dirty / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, json.dumps(doc).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(tmp, json.dumps(doc).encode(), fsync=True)
         os.rename(tmp, marker)  # complete when it appears: a reader never judges half a marker
-        _fsync_dir(self.dirty)
+        fsync_dir(self.dirty)
         log.debug("left writer marker %s", marker)
         return marker
 
@@ -398,7 +386,7 @@ def _fsync_each(paths: set[Path]) -> None:
     for path in sorted(paths):
         _fsync_path(path)
     for directory in sorted({p.parent for p in paths}):
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def parse_url(url: str) -> str:
@@ -453,18 +441,7 @@ class LocalRemote:
     def _write_temp(self, path: Path, data: bytes | memoryview, fsync: bool) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        write_new_file(tmp, data, fsync=fsync)
         return tmp
 
     def put(self, key: str, data: bytes | memoryview) -> None:
@@ -477,15 +454,13 @@ class LocalRemote:
                               f"{e}") from e
         try:
             tmp = self._write_temp(path, data, fsync=False)
-            try:
-                os.link(tmp, path)  # a new name: durable at the next flush, like its bytes
-            except FileExistsError:
+            if link_into_place(tmp, path):  # a new name: durable at the next flush, like its bytes
+                tmp.unlink()
+            else:
                 # Over an object that may be synced and reachable (or torn, and put again): an
                 # unsynced replacement could be torn by a crash, so it is synced before it lands.
                 _fsync_path(tmp)
                 os.replace(tmp, path)
-            else:
-                tmp.unlink()
             written = path
         except OSError as e:
             raise RemoteError(f"writing {key} to {self.url}: {e}") from e
@@ -497,12 +472,11 @@ class LocalRemote:
         try:
             tmp = self._write_temp(path, data, fsync=True)
             try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
+                if not link_into_place(tmp, path):
+                    return False
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except OSError as e:
             raise RemoteError(f"creating {key} in {self.url}: {e}") from e
