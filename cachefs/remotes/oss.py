@@ -140,6 +140,38 @@ def parse_url(url: str) -> tuple[str, str, dict[str, Any]]:
     return parsed.netloc, parsed.path, settings
 
 
+def _require_credentials() -> None:
+    missing = _credentials_missing()
+    if missing:
+        raise ConfigError(
+            f"no OSS credentials: set {' and '.join(missing)} in the environment "
+            f"({', '.join(_CREDENTIAL_VARS)}, optionally OSS_SESSION_TOKEN)"
+        )
+
+
+def _retrying_session(max_connections: int) -> Any:
+    """An oss2 session pooling `max_connections`, with bounded retries of connection failures
+    and 5xx answers (module doc)."""
+    import oss2
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=CONNECT_RETRIES + STATUS_RETRIES,
+        connect=CONNECT_RETRIES,
+        read=0,  # the request may have been applied: never resend it blindly
+        status=STATUS_RETRIES,
+        other=0,
+        backoff_factor=0.2,
+        status_forcelist=(500, 502, 503, 504),
+        allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE"}),
+        respect_retry_after_header=False,  # keep every wait bounded
+        raise_on_status=False,  # hand the last answer to oss2, which reads its error
+    )
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max_connections, max_retries=retry)
+    return oss2.Session(adapter=adapter)
+
+
 class OSSRemote(ParallelHas):
     """A remote stored as objects under an OSS bucket prefix."""
 
@@ -157,16 +189,9 @@ class OSSRemote(ParallelHas):
     ) -> None:
         import oss2
         import oss2.credentials
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
         region = _check_settings(bucket, endpoint, region, max_connections)
-        missing = _credentials_missing()
-        if missing:
-            raise ConfigError(
-                f"no OSS credentials: set {' and '.join(missing)} in the environment "
-                f"({', '.join(_CREDENTIAL_VARS)}, optionally OSS_SESSION_TOKEN)"
-            )
+        _require_credentials()
 
         self.bucket = bucket
         self.endpoint = endpoint
@@ -176,20 +201,7 @@ class OSSRemote(ParallelHas):
         self.url = f"oss://{bucket}/{self.prefix}".rstrip("/")
         self.parallelism = max_connections // 2  # leave connections for has() probes
 
-        retry = Retry(
-            total=CONNECT_RETRIES + STATUS_RETRIES,
-            connect=CONNECT_RETRIES,
-            read=0,  # the request may have been applied: never resend it blindly
-            status=STATUS_RETRIES,
-            other=0,
-            backoff_factor=0.2,
-            status_forcelist=(500, 502, 503, 504),
-            allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE"}),
-            respect_retry_after_header=False,  # keep every wait bounded
-            raise_on_status=False,  # hand the last answer to oss2, which reads its error
-        )
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max_connections, max_retries=retry)
-        self._session = oss2.Session(adapter=adapter)
+        self._session = _retrying_session(max_connections)
         auth = oss2.ProviderAuthV4(oss2.credentials.EnvironmentVariableCredentialsProvider())
         self._bucket = oss2.Bucket(
             auth,
