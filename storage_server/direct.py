@@ -202,6 +202,28 @@ def _pages(offset: int, length: int) -> tuple[int, int]:
     return first, (offset + length + mmap.PAGESIZE - 1) // mmap.PAGESIZE - first
 
 
+def _cachestat_ctypes(fd: int, offset: int, length: int) -> Cachestat:
+    """cachestat(2) through ctypes, where storage_server._needle is not built."""
+    span = _CachestatRange(offset, length)
+    stat = Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cachestat: {os.strerror(err)}")
+    return stat
+
+
+def _cachestat_compiled(fd: int, offset: int, length: int) -> Cachestat:
+    return Cachestat(*_compiled_cachestat(fd, offset, length))
+
+
+try:  # the compiled call (storage_server/_needle.pyx), where it is built
+    from storage_server._needle import cachestat as _compiled_cachestat
+except ImportError:
+    _cachestat_call = _cachestat_ctypes
+else:
+    _cachestat_call = _cachestat_compiled
+
+
 def cachestat(fd: int, offset: int, length: int) -> Cachestat | None:
     """The page-cache state of the pages holding `length` bytes at `offset` (cachestat(2):
     it only looks, where a read with RWF_NOWAIT would start readahead on a miss); None where
@@ -210,17 +232,15 @@ def cachestat(fd: int, offset: int, length: int) -> Cachestat | None:
     if not _cachestat_works:
         return None
     first, pages = _pages(offset, length)
-    span = _CachestatRange(first * mmap.PAGESIZE, pages * mmap.PAGESIZE)
-    stat = Cachestat()
-    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
+    try:
+        return _cachestat_call(fd, first * mmap.PAGESIZE, pages * mmap.PAGESIZE)
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EPERM):  # an older kernel, or a seccomp filter
             log.info("no cachestat(2) (%s): large reads go through the page cache",
-                     os.strerror(err))
+                     os.strerror(e.errno))
             _cachestat_works = False
             return None
-        raise OSError(err, f"cachestat: {os.strerror(err)}")
-    return stat
+        raise
 
 
 def fully_cached(fd: int, offset: int, length: int) -> bool | None:

@@ -194,3 +194,31 @@ def test_without_cachestat_large_needles_are_read_through_the_page_cache(
             assert store.get(key) == data
         assert store.stat()["direct_reads"] == 0
         assert resident_bytes(segment(tmp_path)) > 0
+
+
+def test_cachestat_is_the_compiled_call_where_built_and_agrees_with_ctypes(
+        tmp_path: Path) -> None:
+    import storage_server.direct as direct
+
+    try:
+        from storage_server import _needle
+    except ImportError:
+        pytest.skip("storage_server._needle is not built")
+    assert direct._cachestat_call is direct._cachestat_compiled
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 3 * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            compiled = _needle.cachestat(fd, 0, 3 * 4096)
+        except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.EPERM):
+                pytest.skip("no cachestat(2) on this kernel")
+            raise
+        by_ctypes = direct._cachestat_ctypes(fd, 0, 3 * 4096)
+        assert compiled[0] == by_ctypes.nr_cache == 3
+        assert direct.cachestat(fd, 10, 5000).nr_cache == 2  # the two pages the range touches
+        with pytest.raises(OSError):
+            _needle.cachestat(-1, 0, 4096)
+    finally:
+        os.close(fd)
