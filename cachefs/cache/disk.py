@@ -66,8 +66,8 @@ _TMP_PREFIX = ".tmp-"
 _COUNTER = struct.Struct("<Q")
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
-# (mtime_ns, size, path) of one complete entry
-_Entry = tuple[int, int, str]
+# (mtime_ns, size, path) of one complete file in the cache (an object of the SSD tier)
+_CachedFile = tuple[int, int, str]
 
 
 def split_cache_key(key: str) -> tuple[str, str, str]:
@@ -97,10 +97,10 @@ def _temp_size(name: str) -> int:
 
 
 def _scan(objects: str, remove_stale_temps: bool,
-          exclude: str | None = None) -> tuple[list[_Entry], int]:
+          exclude: str | None = None) -> tuple[list[_CachedFile], int]:
     """Every complete entry under `objects`, and the bytes in use (in-flight writes included,
     except the temporary file `exclude`: the caller's own, which it counts itself)."""
-    entries: list[_Entry] = []
+    entries: list[_CachedFile] = []
     total = 0
     stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
     for kind in _listdir(objects):
