@@ -53,7 +53,7 @@ from master.client import LEADER_HINT
 from master.liveness import Done, Liveness
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
-from master.state import NO_LEADER, Entry, MasterRaft, MasterState, RaftView
+from master.state import NO_LEADER, MasterRaft, MasterState, RaftView, StoredDirEntry
 
 log = logging.getLogger("cachefs.master")
 
@@ -220,7 +220,7 @@ def check_entry(entry: pb.DirEntry) -> tuple[bytes | None, bytes | None, int]:
     return None, bytes(entry.needle), entry.size
 
 
-def entry_message(name: str, value: Entry) -> pb.DirEntry:
+def entry_message(name: str, value: StoredDirEntry) -> pb.DirEntry:
     inline, needle, size, mtime_ns, _ = value
     return pb.DirEntry(name=name, inline=inline or b"", has_inline=inline is not None,
                        needle=needle or b"", size=size, mtime_ns=mtime_ns)
@@ -432,55 +432,11 @@ class Master:
         raft = self.raft.view()
         leader = self.leader_peer(raft)
         leading = self.leading(raft)
-        members = []
-        for peer in self.config.members:
-            if peer.id == self.config.id:
-                role = "leader" if leading else ("follower" if leader else "candidate")
-                connected = True
-            else:
-                connected = raft.connected.get(peer.raft, False)
-                role = ("leader" if leader is not None and peer.id == leader.id
-                        else "follower" if connected else "unreachable")
-            members.append({"id": peer.id, "grpc": peer.grpc, "raft": peer.raft,
-                            "role": role, "connected": connected,
-                            "self": peer.id == self.config.id})
+        members = self._members_status(raft, leader, leading)
         view = self.state.placement_view()
-        storage = []
-        for sid, info in sorted(view["servers"].items()):
-            if info["dead"]:
-                state = "dead"
-            elif leading:
-                state = self.liveness.state(sid)
-            else:
-                state = "unknown"
-            age = self.liveness.age(sid) if leading else None
-            storage.append({
-                "id": sid, "address": info["address"], "zone": info["zone"],
-                "capacity_bytes": info["capacity_bytes"],
-                "free_bytes": self.liveness.free_bytes(sid) if leading else None,
-                "state": state,
-                "last_heartbeat_age_s": None if age is None else round(age, 3),
-                "replica_of": sum(1 for s in view["sets"] if sid in s)})
-        volumes = []
-        for vid, set_members in enumerate(view["sets"]):
-            lags = self.liveness.vid_lags(vid, set_members) if leading else {}
-            replicas = []
-            up = 0
-            for sid in set_members:
-                lag = lags.get(sid)
-                state = self.replica_state(sid, view["servers"], lag, leading)
-                up += state in ("up", "lagging")
-                replicas.append({"id": sid, "address": view["servers"][sid]["address"],
-                                 "state": state,
-                                 "needles": self.liveness.count(sid, vid) if leading else None,
-                                 "lag": lag,
-                                 "repairing_from": self.liveness.inflight(sid, vid)
-                                 if leading else None})
-            max_lag = max((r["lag"] or 0 for r in replicas), default=0)
-            volumes.append({"vid": vid, "replicas": replicas,
-                            "under_replicated": (up < view["replicas"]) if leading
-                            else len(set_members) < view["replicas"],
-                            "lagging": max_lag > 0, "max_lag": max_lag})
+        storage = self._storage_status(view, leading)
+        volumes = [self._volume_status(vid, set_members, view, leading)
+                   for vid, set_members in enumerate(view["sets"])]
         return {
             "leader": leader.grpc if leader else None,
             "leader_id": leader.id if leader else None,
@@ -506,6 +462,68 @@ class Master:
                       for name, info in sorted(self.state.nodes_view().items())],
         }
 
+
+    def _members_status(self, raft: RaftView, leader: Peer | None,
+                        leading: bool) -> list[dict[str, Any]]:
+        """Each member of the group: its addresses, its role as this member sees it, and
+        whether this member's raft is connected to it."""
+        members = []
+        for peer in self.config.members:
+            if peer.id == self.config.id:
+                role = "leader" if leading else ("follower" if leader else "candidate")
+                connected = True
+            else:
+                connected = raft.connected.get(peer.raft, False)
+                role = ("leader" if leader is not None and peer.id == leader.id
+                        else "follower" if connected else "unreachable")
+            members.append({"id": peer.id, "grpc": peer.grpc, "raft": peer.raft,
+                            "role": role, "connected": connected,
+                            "self": peer.id == self.config.id})
+        return members
+
+    def _storage_status(self, view: dict[str, Any], leading: bool) -> list[dict[str, Any]]:
+        """Each storage server: where it is, its liveness (known to the leader only) and the
+        replica sets it is in."""
+        storage = []
+        for sid, info in sorted(view["servers"].items()):
+            if info["dead"]:
+                state = "dead"
+            elif leading:
+                state = self.liveness.state(sid)
+            else:
+                state = "unknown"
+            age = self.liveness.age(sid) if leading else None
+            storage.append({
+                "id": sid, "address": info["address"], "zone": info["zone"],
+                "capacity_bytes": info["capacity_bytes"],
+                "free_bytes": self.liveness.free_bytes(sid) if leading else None,
+                "state": state,
+                "last_heartbeat_age_s": None if age is None else round(age, 3),
+                "replica_of": sum(1 for s in view["sets"] if sid in s)})
+        return storage
+
+    def _volume_status(self, vid: int, set_members: list[str], view: dict[str, Any],
+                       leading: bool) -> dict[str, Any]:
+        """One volume: each replica's state, needles, lag and repair, and whether the volume
+        is under-replicated or lagging."""
+        lags = self.liveness.vid_lags(vid, set_members) if leading else {}
+        replicas = []
+        up = 0
+        for sid in set_members:
+            lag = lags.get(sid)
+            state = self.replica_state(sid, view["servers"], lag, leading)
+            up += state in ("up", "lagging")
+            replicas.append({"id": sid, "address": view["servers"][sid]["address"],
+                             "state": state,
+                             "needles": self.liveness.count(sid, vid) if leading else None,
+                             "lag": lag,
+                             "repairing_from": self.liveness.inflight(sid, vid)
+                             if leading else None})
+        max_lag = max((r["lag"] or 0 for r in replicas), default=0)
+        return {"vid": vid, "replicas": replicas,
+                "under_replicated": (up < view["replicas"]) if leading
+                else len(set_members) < view["replicas"],
+                "lagging": max_lag > 0, "max_lag": max_lag}
 
 class MasterService(pb_grpc.MasterServicer):
     """The Master gRPC service of one member."""

@@ -46,8 +46,9 @@ log = logging.getLogger("cachefs.master")
 
 T = TypeVar("T")
 
-# An entry of the object directory: (inline value or None, needle key or None, size, mtime_ns).
-Entry = tuple[bytes | None, bytes | None, int, int, str]  # inline, needle, size, mtime, request
+# A directory entry as the master stores it (the client side is master.client.DirEntry):
+# (inline value or None, needle key or None, size, mtime_ns, request id).
+StoredDirEntry = tuple[bytes | None, bytes | None, int, int, str]
 
 NO_LEADER = ("no raft leader: a majority of the masters is unreachable (or an election is in "
              "progress)")
@@ -82,7 +83,7 @@ class MasterState(SyncObjConsumer):
         self.epoch = 0            # bumped whenever a replica set or a replica's address changes
         self.servers: dict[str, dict[str, Any]] = {}
         self.sets: list[list[str]] = []
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, StoredDirEntry] = {}
         self.names: SortedList = SortedList()
         self.nodes: dict[str, dict[str, Any]] = {}
 
@@ -252,17 +253,17 @@ class MasterState(SyncObjConsumer):
 
     # -- local reads (current only after a barrier) ------------------------------------------
 
-    def entry(self, name: str) -> Entry | None:
+    def entry(self, name: str) -> StoredDirEntry | None:
         with self.lock:
             return self.entries.get(name)
 
     def list_entries(self, prefix: str, start_after: str,
-                     limit: int) -> tuple[list[tuple[str, Entry]], bool]:
+                     limit: int) -> tuple[list[tuple[str, StoredDirEntry]], bool]:
         """Up to `limit` entries whose names start with `prefix` and sort after `start_after`,
         in name order, and whether more follow. O(log n + limit)."""
         with self.lock:
             start = max(prefix, start_after)
-            out: list[tuple[str, Entry]] = []
+            out: list[tuple[str, StoredDirEntry]] = []
             for name in self.names.irange(start, inclusive=(start != start_after, True)):
                 if not name.startswith(prefix):
                     break
