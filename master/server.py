@@ -44,6 +44,7 @@ from typing import Any
 
 import grpc
 
+from cachefs.contracts import KEY_BYTES
 from cachefs.errors import NotFound, RemoteError, UsageError
 from cachefs.grpc_auth import bearer_metadata, check_listen, listening_server
 from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
@@ -59,7 +60,6 @@ log = logging.getLogger("cachefs.master")
 
 NAME_MAX_BYTES = 1024
 INLINE_MAX_BYTES = 4096
-KEY_BYTES = 32
 DEFAULT_LIST_LIMIT = 1000
 MAX_LIST_LIMIT = 10_000
 MAX_INVENTORY_BYTES = 1 << 20
