@@ -62,8 +62,9 @@ def mounts_below(root: Path) -> list[str]:
 class Plugin:
     """A `cachefs csi` process on a socket under `root`, and a client for it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, flags: list[str] | None = None) -> None:
         self.root = root
+        self.flags = flags or []  # extra command-line flags of the plugin
         self.socket = root / "csi.sock"
         self.state = root / "state"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,7 +75,7 @@ class Plugin:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cachefs.cli.main", "csi", "--endpoint",
                  f"unix://{self.socket}", "--node-id", "node-1", "--state-dir",
-                 str(self.state), "--cache-dir", str(self.root / "cache")],
+                 str(self.state), "--cache-dir", str(self.root / "cache"), *self.flags],
                 stdout=log, stderr=log, start_new_session=True)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)

@@ -17,10 +17,7 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +27,7 @@ import pytest
 from cachefs.config import Config, local_repo_url
 from cachefs.errors import ConfigError
 from csi.mounter import MounterClient, request_raw
-from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.proto import csi_pb2
 from tests.helpers import cli_json, run_cli
 from tests.mounting import daemon_pids, wait_for
 from tests.test_csi import Plugin, capability, mounts_below
@@ -43,32 +40,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class TrustPlugin(Plugin):
-    """test_csi's Plugin with extra command-line flags."""
-
-    def __init__(self, root: Path, flags: list[str]) -> None:
-        super().__init__(root)
-        self.flags = flags
-
-    def start(self) -> TrustPlugin:
-        with open(self.root / "plugin.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cachefs.cli.main", "csi", "--endpoint",
-                 f"unix://{self.socket}", "--node-id", "node-1", "--state-dir",
-                 str(self.state), "--cache-dir", str(self.root / "cache"), *self.flags],
-                stdout=log, stderr=log, start_new_session=True)
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2)
-                return self
-            except grpc.RpcError:
-                assert self.proc.poll() is None, (self.root / "plugin.log").read_text()
-                assert time.monotonic() < deadline, "plugin did not start"
-                time.sleep(0.05)
+    """test_csi's Plugin (with extra command-line flags) and its mounter."""
 
     @property
     def mounter(self) -> MounterClient:
