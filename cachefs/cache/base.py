@@ -42,7 +42,7 @@ class TierStats:
 
 
 class CacheTier(Protocol):
-    """One cache tier (memory, disk, peers)."""
+    """One cache tier (today: memory or the SSD directory; the peer tier will be one too)."""
 
     name: str
 
