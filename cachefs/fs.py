@@ -9,12 +9,14 @@ lazily, one directory at a time, through the tiered store (a million-file datase
 as a ten-file one).
 
 Reads: the extents covering a request come from the file's `FileLayout` (the Cython hot path);
-each needed chunk comes from the tiered store, and the reply is a slice (memoryview) of the
-cached chunk, not a copy. Chunks of zeros (sparse regions) are never fetched. Readahead: an open
-file that is read sequentially gets a prefetch window, starting at one chunk past the request and
-doubling on every sequential read up to `max_readahead_chunks`; a random read resets it. Small
-packed files need no readahead of their own: reading one brings its whole chunk, and with it its
-neighbours in path order.
+each needed piece comes from the tiered store, and the reply is a slice (memoryview) of the
+cached chunk, not a copy. A chunk that is on the SSD but not in memory is not pulled into memory
+by a read: only the sub-blocks covering the piece are read (`TieredStore.chunk_range`). Chunks of
+zeros (sparse regions) are never fetched. Readahead: an open file that is read sequentially gets
+a prefetch window, starting at one chunk past the request and doubling on every sequential read
+up to `max_readahead_chunks`; a random read resets it. Readahead brings whole chunks into memory,
+and so does a chunk's first read from the origin (then its neighbours in path order, small packed
+files, come from memory).
 """
 
 from __future__ import annotations
@@ -325,9 +327,12 @@ class DatasetFS:
     async def _piece(self, chunk: str, start: int, length: int) -> bytes | memoryview:
         if chunk in self.zero_chunks:
             return bytes(length)
-        data = await self._call(self.store.chunk(chunk))
+        # Only the extent: from memory a slice of the chunk, from the SSD only the sub-blocks
+        # that cover it (see TieredStore.get_range); a piece shorter than asked means the
+        # extent does not fit its chunk.
+        data = await self._call(self.store.chunk_range(chunk, start, length))
         try:
-            return extent_bytes(chunk, data, start, length)
+            return extent_bytes(chunk, data, 0, length)
         except CorruptObject as e:
             self.reads.bad_extents += 1
             log.error("%s: the tree of this file lies, refusing the read", e)

@@ -37,6 +37,9 @@ class TierStats:
     evicted_bytes: int = 0
     corrupt: int = 0
     errors: int = 0
+    range_reads: int = 0  # hits answered from a part of an entry (the disk tier's get_range)
+    bytes_read: int = 0  # bytes read from the tier's storage (the disk tier: from its files)
+    upgrades: int = 0  # the disk tier: entries without sub-block sums verified and given them
     used_bytes: int = 0
     capacity_bytes: int = 0
 
@@ -48,6 +51,11 @@ class CacheTier(Protocol):
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes if this tier holds an intact copy, else None (never raises)."""
+        ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes | memoryview | None:
+        """Bytes [offset, offset + length) of the object (fewer if it ends first) if this tier
+        holds an intact copy, else None (never raises for a valid range)."""
         ...
 
     def put(self, key: str, data: bytes) -> None:

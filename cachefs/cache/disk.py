@@ -24,6 +24,21 @@ an entry that fails is deleted, counted as corrupt and reported as a miss. Any I
 logged miss or a skipped insert, never an error for the reader. Puts are also skipped while the
 file system's free space is below a floor, whatever the capacity says, so the cache never fills
 the disk that other tenants of the node need.
+
+Range reads (`get_range`) check only the sub-blocks they cover. Beside its bytes, an entry keeps
+the CRC-32 (ISA-L) of each fixed sub-block (64 KiB, doubled for objects over 32 MiB so there are
+at most 512) in the extended attribute ``user.cachefs.sums`` of its own file: written on the
+temporary file before it is linked into place (so an entry and its sums appear together), and
+gone with the inode when the entry is evicted or dropped, by any process. The data file stays
+exactly the object's bytes, so daemons of the previous version, which read entries whole and
+verify their hash, share the directory unchanged. An entry is verified against its name once,
+when stored (by the caller, before `put`) or, for an entry without sums (written by an older
+daemon, or on a file system without user xattrs), when first read: `get` and a range read of
+such an entry read it whole, verify it and then add its sums. Sums that do not describe the
+file's current length are ignored (treated as missing). A sub-block whose sum fails makes the
+entry corrupt: it is deleted and the read is a miss, never a short or wrong answer. The sums
+guard against the disk (bit rot, torn files), not against someone who may write the directory:
+whoever can do that could as well write a matching sum.
 """
 
 from __future__ import annotations
@@ -38,10 +53,12 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
+
+from isal.isal_zlib import crc32
 
 from cachefs.cache.base import TierStats, Verifier
 from cachefs.errors import ConfigError
@@ -65,6 +82,15 @@ _NAME_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 _COUNTER = struct.Struct("<Q")
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+SUMS_XATTR = "user.cachefs.sums"
+SUB_BLOCK_SHIFT = 16  # 64 KiB sub-blocks ...
+MAX_SUB_BLOCKS = 512  # ... doubled until an object has at most this many (2 KiB of sums)
+# The sums' header: version, log2 of the sub-block size, the object's length; then one
+# little-endian u32 CRC-32 per sub-block.
+_SUMS_HEADER = struct.Struct("<BBxxQ")
+_SUMS_VERSION = 1
 
 # (mtime_ns, size, path) of one complete file in the cache (an object of the SSD tier)
 _CachedFile = tuple[int, int, str]
@@ -80,6 +106,59 @@ def split_cache_key(key: str) -> tuple[str, str, str]:
     if m is None or m.group(3)[:2] != m.group(2):
         raise ValueError(f"not a cache key (kind/xx/<64 hex>): {key!r}")
     return m.group(1), m.group(2), m.group(3)
+
+
+def _sub_block_shift(size: int) -> int:
+    shift = SUB_BLOCK_SHIFT
+    while (size + (1 << shift) - 1) >> shift > MAX_SUB_BLOCKS:
+        shift += 1
+    return shift
+
+
+def compute_sums(data: bytes | memoryview) -> bytes:
+    """The sub-block sums of an object's bytes, as stored in its entry's `SUMS_XATTR`."""
+    view = memoryview(data)
+    shift = _sub_block_shift(len(view))
+    step = 1 << shift
+    crcs = [crc32(view[i : i + step]) for i in range(0, len(view), step)]
+    return _SUMS_HEADER.pack(_SUMS_VERSION, shift, len(view)) + struct.pack(
+        f"<{len(crcs)}I", *crcs)
+
+
+def parse_sums(raw: bytes | None, size: int) -> tuple[int, tuple[int, ...]] | None:
+    """(sub-block shift, CRCs) from stored sums, or None unless they describe `size` bytes."""
+    if raw is None or len(raw) < _SUMS_HEADER.size:
+        return None
+    version, shift, length = _SUMS_HEADER.unpack_from(raw)
+    if version != _SUMS_VERSION or length != size or shift != _sub_block_shift(size):
+        return None
+    count = (size + (1 << shift) - 1) >> shift
+    if len(raw) != _SUMS_HEADER.size + 4 * count:
+        return None
+    return shift, struct.unpack_from(f"<{count}I", raw, _SUMS_HEADER.size)
+
+
+def _read_sums(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(fd, SUMS_XATTR)
+    except OSError:
+        return None  # ENODATA (none yet), ENOTSUP (no user xattrs here): read whole instead
+
+
+def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (fewer only at the end of the file)."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _listdir(path: str) -> list[os.DirEntry[str]]:
@@ -146,6 +225,56 @@ def _capacity_for(st: os.statvfs_result, used: int, floor: int) -> int:
     return max(0, min(int((free + used) * DEFAULT_CAPACITY_FRACTION), free + used - floor))
 
 
+# --- read-only views of a cache directory (for the node inventory; nothing is changed) -------
+
+
+def stored_bytes(directory: Path | str) -> int:
+    """The bytes a cache directory holds, from its usage counter (0 if unreadable)."""
+    try:
+        with open(Path(directory) / "state", "rb") as f:
+            raw = f.read(_COUNTER.size)
+    except OSError:
+        return 0
+    return _COUNTER.unpack(raw)[0] if len(raw) == _COUNTER.size else 0
+
+
+def change_marker(directory: Path | str) -> int:
+    """A number that changes whenever the directory's usage counter is written (every put,
+    eviction and dropped entry, by any process); 0 if unreadable."""
+    try:
+        return os.stat(Path(directory) / "state").st_mtime_ns
+    except OSError:
+        return 0
+
+
+def cached_sizes(directory: Path | str, keys: Iterable[str]) -> Iterator[tuple[str, int]]:
+    """(key, size) for each of `keys` that the cache directory holds (not read, not verified,
+    not a use)."""
+    objects = Path(directory) / "objects"
+    for key in keys:
+        kind, fan, name = split_cache_key(key)
+        try:
+            st = os.stat(objects / kind / fan / name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield key, st.st_size
+
+
+def read_cached(directory: Path | str, key: str, verify: Verifier) -> bytes | None:
+    """The bytes of `key` from the cache directory if present and `verify` accepts them, else
+    None. Read-only: not a use, and a corrupt entry is left for a mount to drop."""
+    kind, fan, name = split_cache_key(key)
+    try:
+        data = (Path(directory) / "objects" / kind / fan / name).read_bytes()
+    except OSError:
+        return None
+    try:
+        return data if verify(key, data) else None
+    except Exception:
+        return None
+
+
 class DiskCache:
     """The `CacheTier` named "disk": verified object files in a directory shared by processes.
 
@@ -183,6 +312,7 @@ class DiskCache:
         self._skipped_low_space = 0
         self._skipped_too_large = 0
         self._low_space_logged = False
+        self._xattrs = True  # False once the file system refused a user xattr
         self._last_logged: dict[str, float] = {}
         self._closed = False
 
@@ -253,32 +383,73 @@ class DiskCache:
         return os.path.join(self._objects, kind, fan, name)
 
     def get(self, key: str) -> bytes | None:
-        """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error)."""
+        """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error).
+
+        The whole entry is checked with `verify` on every get; an entry without sums gets them.
+        """
         path = self._path(key)
         if self._closed:
             return self._miss()
         try:
             with open(path, "rb", buffering=0) as f:
-                st = os.fstat(f.fileno())
+                fd = f.fileno()
+                st = os.fstat(fd)
                 data = f.read()
+                sums = _read_sums(fd) if self._xattrs else None
+                with self._stats_lock:
+                    self._stats.bytes_read += len(data)
+                if not self._verified_whole(key, path, fd, st, data, sums):
+                    return self._miss()
         except FileNotFoundError:
             return self._miss()
         except OSError as e:
             self._error("read", key, e)
-            return self._miss()
-        try:
-            intact = bool(self._verify(key, data))
-        except Exception as e:
-            log.debug("verifying %s raised %r: treated as corrupt", key, e)
-            intact = False
-        if not intact:
-            self._drop_corrupt(key, path, st, len(data))
             return self._miss()
         self._touch(path, st.st_mtime_ns)
         with self._stats_lock:
             self._stats.hits += 1
             self._stats.hit_bytes += len(data)
         return data
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes | None:
+        """The verified bytes [offset, offset + length) of `key` (fewer if the object ends
+        first), or None (a miss, a corrupt entry, an I/O error).
+
+        Reads and checks only the sub-blocks that cover the range; an entry without valid sums
+        is read whole, verified with `verify` and given its sums (then later ranges are cheap).
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: {offset}+{length}")
+        path = self._path(key)
+        if self._closed:
+            return self._miss()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                fd = f.fileno()
+                st = os.fstat(fd)
+                raw = _read_sums(fd) if self._xattrs else None
+                sums = parse_sums(raw, st.st_size)
+                if sums is None:
+                    data = f.read()
+                    with self._stats_lock:
+                        self._stats.bytes_read += len(data)
+                    if not self._verified_whole(key, path, fd, st, data, raw):
+                        return self._miss()
+                    part = data[offset : offset + length]
+                else:
+                    part = self._read_checked(key, path, fd, st, sums, offset, length)
+                    if part is None:
+                        return self._miss()
+        except FileNotFoundError:
+            return self._miss()
+        except OSError as e:
+            self._error("read", key, e)
+            return self._miss()
+        self._touch(path, st.st_mtime_ns)
+        with self._stats_lock:
+            self._stats.hits += 1
+            self._stats.hit_bytes += len(part)
+        return part
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` (verified by the caller) unless present, too large or the disk is low."""
@@ -458,12 +629,76 @@ class DiskCache:
         )
 
         def stamp(fd: int) -> None:
+            self._write_sums(fd, data, path)
             now = time.time_ns()
             os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
 
         write_new_file(tmp, data, mode=0o666, extra_flags=os.O_CLOEXEC, make_parent=True,
                        before_close=stamp)
         return tmp
+
+    def _verified_whole(self, key: str, path: str, fd: int, st: os.stat_result, data: bytes,
+                        raw_sums: bytes | None) -> bool:
+        """Check a whole entry with `verify`; drop it if corrupt, else add missing sums."""
+        try:
+            intact = bool(self._verify(key, data))
+        except Exception as e:
+            log.debug("verifying %s raised %r: treated as corrupt", key, e)
+            intact = False
+        if not intact:
+            self._drop_corrupt(key, path, st, len(data))
+            return False
+        if (self._xattrs and parse_sums(raw_sums, len(data)) is None
+                and len(data) == st.st_size and self._write_sums(fd, data, key)):
+            with self._stats_lock:
+                self._stats.upgrades += 1
+        return True
+
+    def _read_checked(self, key: str, path: str, fd: int, st: os.stat_result,
+                      sums: tuple[int, tuple[int, ...]], offset: int,
+                      length: int) -> bytes | None:
+        """Read the sub-blocks covering the range and check their sums; None (the entry
+        dropped) if one fails."""
+        shift, crcs = sums
+        size = st.st_size
+        end = min(offset + length, size)
+        if offset >= end:
+            with self._stats_lock:
+                self._stats.range_reads += 1
+            return b""
+        first, last = offset >> shift, (end - 1) >> shift
+        start = first << shift
+        want = min((last + 1) << shift, size) - start
+        data = _pread_exactly(fd, want, start)
+        with self._stats_lock:
+            self._stats.range_reads += 1
+            self._stats.bytes_read += len(data)
+        view = memoryview(data)
+        step = 1 << shift
+        intact = len(data) == want and all(
+            crc32(view[(i - first) << shift : ((i - first) << shift) + step]) == crcs[i]
+            for i in range(first, last + 1))
+        if not intact:
+            self._drop_corrupt(key, path, st, len(data))
+            return None
+        return data[offset - start : end - start]
+
+    def _write_sums(self, fd: int, data: bytes | memoryview, what: str) -> bool:
+        """Store the sums of `data` on the open entry file `fd`; False if not stored (never
+        raises: an entry without sums is read whole and verified instead)."""
+        if not self._xattrs:
+            return False
+        try:
+            os.setxattr(fd, SUMS_XATTR, compute_sums(data))
+        except OSError as e:
+            if e.errno in _NO_XATTRS:
+                self._xattrs = False
+                log.info("disk cache %s: no user xattrs on this file system: range reads "
+                         "read whole entries", self.directory)
+            else:  # EACCES (another user's entry), ENOSPC, ...: read whole, as before
+                log.debug("storing the sums of %s failed: %s", what, e)
+            return False
+        return True
 
     @staticmethod
     def _publish(tmp: str, path: str) -> bool:

@@ -48,6 +48,13 @@ class MemoryCache:
             self._stats.hit_bytes += len(data)
             return data
 
+    def get_range(self, key: str, offset: int, length: int) -> memoryview | None:
+        """A slice (no copy) of the stored object, or None; counted as a hit like `get`."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: {offset}+{length}")
+        data = self.get(key)
+        return None if data is None else memoryview(data)[offset : offset + length]
+
     def put(self, key: str, data: bytes) -> None:
         """Cache `data` under `key`, evicting least recently used entries to make room."""
         if not isinstance(data, bytes):  # a bytearray/memoryview could change under us

@@ -8,7 +8,9 @@ that bounds parallel requests, and within a deadline: a read that the origin can
 time fails (EIO for the reader) instead of hanging the mount; the abandoned worker thread ends on
 its own when the client library times out. Every object from the origin is verified against its
 name before anyone sees it; a corrupt one is counted and refused. The disk tier verifies its own
-entries on every hit. A failing cache tier is a logged miss, never an error.
+entries on every hit (a range read: the sums of the sub-blocks it reads). A failing cache tier is
+a logged miss, never an error. A read of part of a chunk (`chunk_range`) that is on the SSD but
+not in memory reads only that part from the SSD, and does not pull the whole chunk into memory.
 
 Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an in-process
 dict), the disk tier and the origin on worker threads.
@@ -105,8 +107,33 @@ class TieredStore:
             return data
         return await self._flights.run(key, lambda: self._fetch(key, into_memory))
 
-    async def _fetch(self, key: str, into_memory: bool) -> bytes:
-        if self.disk is not None:
+    async def get_range(self, key: str, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset + length) of `key` (fewer if the object ends first).
+
+        From memory if the object is there (a slice); else from the disk tier, which reads and
+        checks only the sub-blocks covering the range, and the range does not enter the memory
+        tier (whole objects get there from the origin and through readahead); else the whole
+        object is fetched from the origin as by `get` (memory and disk filled) and sliced.
+        """
+        data = self.memory.get(key)
+        if data is None and self.disk is not None and key not in self._flights:
+            get_range = getattr(self.disk, "get_range", None)
+            if get_range is not None:
+                part = await self._disk_call(get_range, key, offset, length)
+                if part is not None:
+                    return part  # type: ignore[return-value]
+                # A miss, or a corrupt entry (dropped): the origin, not the disk again. Another
+                # reader's fetch may have finished while we asked the disk: memory first.
+                data = self.memory.get(key)
+                if data is None:
+                    data = await self._flights.run(
+                        key, lambda: self._fetch(key, True, ask_disk=False))
+        if data is None:
+            data = await self._flights.run(key, lambda: self._fetch(key, True))
+        return memoryview(data)[offset : offset + length]
+
+    async def _fetch(self, key: str, into_memory: bool, ask_disk: bool = True) -> bytes:
+        if self.disk is not None and ask_disk:
             data = await self._disk_call(self.disk.get, key)
             if data is not None:
                 if into_memory:
@@ -176,6 +203,10 @@ class TieredStore:
     async def chunk(self, name: str) -> bytes:
         return await self.get(chunk_key(name))
 
+    async def chunk_range(self, name: str, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset + length) of chunk `name` (see `get_range`)."""
+        return await self.get_range(chunk_key(name), offset, length)
+
     async def tree(self, name: str) -> Tree:
         tree = self._trees.get(name)
         if tree is not None:
@@ -217,6 +248,8 @@ class TieredStore:
             "ssd_bytes_used": disk.used_bytes if disk else 0,
             "ssd_capacity_bytes": disk.capacity_bytes if disk else 0,
             "ssd_evictions": disk.evictions if disk else 0,
+            "ssd_range_reads": disk.range_reads if disk else 0,
+            "ssd_bytes_read": disk.bytes_read if disk else 0,
             "origin_requests": self.origin.requests,
             "origin_bytes": self.origin.bytes,
             "origin_errors": self.origin.errors,
