@@ -150,6 +150,7 @@ TARGETS = {
     "warm_small_vs_rclone": ">= 1",
     "warm_small_vs_s3fs": ">= 1",
     "cython_vs_python": ">= 10",
+    "cold_large_file_vs_s3": ">= 1",
 }
 
 
@@ -260,6 +261,58 @@ def drop_pages(paths: list[str]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def files_under(root: Path, within: str | None = None) -> list[str]:
+    """Every regular file under `root` (only those below a directory named `within`, if given)."""
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        if within is not None and within not in Path(dirpath).relative_to(root).parts:
+            continue
+        found += [os.path.join(dirpath, name) for name in filenames]
+    return found
+
+
+def evict_tree(root: Path, within: str | None = None) -> int:
+    """Write back, then drop from the page cache, every file under `root` (see `files_under`),
+    so that the next read of them comes from the disk; the number of files. Dirty pages are not
+    dropped by DONTNEED, hence the sync first."""
+    sync()
+    paths = files_under(root, within)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # a cache entry evicted meanwhile
+            drop_pages([path])
+    return len(paths)
+
+
+def disk_sequential_read(paths: list[str]) -> Pass:
+    """The disk's sequential read speed: `paths` read whole, one after the other, in 4 MiB
+    O_DIRECT reads (no page cache on either side); after POSIX_FADV_DONTNEED through the page
+    cache where the file system refuses O_DIRECT."""
+    import mmap
+
+    size = 4 << 20
+    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    total = 0
+    ticks = cpu_ticks()
+    start = time.perf_counter()
+    with memoryview(buf) as view:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # EINVAL: no O_DIRECT here (tmpfs)
+                drop_pages([path])
+                fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while n := os.preadv(fd, [view], offset):
+                    offset += n
+                total += offset
+            finally:
+                os.close(fd)
+    seconds = time.perf_counter() - start
+    buf.close()
+    return Pass(len(paths), total, seconds, cpu_split(ticks, cpu_ticks()))
 
 
 # -- the run's environment and processes --------------------------------------------------------
@@ -496,7 +549,12 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
 class LocalBaseline:
     """Local-disk passes (warm page cache): PAGE_CACHE_PASSES at the start, then one before each
     of cachefs's page-cache passes (interleaved, so that drift in the machine's memory bandwidth
-    hits both alike). The baseline is the best of all of them."""
+    hits both alike). The baseline is the best of all of them.
+
+    Cold local disk, for the cold and SSD-tier passes: the same files in the same order by the
+    same readers after dropping them from the page cache (POSIX_FADV_DONTNEED per file, no root
+    needed), WARM_PASSES times; and the disk's sequential read speed (the large files with
+    O_DIRECT), since the cache dir is on the same disk."""
 
     def __init__(self, data: Data, readers: int) -> None:
         self.data = data
@@ -505,6 +563,9 @@ class LocalBaseline:
         self.small_paths = data.paths(data.src, "small")
         self.large: list[Pass] = []
         self.small: list[Pass] = []
+        self.large_cold: list[Pass] = []
+        self.small_cold: list[Pass] = []
+        self.disk_seq: list[Pass] = []
 
     def large_pass(self) -> Pass:
         result = checked(read_sequential(self.large_paths), self.data.large_bytes, "local large")
@@ -528,10 +589,34 @@ class LocalBaseline:
         for _ in range(PAGE_CACHE_PASSES):
             self.small_pass()
         log(f"  {best(self.small).files_per_s:,.0f} files/s")
+        self.measure_cold()
+
+    def measure_cold(self) -> None:
+        log("local disk, cold (each file dropped from the page cache with POSIX_FADV_DONTNEED)")
+        for _ in range(WARM_PASSES):
+            sync()
+            self.disk_seq.append(checked(disk_sequential_read(self.large_paths),
+                                         self.data.large_bytes, "disk sequential"))
+            sync()
+            drop_pages(self.large_paths)
+            self.large_cold.append(checked(read_sequential(self.large_paths),
+                                           self.data.large_bytes, "local large cold"))
+            sync()
+            drop_pages(self.small_paths)
+            self.small_cold.append(checked(read_parallel(self.small_paths, self.readers),
+                                           self.data.small_bytes, "local small cold"))
+        log(f"  disk sequential (O_DIRECT, 4 MiB) {best(self.disk_seq).bytes_per_s / 1e6:,.0f} "
+            f"MB/s; large {best(self.large_cold).bytes_per_s / 1e6:,.0f} MB/s; small, "
+            f"{self.readers} threads, {best(self.small_cold).files_per_s:,.0f} files/s")
+        warm_read(self.data.src)  # the warm passes that follow find the page cache as before
 
     def doc(self) -> dict[str, Any]:
-        return {"large_warm": pass_doc(best(self.large), [p.seconds for p in self.large]),
-                "small_warm": pass_doc(best(self.small), [p.seconds for p in self.small])}
+        def of(passes: list[Pass]) -> dict[str, Any]:
+            return pass_doc(best(passes), [p.seconds for p in passes])
+
+        return {"large_warm": of(self.large), "small_warm": of(self.small),
+                "large_cold": of(self.large_cold), "small_cold": of(self.small_cold),
+                "disk_sequential_read": of(self.disk_seq)}
 
 
 def best(passes: list[Pass]) -> Pass:
@@ -551,8 +636,15 @@ def interleaved(passes: int, baseline: Callable[[], Pass],
 
 
 def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data: Data,
-                    readers: int, memory_cache: int, local: LocalBaseline) -> dict[str, Any]:
-    """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files."""
+                    readers: int, memory_cache: int, local: LocalBaseline,
+                    origin_dir: Path | None = None) -> dict[str, Any]:
+    """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files.
+
+    `origin_dir`: a file:// repository, dropped from the page cache before each cold pass so
+    that the origin is read from the disk (not from whatever the page cache kept of the commit:
+    a DAMON pageout, if any, would drop it at random). Before every SSD-tier pass the cache
+    dir's objects are dropped the same way, so the SSD tier is read from the disk, like the
+    cold local-disk baseline."""
     out: dict[str, Any] = {}
     cache = work / "caches" / label
     mnt = work / "mnt" / label
@@ -561,7 +653,12 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     def mount() -> None:
         procs.mount_cachefs(remote, mnt, cache, memory_cache)
 
+    def evict_origin() -> None:
+        if origin_dir is not None:
+            evict_tree(origin_dir)
+
     # -- large files --------------------------------------------------------------------------
+    evict_origin()
     sync()
     log(f"{label}: large files, cold (fresh cache dir, fresh mount)")
     mount()
@@ -604,6 +701,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     ssd_passes: list[Pass] = []
     ssd_counters: list[dict[str, Any]] = []
     for _ in range(WARM_PASSES):
+        evict_tree(cache, within="objects")
         sync()
         mount()
         before = counters(mnt)
@@ -617,6 +715,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     shutil.rmtree(cache)
 
     # -- small files --------------------------------------------------------------------------
+    evict_origin()
     sync()
     log(f"{label}: small files, cold, {readers} threads (fresh cache dir, fresh mount)")
     mount()
@@ -640,6 +739,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     ssd_passes = []
     ssd_counters = []
     for _ in range(WARM_PASSES):
+        evict_tree(cache, within="objects")
         sync()
         mount()
         before = counters(mnt)
@@ -777,7 +877,23 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
         ratios[f"{prefix}warm_small_vs_local"] = ratio(r["small_warm"]["files_per_s"], local_fps)
         ratios[f"{prefix}warm_ssd_small_vs_local"] = ratio(r["small_ssd"]["files_per_s"],
                                                            local_fps)
+    # Against the cold local disk (the same files dropped from the page cache): what a cold or
+    # SSD-tier pass could reach on this disk.
+    cold_mb = local["large_cold"]["mb_per_s"]
+    cold_fps = local["small_cold"]["files_per_s"]
+    for prefix, system in (("", "cachefs_local"), ("s3_", "cachefs_s3")):
+        r = results[system]
+        ratios[f"{prefix}cold_large_vs_local_cold"] = ratio(r["large_cold"]["mb_per_s"], cold_mb)
+        ratios[f"{prefix}warm_ssd_large_vs_local_cold"] = ratio(r["large_ssd"]["mb_per_s"],
+                                                                cold_mb)
+        ratios[f"{prefix}cold_small_vs_local_cold"] = ratio(r["small_cold"]["files_per_s"],
+                                                            cold_fps)
+        ratios[f"{prefix}warm_ssd_small_vs_local_cold"] = ratio(r["small_ssd"]["files_per_s"],
+                                                                cold_fps)
     s3 = results["cachefs_s3"]
+    # The file:// origin (read from the disk: evicted first) against loopback S3, both cold.
+    ratios["cold_large_file_vs_s3"] = ratio(results["cachefs_local"]["large_cold"]["mb_per_s"],
+                                            s3["large_cold"]["mb_per_s"])
     for tool in OTHER_TOOLS:
         if tool not in results:
             continue
@@ -827,8 +943,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raw.update(small_files=len(data.small), small_bytes=data.small_bytes,
                        large_files=len(data.large), large_bytes=data.large_bytes)
             sync()
-            raw["commit_local_s"] = commit_to(
-                "file://" + str(Path(os.environ["XDG_DATA_HOME"]) / "cachefs" / "repo"), data.src)
+            local_repo = Path(os.environ["XDG_DATA_HOME"]) / "cachefs" / "repo"
+            raw["commit_local_s"] = commit_to("file://" + str(local_repo), data.src)
             server.start()
             if server._proc is not None:  # its CPU time is the run's own
                 OWN_PIDS.add(server._proc.pid)
@@ -846,7 +962,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             local = LocalBaseline(data, args.readers)
             local.measure()
             results["cachefs_local"] = measure_cachefs(procs, work, "cachefs_local", "local",
-                                                       data, args.readers, memory_cache, local)
+                                                       data, args.readers, memory_cache, local,
+                                                       origin_dir=local_repo)
             results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
                                                     args.readers, memory_cache, local)
             results["local_disk"] = local.doc()
@@ -914,21 +1031,34 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [row("local disk", "large, warm page cache", mbs(res["local_disk"]["large_warm"]),
                 None),
             row("local disk", "small, warm page cache", fps(res["local_disk"]["small_warm"]),
-                None)]
+                None),
+            row("local disk", "large, cold (DONTNEED)", mbs(res["local_disk"]["large_cold"]),
+                None),
+            row("local disk", "small, cold (DONTNEED)", fps(res["local_disk"]["small_cold"]),
+                None),
+            row("local disk", "sequential, O_DIRECT",
+                mbs(res["local_disk"]["disk_sequential_read"]), None)]
     for prefix, system, name in (("", "cachefs_local", "cachefs file://"),
                                  ("s3_", "cachefs_s3", "cachefs S3")):
         x = res[system]
         rows += [
             row(name, "large, cold", mbs(x["large_cold"]), f"{prefix}cold_large_vs_local"),
+            row(name, "large, cold", mbs(x["large_cold"]), f"{prefix}cold_large_vs_local_cold"),
             row(name, "large, SSD tier", mbs(x["large_ssd"]), f"{prefix}warm_ssd_large_vs_local"),
+            row(name, "large, SSD tier", mbs(x["large_ssd"]),
+                f"{prefix}warm_ssd_large_vs_local_cold"),
             row(name, "large, memory tier", mbs(x["large_memory"]),
                 f"{prefix}warm_memory_large_vs_local"),
             row(name, "large, epoch 2 (page cache)", mbs(x["large_epoch2"]),
                 f"{prefix}epoch2_large_vs_local"),
             row(name, "small, cold", fps(x["small_cold"]), f"{prefix}cold_small_vs_local"),
+            row(name, "small, cold", fps(x["small_cold"]), f"{prefix}cold_small_vs_local_cold"),
             row(name, "small, warm", fps(x["small_warm"]), f"{prefix}warm_small_vs_local"),
             row(name, "small, SSD tier", fps(x["small_ssd"]), f"{prefix}warm_ssd_small_vs_local"),
+            row(name, "small, SSD tier", fps(x["small_ssd"]),
+                f"{prefix}warm_ssd_small_vs_local_cold"),
         ]
+    rows.append(row("cachefs file:// vs S3", "large, cold", "", "cold_large_file_vs_s3"))
     for tool in OTHER_TOOLS:
         if tool not in res:
             rows.append(row(tool, "skipped", "", None))
@@ -955,7 +1085,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"Small files: {raw['readers']} reader threads (open + read whole + close, one shuffled "
         f"order, seed {SHUFFLE_SEED}) for every system; large files: one thread, whole files "
         f"in 1 MiB reads.",
-        "Ratios: throughput / local disk's (warm page cache); *_vs_rclone / *_vs_s3fs: cachefs "
+        "Ratios: throughput / local disk's (warm page cache); *_vs_local_cold: / local disk's "
+        "with each file dropped from the page cache first (the cache dir's objects are dropped "
+        "the same way before every SSD-tier pass, and the file:// repository before every "
+        "cold pass); *_vs_rclone / *_vs_s3fs: cachefs "
         "from S3 / the other tool in the same state (moto on 127.0.0.1 for all three).",
         f"Warm figures: best of {raw['page_cache_passes']} passes for page-cache states (local "
         f"disk, epoch 2, cachefs small warm), of {raw['warm_passes']} for memory, SSD and the "

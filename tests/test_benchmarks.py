@@ -45,7 +45,9 @@ def test_read_benchmark_quick_json(tmp_path: Path) -> None:
     rclone/s3fs needed in CI; the full run installs and measures them)."""
     result = run_quick(tmp_path, "read", 600, "--skip-other-tools")
     assert set(result["ratios"]) >= {"epoch2_large_vs_local", "warm_small_vs_local",
-                                     "cython_vs_python"}
+                                     "cython_vs_python", "cold_large_file_vs_s3",
+                                     "cold_small_vs_local_cold"}
+    assert result["raw"]["results"]["local_disk"]["disk_sequential_read"]["mb_per_s"] > 0
     assert all(v > 0 for v in result["ratios"].values())
 
 
