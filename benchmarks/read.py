@@ -22,9 +22,16 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    once first): PAGE_CACHE_PASSES passes of each kind at the start, plus one local pass before
    each of cachefs's page-cache passes (epoch 2, small warm), interleaved so that drift in the
    machine's memory bandwidth hits both alike. The baseline is the best of all local passes.
+   Cold local disk (`large_cold`, `small_cold`; WARM_PASSES passes): the same files, in the same
+   order, by the same readers, each file dropped from the page cache first with
+   `posix_fadvise(DONTNEED)` (no root needed); and the disk's sequential read speed
+   (`disk_sequential_read`: the large files in 4 MiB O_DIRECT reads), the disk the cache dir is
+   on. `*_vs_local_cold` ratios compare cold and SSD-tier passes with it.
 5. cachefs (`cachefs mount` through the CLI with its defaults except `--cache-dir` and
    `--memory-cache`), once from the file:// remote and once from S3:
-   - large, cold: fresh cache dir, fresh mount, first read;
+   - large, cold: fresh cache dir, fresh mount, first read (the file:// repository dropped from
+     the page cache first, as before every cold pass: the origin is read from the disk, whatever
+     the page cache kept of the commit; `cold_large_file_vs_s3` compares it with loopback S3);
    - large, epoch 2: the next passes on the same mount (the kernel page cache: keep_cache);
    - large, memory tier: the same mount after dropping the mount's pages of those files with
      `posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` on each file, which works on FUSE and needs
@@ -32,11 +39,13 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
      mount's counters: every byte is read through FUSE again, with no SSD or origin access
      (`all_through_fuse`, `memory_only` in raw);
    - large, SSD tier: unmount, mount again on the same cache dir (memory and page cache of the
-     mount empty), first read;
+     mount empty; every file under the cache dir's `objects` dropped from the page cache, so the
+     SSD tier is read from the disk like the cold baseline), first read;
    - small, cold: fresh cache dir, fresh mount, first shuffled pass;
    - small, warm: the next passes on the same mount (page cache; open, flush and release still
      reach the daemon);
-   - small, SSD tier: remount on the same cache dir, first shuffled pass.
+   - small, SSD tier: remount on the same cache dir (its objects dropped from the page cache),
+     first shuffled pass.
    `--memory-cache` (default 1536 MiB) holds the full run's 1 GiB of shards, so that the memory
    tier can be measured at all; the 2.1 GiB of small files do not fit, so their cold and SSD
    passes also show what a memory tier smaller than the working set costs (the `ssd_hits`
