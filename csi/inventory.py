@@ -29,13 +29,15 @@ is null where the kernel does not know it (virtual interfaces, links down).
 
 Cached datasets: every mount daemon records the version it serves under CACHE_DIR/versions/
 (`cachefs.cache.versions`). For each, the commit's trees are walked as stored in the SSD tier
-(CACHE_DIR/objects/trees/...) to find the distinct chunks its files reference; `bytes_total`
-is their total length, `bytes_cached` that of the ones present in CACHE_DIR/objects/chunks/.
+(read and verified through `cachefs.cache.disk`, the only module that knows the directory's
+layout) to find the distinct chunks its files reference; `bytes_total` is their total length,
+`bytes_cached` that of the ones the SSD tier holds.
 A tree missing from the cache (evicted, never fetched) leaves `complete` false and its files'
 bytes count as not cached. Full-size chunks of zeros are never fetched by a mount (sparse
 regions) and are not counted. The walk of a complete commit is kept (a commit never changes);
-which chunks are present is recomputed only when the cache's state file changed (every put and
-eviction rewrites it) or a minute passed, so a periodic refresh is cheap when nothing changed.
+which chunks are present is recomputed only when the cache's usage counter changed
+(`cachefs.cache.disk.change_marker`: every put and eviction rewrites it) or a minute passed, so
+a periodic refresh is cheap when nothing changed.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -57,7 +58,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cachefs.cache.disk import DEFAULT_CAPACITY_FRACTION, DiskCache
+from cachefs.cache.disk import (
+    DEFAULT_CAPACITY_FRACTION,
+    DiskCache,
+    cached_sizes,
+    change_marker,
+    read_cached,
+    stored_bytes,
+)
 from cachefs.cache.versions import read_versions
 from cachefs.dataset.objects import (
     Commit,
@@ -68,7 +76,6 @@ from cachefs.dataset.objects import (
     zero_chunk_hash,
 )
 from cachefs.dataset.repo import chunk_key, commit_key, tree_key
-from cachefs.errors import CachefsError
 from cachefs.names import format_size
 
 log = logging.getLogger("cachefs.csi.inventory")
@@ -78,7 +85,6 @@ NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total,uuid", "--format=csv,no
 PRESENCE_TTL_S = 60.0  # which chunks are cached is rechecked at least this often
 GPU_TTL_S = 30.0  # collect_inventory runs nvidia-smi at most this often
 _RATE_RE = re.compile(r"([0-9.]+)\s*Gb/sec")
-_COUNTER = struct.Struct("<Q")  # CACHE_DIR/state: the bytes stored (cachefs.cache.disk)
 
 
 def _path(root: str, path: str) -> str:
@@ -313,15 +319,6 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _used_bytes(cache_dir: Path) -> int:
-    try:
-        with open(cache_dir / "state", "rb") as f:
-            raw = f.read(_COUNTER.size)
-    except OSError:
-        return 0
-    return _COUNTER.unpack(raw)[0] if len(raw) == _COUNTER.size else 0
-
-
 def cache_info(cache_dir: str) -> dict[str, Any]:
     """Capacity and use of the SSD cache directory, read-only (nothing is created).
 
@@ -329,7 +326,7 @@ def cache_info(cache_dir: str) -> dict[str, Any]:
     from the stored usage counter instead of a scan); `free_bytes` and `filesystem_bytes` are
     those of the file system holding it."""
     directory = Path(cache_dir)
-    used = _used_bytes(directory)
+    used = stored_bytes(directory)
     try:
         st = os.statvfs(_existing(directory))
     except OSError:
@@ -392,16 +389,9 @@ class CachedDatasets:
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.cache_dir = Path(cache_dir)
-        self.objects = self.cache_dir / "objects"
         self._lock = threading.Lock()
         self._walks: dict[str, _Walk] = {}
         self._presence: dict[str, _Presence] = {}
-
-    def _load(self, key: str) -> bytes | None:
-        try:
-            return (self.objects / key).read_bytes()
-        except OSError:
-            return None
 
     def _walk(self, commit_name: str) -> _Walk:
         commit = self._cached_commit(commit_name)
@@ -413,20 +403,14 @@ class CachedDatasets:
         return _Walk(chunks, complete, unknown)
 
     def _cached_commit(self, name: str) -> Commit | None:
-        """The commit from the cache; None when it is absent or does not decode."""
-        stored = self._load(commit_key(name))
-        try:
-            return decode_commit(name, stored) if stored is not None else None
-        except (CachefsError, ValueError):
-            return None
+        """The commit from the cache, verified; None when it is absent or does not decode."""
+        return read_cached(self.cache_dir, commit_key(name),
+                           lambda stored: decode_commit(name, stored))
 
     def _cached_tree(self, name: str) -> Tree | None:
-        """The tree from the cache; None when it is absent or does not decode."""
-        stored = self._load(tree_key(name))
-        try:
-            return decode_tree(name, stored) if stored is not None else None
-        except (CachefsError, ValueError):
-            return None
+        """The tree from the cache, verified; None when it is absent or does not decode."""
+        return read_cached(self.cache_dir, tree_key(name),
+                           lambda stored: decode_tree(name, stored))
 
     def _walk_trees(self, root: str) -> tuple[dict[str, int], dict[str, int], bool]:
         """(file bytes below each tree, chunk name -> furthest end referenced, whether every
@@ -458,10 +442,7 @@ class CachedDatasets:
         return file_bytes, chunks, complete
 
     def _state_mtime_ns(self) -> int:
-        try:
-            return os.stat(self.cache_dir / "state").st_mtime_ns
-        except OSError:
-            return 0
+        return change_marker(self.cache_dir)
 
     def _measure(self, commit: str, state_mtime_ns: int) -> tuple[_Walk, _Presence]:
         walk = self._walks.get(commit)
@@ -473,16 +454,12 @@ class CachedDatasets:
             return walk, presence
         if walk is None or not walk.complete:  # a partial walk is redone when the cache changed
             walk = self._walks[commit] = self._walk(commit)
-        total = walk.unknown_bytes
+        keys = {chunk_key(chunk): length for chunk, length in walk.chunks.items()}
         cached = 0
-        for chunk, length in walk.chunks.items():
-            try:
-                size = os.stat(self.objects / chunk_key(chunk)).st_size
-            except OSError:
-                total += length
-                continue
-            total += size
+        for key, size in cached_sizes(self.cache_dir, keys):
             cached += size
+            keys[key] = size  # a cached chunk counts at its real size
+        total = walk.unknown_bytes + sum(keys.values())
         presence = _Presence(state_mtime_ns, now, total, cached)
         self._presence[commit] = presence
         return walk, presence

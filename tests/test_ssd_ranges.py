@@ -35,9 +35,11 @@ from cachefs.cache.disk import (
     SUMS_XATTR,
     DiskCache,
     cached_sizes,
+    change_marker,
     compute_sums,
     parse_sums,
     read_cached,
+    stored_bytes,
 )
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.tiered import TieredStore, object_is_intact
@@ -350,12 +352,21 @@ def test_the_inventory_helpers_read_the_layout(open_cache: OpenCache, cache_dir:
     cache = open_cache()
     (a, da), (b, _) = make_object(11, 1000), make_object(12, 2000)
     cache.put(a, da)
+    def decode(data: bytes) -> bytes:
+        if not chunk_is_intact(a, data):
+            raise ValueError("corrupt")
+        return data
+
     assert dict(cached_sizes(cache_dir, [a, b])) == {a: 1000}
-    assert read_cached(cache_dir, a, chunk_is_intact) == da
-    assert read_cached(cache_dir, b, chunk_is_intact) is None
+    assert read_cached(cache_dir, a, decode) == da
+    assert read_cached(cache_dir, b, decode) is None
     flip(entry(cache_dir, a), 10)
-    assert read_cached(cache_dir, a, chunk_is_intact) is None
+    assert read_cached(cache_dir, a, decode) is None
     assert entry(cache_dir, a).exists()  # read-only: left for a mount to drop
+    marker, used = change_marker(cache_dir), stored_bytes(cache_dir)
+    assert used == 1000 and marker != 0
+    cache.put(b, bytes(2000))  # not its bytes, but the tier trusts its caller
+    assert stored_bytes(cache_dir) == 3000 and change_marker(cache_dir) != marker
 
 
 OLD_DAEMON = textwrap.dedent("""

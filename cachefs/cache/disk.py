@@ -53,10 +53,11 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from isal.isal_zlib import crc32
 
@@ -65,6 +66,7 @@ from cachefs.errors import ConfigError
 from cachefs.fsutil import link_into_place, write_new_file
 
 log = logging.getLogger("cachefs.cache.disk")
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 DEFAULT_TOUCH_INTERVAL_S = 60.0
@@ -261,17 +263,20 @@ def cached_sizes(directory: Path | str, keys: Iterable[str]) -> Iterator[tuple[s
             yield key, st.st_size
 
 
-def read_cached(directory: Path | str, key: str, verify: Verifier) -> bytes | None:
-    """The bytes of `key` from the cache directory if present and `verify` accepts them, else
-    None. Read-only: not a use, and a corrupt entry is left for a mount to drop."""
+def read_cached(directory: Path | str, key: str, decode: Callable[[bytes], T]) -> T | None:
+    """`decode(data)` of the cached bytes of `key`; None if the entry is absent, unreadable or
+    `decode` raises. `decode` must verify the object against its name (`decode_tree` and
+    `decode_commit` do). Read-only: not a use, and a corrupt entry is left for a mount to drop.
+    """
     kind, fan, name = split_cache_key(key)
     try:
         data = (Path(directory) / "objects" / kind / fan / name).read_bytes()
     except OSError:
         return None
     try:
-        return data if verify(key, data) else None
-    except Exception:
+        return decode(data)
+    except Exception as e:
+        log.debug("cached %s does not decode: %s", key, e)
         return None
 
 
