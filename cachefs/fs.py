@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import trio
 
 from cachefs.cache.tiered import TieredStore
-from cachefs.dataset.objects import Kind, TreeEntry, extent_bytes, zero_chunk_hash
-from cachefs.errors import CachefsError, CorruptObject
+from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
+from cachefs.errors import CachefsError
 from cachefs.lookup import FileLayout
 
 log = logging.getLogger("cachefs.fs")
@@ -331,12 +331,12 @@ class DatasetFS:
         # that cover it (see TieredStore.get_range); a piece shorter than asked means the
         # extent does not fit its chunk.
         data = await self._call(self.store.chunk_range(chunk, start, length))
-        try:
-            return extent_bytes(chunk, data, 0, length)
-        except CorruptObject as e:
+        if len(data) != length:
             self.reads.bad_extents += 1
-            log.error("%s: the tree of this file lies, refusing the read", e)
-            raise FsError(errno.EIO) from e
+            log.error("an extent (%d+%d) does not fit chunk %s (%d bytes of it there): the tree "
+                      "of this file lies, refusing the read", start, length, chunk, len(data))
+            raise FsError(errno.EIO)
+        return data
 
     def _readahead(self, handle: Handle, offset: int, length: int, last_index: int) -> None:
         sequential = offset == handle.next_offset

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -44,10 +45,12 @@ from cachefs.cache.disk import (
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.tiered import TieredStore, object_is_intact
 from cachefs.dataset.commit import commit_directory
+from cachefs.dataset.objects import MIN_CHUNK_SIZE, Extent
 from cachefs.dataset.repo import Repository
-from cachefs.fs import ROOT_INODE, DatasetFS, MountOptions
+from cachefs.fs import ROOT_INODE, DatasetFS, FsError, MountOptions
 from cachefs.remotes.local import LocalRemote
 from tests.contract.cache_suite import chunk_is_intact, make_object
+from tests.test_read_integrity import file_entry, store_chunk, store_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The code of the previous version (the last commit before sub-block sums): the "old daemon".
@@ -524,3 +527,33 @@ def test_concurrent_range_readers_of_one_entry(open_cache: OpenCache) -> None:
         stats = cache.stats()
         assert (stats.corrupt, stats.errors, stats.misses) == (0, 0, 0)
         assert stats.range_reads == 200 * n_threads // 2
+
+
+def test_an_extent_past_its_chunk_is_eio_when_read_from_the_ssd(tmp_path: Path) -> None:
+    """A lying tree's extent read as a range from the SSD tier: EIO, never a short piece."""
+    repo = Repository(LocalRemote(tmp_path / "repo"))
+    data = random.Random(14).randbytes(300_000)
+    name = store_chunk(repo, data)
+    tree = store_tree(repo, [file_entry("lying", [Extent(name, 250_000, 100_000)]),
+                             file_entry("honest", [Extent(name, 200_000, 100_000)])])
+    disk = DiskCache(tmp_path / "cache", 64 * MiB, verify=object_is_intact, free_space_floor=0)
+    disk.put(f"chunks/{name[:2]}/{name}", data)
+
+    async def main() -> DatasetFS:
+        store = TieredStore(repo, MemoryCache(64 * MiB), disk)
+        fs = DatasetFS(store, "c" * 64, tree, 0, MIN_CHUNK_SIZE,
+                       MountOptions(uid=os.getuid(), gid=os.getgid()), {"dataset": "ds"})
+        honest = fs.open((await fs.lookup(ROOT_INODE, "honest")).ino, os.O_RDONLY)
+        assert bytes(await fs.read(honest, 0, 100_000)) == data[200_000:]
+        lying = fs.open((await fs.lookup(ROOT_INODE, "lying")).ino, os.O_RDONLY)
+        with pytest.raises(FsError) as info:
+            await fs.read(lying, 0, 100_000)
+        assert info.value.errno == errno.EIO
+        return fs
+
+    try:
+        stats = trio.run(main).stats()
+    finally:
+        disk.close()
+    assert stats["bad_extents"] == 1 and stats["ssd_range_reads"] == 2
+    assert stats["origin_requests"] == 1  # the tree; the chunk only ever came from the SSD
