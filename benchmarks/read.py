@@ -160,6 +160,9 @@ TARGETS = {
     "warm_small_vs_s3fs": ">= 1",
     "cython_vs_python": ">= 10",
     "cold_large_file_vs_s3": ">= 1",
+    "warm_ssd_small_vs_local_cold": ">= 0.7",
+    "s3_cold_small_origin_efficiency": ">= 0.6",
+    "warm_ssd_large_vs_disk": ">= 0.8",
 }
 
 
@@ -900,6 +903,13 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
         ratios[f"{prefix}warm_ssd_small_vs_local_cold"] = ratio(r["small_ssd"]["files_per_s"],
                                                                 cold_fps)
     s3 = results["cachefs_s3"]
+    # A shuffled first epoch of small files against large files from the same origin: how much
+    # of the origin's throughput the small files get (packed chunks fetched once each).
+    ratios["s3_cold_small_origin_efficiency"] = ratio(s3["small_cold"]["mb_per_s"],
+                                                      s3["large_cold"]["mb_per_s"])
+    # The SSD tier's large-file pass against the cache disk's own sequential read.
+    ratios["warm_ssd_large_vs_disk"] = ratio(results["cachefs_local"]["large_ssd"]["mb_per_s"],
+                                             local["disk_sequential_read"]["mb_per_s"])
     # The file:// origin (read from the disk: evicted first) against loopback S3, both cold.
     ratios["cold_large_file_vs_s3"] = ratio(results["cachefs_local"]["large_cold"]["mb_per_s"],
                                             s3["large_cold"]["mb_per_s"])
@@ -1068,6 +1078,9 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{prefix}warm_ssd_small_vs_local_cold"),
         ]
     rows.append(row("cachefs file:// vs S3", "large, cold", "", "cold_large_file_vs_s3"))
+    rows.append(row("cachefs S3: small / large", "cold", "", "s3_cold_small_origin_efficiency"))
+    rows.append(row("cachefs file:// vs the disk", "large, SSD tier", "",
+                    "warm_ssd_large_vs_disk"))
     for tool in OTHER_TOOLS:
         if tool not in res:
             rows.append(row(tool, "skipped", "", None))

@@ -46,7 +46,8 @@ def test_read_benchmark_quick_json(tmp_path: Path) -> None:
     result = run_quick(tmp_path, "read", 600, "--skip-other-tools")
     assert set(result["ratios"]) >= {"epoch2_large_vs_local", "warm_small_vs_local",
                                      "cython_vs_python", "cold_large_file_vs_s3",
-                                     "cold_small_vs_local_cold"}
+                                     "cold_small_vs_local_cold", "warm_ssd_small_vs_local_cold",
+                                     "s3_cold_small_origin_efficiency", "warm_ssd_large_vs_disk"}
     assert result["raw"]["results"]["local_disk"]["disk_sequential_read"]["mb_per_s"] > 0
     assert all(v > 0 for v in result["ratios"].values())
 
