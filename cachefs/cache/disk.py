@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from isal.isal_zlib import crc32
 
@@ -398,19 +398,29 @@ class DiskCache:
             return self._miss()
         try:
             with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
-                st = os.fstat(fd)
-                data = f.read()
-                sums = _read_sums(fd) if self._xattrs else None
-                with self._stats_lock:
-                    self._stats.bytes_read += len(data)
-                if not self._verified_whole(key, path, fd, st, data, sums):
+                st = os.fstat(f.fileno())
+                data = self._read_whole(key, path, f, st,
+                                        _read_sums(f.fileno()) if self._xattrs else None)
+                if data is None:
                     return self._miss()
         except FileNotFoundError:
             return self._miss()
         except OSError as e:
             self._error("read", key, e)
             return self._miss()
+        return self._hit(path, st, data)
+
+    def _read_whole(self, key: str, path: Path, f: BinaryIO, st: os.stat_result,
+                    raw_sums: bytes | None) -> bytes | None:
+        """The whole entry, verified against its name (and given its sums), or None."""
+        data = f.read()
+        with self._stats_lock:
+            self._stats.bytes_read += len(data)
+        if not self._verified_whole(key, path, f.fileno(), st, data, raw_sums):
+            return None
+        return data
+
+    def _hit(self, path: Path, st: os.stat_result, data: bytes) -> bytes:
         self._touch(path, st.st_mtime_ns)
         with self._stats_lock:
             self._stats.hits += 1
@@ -436,26 +446,18 @@ class DiskCache:
                 raw = _read_sums(fd) if self._xattrs else None
                 sums = parse_sums(raw, st.st_size)
                 if sums is None:
-                    data = f.read()
-                    with self._stats_lock:
-                        self._stats.bytes_read += len(data)
-                    if not self._verified_whole(key, path, fd, st, data, raw):
-                        return self._miss()
-                    part = data[offset : offset + length]
+                    data = self._read_whole(key, path, f, st, raw)
+                    part = None if data is None else data[offset : offset + length]
                 else:
                     part = self._read_checked(key, path, fd, st, sums, offset, length)
-                    if part is None:
-                        return self._miss()
+                if part is None:
+                    return self._miss()
         except FileNotFoundError:
             return self._miss()
         except OSError as e:
             self._error("read", key, e)
             return self._miss()
-        self._touch(path, st.st_mtime_ns)
-        with self._stats_lock:
-            self._stats.hits += 1
-            self._stats.hit_bytes += len(part)
-        return part
+        return self._hit(path, st, part)
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` (verified by the caller) unless present, too large or the disk is low."""
