@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.cache.base import CacheTier
-from cachefs.cache.disk import DiskCache, split_cache_key
+from cachefs.cache.disk import SUMS_XATTR, DiskCache, split_cache_key
 from cachefs.cache.memory import MemoryCache
 from cachefs.errors import ConfigError
 from tests.contract.cache_suite import (
@@ -288,13 +288,34 @@ class TestDiskCache(CacheTierContract):
         cache.put(key, data)  # and it can be stored again
         assert cache.get(key) == data
 
-    def test_a_verifier_that_raises_means_corrupt(self, open_cache: OpenCache) -> None:
+    def test_a_whole_get_checks_the_sums_not_the_hash(self, open_cache: OpenCache,
+                                                      cache_dir: Path) -> None:
+        calls: list[str] = []
+
+        def verify(key: str, data: bytes) -> bool:
+            calls.append(key)
+            return chunk_is_intact(key, data)
+
+        cache = open_cache(verify=verify)
+        key, data = make_object(2, 300_000)
+        cache.put(key, data)  # verified by the caller; its sums are written with it
+        assert cache.get(key) == data and calls == []
+        with open(entry_path(cache_dir, key), "r+b") as f:  # keeps the file and its xattr
+            f.seek(200_000)
+            f.write(bytes([data[200_000] ^ 1]))
+        assert cache.get(key) is None  # caught by its sub-block's sum, never returned
+        assert cache.stats().corrupt == 1 and not cache.contains(key)
+
+    def test_a_verifier_that_raises_means_corrupt(self, open_cache: OpenCache,
+                                                  cache_dir: Path) -> None:
         def verify(key: str, data: bytes) -> bool:
             raise RuntimeError("cannot decode")
 
         cache = open_cache(verify=verify)
         key, data = make_object(1, 100)
         cache.put(key, data)
+        # Without its sums (an entry of the previous format) the get must verify it whole.
+        os.removexattr(entry_path(cache_dir, key), SUMS_XATTR)
         assert cache.get(key) is None
         assert cache.stats().corrupt == 1 and not cache.contains(key)
 
