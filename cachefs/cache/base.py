@@ -9,8 +9,8 @@ for the reader (mountpoint-s3's rule); only the origin failing is.
 Tiers are called from several threads at once and must be thread-safe.
 
 Two tiers implement it: `memory.MemoryCache` (in the daemon, not verified: it only holds what
-was verified on the way in) and `disk.DiskCache` (the node's SSD, verified on every hit: a whole
-read by its hash, a range read by the sums of the sub-blocks it covers); `tiered.TieredStore`
+was verified on the way in) and `disk.DiskCache` (the node's SSD, checked on every hit by the
+sums of the sub-blocks it reads; an entry without sums by its hash); `tiered.TieredStore`
 puts them in front of the origin. A peer tier (other nodes' caches) is designed in
 docs/design.md but not built yet.
 """

@@ -19,8 +19,9 @@ file that another process is reading is harmless on Linux. Recency is the file's
 sets it to now, at most once per entry per `touch_interval_s` (one minute by default) so hits stay
 cheap. The directory is rescanned when a cache is opened; between scans nobody walks it. Entries
 survive remounts and reboots (they are plain files) and are not fsynced: an entry torn by a crash
-is caught on its next read, because every whole hit is checked with the caller's
-`verify(key, data)` (and a range read with the entry's sub-block sums, below); an entry that
+is caught on its next read, because every hit is checked: against the entry's sub-block sums
+(below; a torn file fails them, or its length no longer matches them), or, for an entry without
+sums, whole with the caller's `verify(key, data)`; an entry that
 fails is deleted, counted as corrupt and reported as a miss. Any I/O failure is a
 logged miss or a skipped insert, never an error for the reader. Puts are also skipped while the
 file system's free space is below a floor, whatever the capacity says, so the cache never fills

@@ -8,9 +8,10 @@ that bounds parallel requests, and within a deadline: a read that the origin can
 time fails (EIO for the reader) instead of hanging the mount; the abandoned worker thread ends on
 its own when the client library times out. Every object from the origin is verified against its
 name before anyone sees it; a corrupt one is counted and refused. The disk tier verifies its own
-entries on every hit (a range read: the sums of the sub-blocks it reads). A failing cache tier is
-a logged miss, never an error. A read of part of a chunk (`chunk_range`) that is on the SSD but
-not in memory reads only that part from the SSD, and does not pull the whole chunk into memory.
+entries on every hit (by the sums of the sub-blocks read; by hash without sums). A failing cache
+tier is a logged miss, never an error. A read of part of a chunk (`chunk_range`) that is on the
+SSD but not in memory reads only that part from the SSD, and does not pull the whole chunk into
+memory.
 
 Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an in-process
 dict), the disk tier and the origin on worker threads.
