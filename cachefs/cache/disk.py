@@ -396,28 +396,7 @@ class DiskCache:
         stored: the sums guard the disk since, at CRC speed instead of the hash's); one without
         is checked with `verify` and given them.
         """
-        path = self._path(key)
-        if self._closed:
-            return self._miss()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
-                st = os.fstat(fd)
-                raw = _read_sums(fd) if self._xattrs else None
-                sums = parse_sums(raw, st.st_size)
-                if sums is None:
-                    data = self._read_whole(key, path, f, st, raw)
-                else:
-                    data = self._read_checked(key, path, fd, st, sums, 0, st.st_size,
-                                              whole=True)
-                if data is None:
-                    return self._miss()
-        except FileNotFoundError:
-            return self._miss()
-        except OSError as e:
-            self._error("read", key, e)
-            return self._miss()
-        return self._hit(path, st, data)
+        return self._read(key, 0, None)
 
     def _read_whole(self, key: str, path: Path, f: BinaryIO, st: os.stat_result,
                     raw_sums: bytes | None) -> bytes | None:
@@ -445,6 +424,10 @@ class DiskCache:
         """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range: {offset}+{length}")
+        return self._read(key, offset, length)
+
+    def _read(self, key: str, offset: int, length: int | None) -> bytes | None:
+        """`get` (length None: the whole entry, not counted as a range read) and `get_range`."""
         path = self._path(key)
         if self._closed:
             return self._miss()
@@ -456,9 +439,12 @@ class DiskCache:
                 sums = parse_sums(raw, st.st_size)
                 if sums is None:
                     data = self._read_whole(key, path, f, st, raw)
-                    part = None if data is None else data[offset : offset + length]
+                    part = data if data is None or length is None else \
+                        data[offset : offset + length]
                 else:
-                    part = self._read_checked(key, path, fd, st, sums, offset, length)
+                    whole = length is None
+                    part = self._read_checked(key, path, fd, st, sums, offset,
+                                              st.st_size if whole else length, whole=whole)
                 if part is None:
                     return self._miss()
         except FileNotFoundError:
