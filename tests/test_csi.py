@@ -120,6 +120,11 @@ def plugin() -> Iterator[Plugin]:
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> dict[str, str]:
+    return commit_two_versions(tmp_path)
+
+
+def commit_two_versions(tmp_path: Path) -> dict[str, str]:
+    """`ds` in the local remote: tag v1 (labels.csv "v1"), then main (labels.csv "v2")."""
     src = tmp_path / "src"
     (src / "train").mkdir(parents=True)
     for i in range(20):

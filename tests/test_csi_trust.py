@@ -28,9 +28,8 @@ from cachefs.config import Config, local_repo_url
 from cachefs.errors import ConfigError
 from csi.mounter import MounterClient, request_raw
 from csi.proto import csi_pb2
-from tests.helpers import cli_json, run_cli
 from tests.mounting import daemon_pids, wait_for
-from tests.test_csi import Plugin, capability, mounts_below
+from tests.test_csi import Plugin, capability, commit_two_versions, mounts_below
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="bind mounts need root (CI is root)")
 
@@ -88,18 +87,7 @@ def permissive(configured: Config) -> Iterator[TrustPlugin]:
 
 @pytest.fixture
 def versions(tmp_path: Path) -> dict[str, str]:
-    """`ds` in the local remote: tag v1 (labels.csv "v1"), then main (labels.csv "v2")."""
-    src = tmp_path / "src"
-    (src / "train").mkdir(parents=True)
-    for i in range(20):
-        (src / "train" / f"{i}.jpg").write_bytes(os.urandom(3000 + i))
-    (src / "labels.csv").write_text("v1\n")
-    run_cli("init", "ds")
-    run_cli("commit", "ds", str(src), "-m", "v1")
-    run_cli("tag", "ds", "v1")
-    (src / "labels.csv").write_text("v2\n")
-    run_cli("commit", "ds", str(src), "-m", "v2")
-    return {"v1": cli_json("log", "ds@v1")[0]["commit"]}
+    return commit_two_versions(tmp_path)
 
 
 @pytest.fixture
