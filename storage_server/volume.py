@@ -49,15 +49,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cachefs.directio import BLOCK, DirectReader, fully_cached
 from cachefs.errors import CorruptObject, LocalIOError
 from cachefs.fsutil import fsync_dir
-from storage_server.direct import (
-    BLOCK,
-    DIRECT_READ_MIN,
-    DirectAppender,
-    DirectReader,
-    fully_cached,
-)
+from storage_server.direct import DIRECT_READ_MIN, DirectAppender
 from storage_server.index import Index, NeedleLocation, Record
 from storage_server.needle import (
     HEADER_BYTES,

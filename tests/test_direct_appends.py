@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.directio import BLOCK, AlignedBuffers
 from cachefs.errors import CorruptObject, LocalIOError
-from storage_server.direct import BLOCK, DIRECT_READ_MIN, AlignedBuffers
+from storage_server.direct import DIRECT_READ_MIN
 from storage_server.needle import HEADER_BYTES, needle_size
 from storage_server.store import VolumeStore
 from tests.storage_servers import needles
@@ -184,9 +185,9 @@ def test_a_corrupt_large_needle_read_directly_is_reported(tmp_path: Path) -> Non
 
 def test_without_cachestat_large_needles_are_read_through_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import storage_server.direct as direct
+    import cachefs.directio as directio
 
-    monkeypatch.setattr(direct, "_cachestat_works", False)  # an older kernel
+    monkeypatch.setattr(directio, "_cachestat_works", False)  # an older kernel
     large = needles(2, size=2 * DIRECT_READ_MIN, tag=b"old")
     with VolumeStore(tmp_path, volumes=1) as store:
         store.put_many(list(large.items()))
@@ -196,15 +197,13 @@ def test_without_cachestat_large_needles_are_read_through_the_page_cache(
         assert resident_bytes(segment(tmp_path)) > 0
 
 
-def test_cachestat_is_the_compiled_call_where_built_and_agrees_with_ctypes(
-        tmp_path: Path) -> None:
-    import storage_server.direct as direct
+def test_cachestat_through_ctypes_agrees_with_the_compiled_call(tmp_path: Path) -> None:
+    import cachefs.directio as directio
 
     try:
         from storage_server import _needle
     except ImportError:
         pytest.skip("storage_server._needle is not built")
-    assert direct._cachestat_call is direct._cachestat_compiled
     path = tmp_path / "f"
     path.write_bytes(b"x" * 3 * 4096)
     fd = os.open(path, os.O_RDONLY)
@@ -215,9 +214,9 @@ def test_cachestat_is_the_compiled_call_where_built_and_agrees_with_ctypes(
             if e.errno in (errno.ENOSYS, errno.EPERM):
                 pytest.skip("no cachestat(2) on this kernel")
             raise
-        by_ctypes = direct._cachestat_ctypes(fd, 0, 3 * 4096)
+        by_ctypes = directio._cachestat_call(fd, 0, 3 * 4096)
         assert compiled[0] == by_ctypes.nr_cache == 3
-        assert direct.cachestat(fd, 10, 5000).nr_cache == 2  # the two pages the range touches
+        assert directio.cachestat(fd, 10, 5000).nr_cache == 2  # the two pages the range touches
         with pytest.raises(OSError):
             _needle.cachestat(-1, 0, 4096)
     finally:

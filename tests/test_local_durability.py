@@ -37,10 +37,10 @@ from cachefs.dataset.checkout import checkout
 from cachefs.dataset.commit import commit_directory
 from cachefs.dataset.objects import MIN_CHUNK_SIZE
 from cachefs.dataset.repo import Repository
+from cachefs.directio import cachestat
 from cachefs.errors import LocalIOError, RemoteError
 from cachefs.remotes import local
 from cachefs.remotes.local import LocalRemote
-from storage_server.direct import cachestat
 from tests.helpers import cli_json, local_repo, run_cli
 
 TIMEOUT_S = 60

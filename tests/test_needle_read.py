@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cachefs.directio import cachestat
 from cachefs.errors import ObjectNotFound
 from storage_server import _needle as compiled
 from storage_server import needle, volume
-from storage_server.direct import cachestat
 from storage_server.index import Index, NeedleLocation, Record
 from storage_server.needle import encode_needle
 from storage_server.store import VolumeStore

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from pysyncobj.journal import ResizableFile
 
+from cachefs.directio import cachestat
 from master.client import DirEntry
 from master.journal import DurableFileJournal, create_journal, install
-from storage_server.direct import cachestat
 from tests.masters import MasterProcess, start_group, wait_leader
 
 TOKEN = "raft-journal-test-token"

@@ -10,7 +10,10 @@
   previous commit's code and a new one share one directory, each reading the other's entries,
   with nothing dropped.
 - threads: concurrent range readers of one entry get the right bytes.
-- the counters: `ssd_range_reads` and `ssd_bytes_read` beside the existing keys.
+- around the page cache: entries are written with O_DIRECT (exact size, sums in place, nothing
+  cached) and a range not in the page cache is read with O_DIRECT, checked like any other; a file
+  system that refuses O_DIRECT falls back to the page cache; a failed write stores nothing.
+- the counters: `ssd_range_reads`, `ssd_bytes_read` and `ssd_direct_reads` beside the existing keys.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from cachefs.cache.tiered import TieredStore, object_is_intact
 from cachefs.dataset.commit import commit_directory
 from cachefs.dataset.objects import MIN_CHUNK_SIZE, Extent
 from cachefs.dataset.repo import Repository
+from cachefs.directio import cachestat
 from cachefs.fs import ROOT_INODE, DatasetFS, FsError, MountOptions
 from cachefs.remotes.local import LocalRemote
 from tests.contract.cache_suite import chunk_is_intact, make_object
@@ -194,6 +198,112 @@ def test_a_truncated_entry_is_corrupt_for_a_range_read(open_cache: OpenCache,
     assert cache.stats().corrupt == 1 and not entry(cache_dir, key).exists()
 
 
+# --- around the page cache ---------------------------------------------------------------------
+
+
+def drop_cached(path: Path) -> None:
+    """Write the file back and drop its pages, so that the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_pages(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = cachestat(fd, 0, max(1, path.stat().st_size))
+    finally:
+        os.close(fd)
+    if stat is None:
+        pytest.skip("no cachestat(2) on this kernel")
+    return stat.nr_cache
+
+
+def test_entries_are_written_and_read_around_the_page_cache(open_cache: OpenCache,
+                                                            cache_dir: Path) -> None:
+    """A stored chunk costs no page-cache fill (O_DIRECT, padded to whole blocks and cut to its
+    length), and a range not in the page cache is read with O_DIRECT: right bytes, exact size,
+    sums in place, and the page cache still empty; a range that is cached is read from it."""
+    cache = open_cache()
+    key, data = make_object(30, 4 * MiB + 5)  # the last block is partial
+    cache.put(key, data)
+    path = entry(cache_dir, key)
+    if not cache._direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert resident_pages(path) <= 1  # written around it (cutting the padding reads the last)
+    assert path.stat().st_size == len(data) and path.read_bytes() == data
+    assert parse_sums(sums_of(path), len(data)) is not None
+    drop_cached(path)
+    for offset, length in ((1_000_000, 110_000), (len(data) - 10, 100), (0, len(data))):
+        before = cache.stats().direct_reads
+        assert cache.get_range(key, offset, length) == data[offset : offset + length]
+        assert cache.stats().direct_reads == before + 1
+    assert cache.get(key) == data and resident_pages(path) == 0
+    path.read_bytes()  # now in the page cache: read from there
+    before = cache.stats().direct_reads
+    assert cache.get_range(key, 2_000_000, 50_000) == data[2_000_000:2_050_000]
+    assert cache.stats().direct_reads == before
+    assert cache.stats().corrupt == 0 and cache.stats().errors == 0
+
+
+def test_a_flipped_byte_in_the_last_partial_block_is_caught_by_a_direct_read(
+        open_cache: OpenCache, cache_dir: Path) -> None:
+    cache = open_cache()
+    key, data = make_object(31, 3 * MiB + 123)
+    cache.put(key, data)
+    path = entry(cache_dir, key)
+    flip(path, len(data) - 7)
+    drop_cached(path)  # read back from the disk
+    assert cache.get_range(key, len(data) - 50, 50) is None
+    assert cache.stats().corrupt == 1 and not path.exists()
+
+
+def test_without_o_direct_the_tier_goes_through_the_page_cache(
+        open_cache: OpenCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that refuses O_DIRECT (EINVAL at open, like tmpfs) turns it off: entries
+    are written and read through the page cache, with the same results."""
+    import cachefs.cache.disk as disk
+
+    def refused(path: str, flags: int, mode: int = 0o777) -> None:
+        if flags & os.O_CREAT:  # like the kernel: the file may be created all the same
+            os.close(os.open(path, flags & ~os.O_DIRECT, mode))
+        return None
+
+    monkeypatch.setattr(disk, "open_direct", refused)
+    cache = open_cache()
+    key, data = make_object(32, 4 * MiB)
+    cache.put(key, data)
+    assert not cache._direct and entry(cache_dir, key).read_bytes() == data
+    assert not [p for p in entry(cache_dir, key).parent.iterdir() if p.name.startswith(".tmp-")]
+    drop_cached(entry(cache_dir, key))
+    assert cache.get_range(key, 100, 200_000) == data[100:200_100]
+    assert cache.get(key) == data
+    assert cache.stats().direct_reads == 0 and cache.stats().errors == 0
+
+
+def test_a_failed_direct_write_stores_nothing(open_cache: OpenCache, cache_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (ENOSPC) leaves no entry and no temporary file, releases nothing it
+    did not reserve, and is a counted error, not an exception for the reader."""
+    cache = open_cache()
+    key, data = make_object(33, 2 * MiB)
+
+    def full(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    cache.put(key, data)
+    monkeypatch.undo()
+    assert not entry(cache_dir, key).exists()
+    assert not [p for p in entry(cache_dir, key).parent.iterdir() if p.name.startswith(".tmp-")]
+    assert cache.stats().errors == 1 and cache.stats().used_bytes == 0
+    cache.put(key, data)
+    assert cache.get(key) == data
+
+
 class FakeRemote:
     """The origin: a dict, counting gets."""
 
@@ -239,6 +349,7 @@ def test_the_tiered_store_refetches_a_chunk_whose_range_fails(
     assert stats["ssd_range_reads"] == 2  # the good range, and the one that failed its sum
     assert stats["ssd_hits"] == 1 and stats["ssd_misses"] == 1  # one miss: not asked twice
     assert stats["ssd_bytes_read"] == 2 * BLOCK + 2 * BLOCK
+    assert 0 <= stats["ssd_direct_reads"] <= stats["ssd_range_reads"]  # 2 with O_DIRECT
     for old in ("memory_hits", "memory_bytes_used", "memory_capacity_bytes", "ssd_hits",
                 "ssd_misses", "ssd_bytes_used", "ssd_capacity_bytes", "ssd_evictions",
                 "origin_requests", "origin_bytes", "origin_errors", "origin_timeouts",

@@ -39,6 +39,7 @@ class TierStats:
     corrupt: int = 0
     errors: int = 0
     range_reads: int = 0  # hits answered from a part of an entry (the disk tier's get_range)
+    direct_reads: int = 0  # reads that went around the page cache (O_DIRECT)
     bytes_read: int = 0  # bytes read from the tier's storage (the disk tier: from its files)
     upgrades: int = 0  # the disk tier: entries without sub-block sums verified and given them
     used_bytes: int = 0

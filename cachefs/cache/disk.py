@@ -41,6 +41,14 @@ file's current length are ignored (treated as missing). A sub-block whose sum fa
 entry corrupt: it is deleted and the read is a miss, never a short or wrong answer. The sums
 guard against the disk (bit rot, torn files), not against someone who may write the directory:
 whoever can do that could as well write a matching sum.
+
+Around the page cache (`cachefs.directio`): entries of `DIRECT_WRITE_MIN` bytes or more are
+written with O_DIRECT (zero-padded to whole blocks, then cut to their length, before the sums and
+the link), and sub-blocks not all in the page cache (cachestat(2)) are read with O_DIRECT into a
+reused aligned buffer and checked there. What the tier serves is cached again above it (the
+mount's pages of the file, the memory tier), and a chunk streaming through it would otherwise
+cost a page-cache fill on the way in and on the way out. Sub-blocks that are cached are read
+from the page cache; a file system that refuses O_DIRECT turns it off for the cache.
 """
 
 from __future__ import annotations
@@ -59,11 +67,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from isal.isal_zlib import crc32
 
 from cachefs.cache.base import TierStats, Verifier
+from cachefs.directio import BLOCK, BUFFERS, align_up, fully_cached, open_direct
 from cachefs.errors import ConfigError
 from cachefs.fsutil import link_into_place, write_new_file
 
@@ -88,6 +97,7 @@ _COUNTER = struct.Struct("<Q")
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
+DIRECT_WRITE_MIN = 64 << 10  # smaller entries (trees, commits) go through the page cache
 SUMS_XATTR = "user.cachefs.sums"
 SUB_BLOCK_SHIFT = 16  # 64 KiB sub-blocks ...
 MAX_SUB_BLOCKS = 512  # ... doubled until an object has at most this many (2 KiB of sums)
@@ -320,6 +330,7 @@ class DiskCache:
         self._skipped_too_large = 0
         self._low_space_logged = False
         self._xattrs = True  # False once the file system refused a user xattr
+        self._direct = True  # False once the file system refused O_DIRECT
         self._last_logged: dict[str, float] = {}
         self._closed = False
 
@@ -398,17 +409,17 @@ class DiskCache:
         """
         return self._read(key, 0, None)
 
-    def _read_whole(self, key: str, path: Path, f: BinaryIO, st: os.stat_result,
+    def _read_whole(self, key: str, path: str, fd: int, st: os.stat_result,
                     raw_sums: bytes | None) -> bytes | None:
         """The whole entry, verified against its name (and given its sums), or None."""
-        data = f.read()
+        data = _pread_exactly(fd, st.st_size, 0)
         with self._stats_lock:
             self._stats.bytes_read += len(data)
-        if not self._verified_whole(key, path, f.fileno(), st, data, raw_sums):
+        if not self._verified_whole(key, path, fd, st, data, raw_sums):
             return None
         return data
 
-    def _hit(self, path: Path, st: os.stat_result, data: bytes) -> bytes:
+    def _hit(self, path: str, st: os.stat_result, data: bytes) -> bytes:
         self._touch(path, st.st_mtime_ns)
         with self._stats_lock:
             self._stats.hits += 1
@@ -432,25 +443,29 @@ class DiskCache:
         if self._closed:
             return self._miss()
         try:
-            with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
-                st = os.fstat(fd)
-                raw = _read_sums(fd) if self._xattrs else None
-                sums = parse_sums(raw, st.st_size)
-                if sums is None:
-                    data = self._read_whole(key, path, f, st, raw)
-                    part = data if data is None or length is None else \
-                        data[offset : offset + length]
-                else:
-                    whole = length is None
-                    part = self._read_checked(key, path, fd, st, sums, offset,
-                                              st.st_size if whole else length, whole=whole)
-                if part is None:
-                    return self._miss()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return self._miss()
         except OSError as e:
             self._error("read", key, e)
+            return self._miss()
+        try:
+            st = os.fstat(fd)
+            raw = _read_sums(fd) if self._xattrs else None
+            sums = parse_sums(raw, st.st_size)
+            if sums is None:
+                data = self._read_whole(key, path, fd, st, raw)
+                part = data if data is None or length is None else data[offset : offset + length]
+            else:
+                whole = length is None
+                part = self._read_checked(key, path, fd, st, sums, offset,
+                                          st.st_size if whole else length, whole=whole)
+        except OSError as e:
+            self._error("read", key, e)
+            return self._miss()
+        finally:
+            os.close(fd)
+        if part is None:
             return self._miss()
         return self._hit(path, st, part)
 
@@ -636,9 +651,58 @@ class DiskCache:
             now = time.time_ns()
             os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
 
+        if self._direct and len(data) >= DIRECT_WRITE_MIN and self._write_direct(tmp, data,
+                                                                                  stamp):
+            return tmp
         write_new_file(tmp, data, mode=0o666, extra_flags=os.O_CLOEXEC, make_parent=True,
                        before_close=stamp)
         return tmp
+
+    def _write_direct(self, tmp: str, data: bytes, stamp: Callable[[int], None]) -> bool:
+        """Write `data` to the new file `tmp` with O_DIRECT, then `stamp` it; False (nothing
+        written) where the file system refuses O_DIRECT, which turns it off for this cache.
+
+        Around the page cache because an entry is written once and read back rarely, and then
+        from the disk anyway (see `_read_direct`): through the page cache, every stored chunk
+        cost a kernel copy into freshly allocated pages, the largest single cost of a cold
+        read (issue 19). The file is written in whole blocks, zero-padded, and cut to its
+        length; a crash before the entry is linked into place leaves only a temporary file."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = open_direct(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            fd = open_direct(tmp, flags, 0o666)
+        if fd is None:
+            self._direct = False
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return False
+        size = len(data)
+        padded = align_up(size)
+        buf = BUFFERS.take(padded)
+        try:
+            with memoryview(buf) as view:
+                view[:size] = data
+                view[size:padded] = bytes(padded - size)
+                done = 0
+                while done < padded:
+                    n = os.pwrite(fd, view[done:padded], done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"O_DIRECT pwrite wrote {n} bytes")
+                    done += n
+            if padded != size:
+                os.ftruncate(fd, size)
+            stamp(fd)
+        except BaseException:
+            os.close(fd)
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            BUFFERS.give(buf)
+        os.close(fd)
+        return True
 
     def _verified_whole(self, key: str, path: str, fd: int, st: os.stat_result, data: bytes,
                         raw_sums: bytes | None) -> bool:
@@ -661,31 +725,76 @@ class DiskCache:
                       sums: tuple[int, tuple[int, ...]], offset: int,
                       length: int, whole: bool = False) -> bytes | None:
         """Read the sub-blocks covering the range and check their sums; None (the entry
-        dropped) if one fails. `whole`: the whole entry for a get (not counted as a range)."""
-        shift, crcs = sums
-        size = st.st_size
-        end = min(offset + length, size)
-        ranges = 0 if whole else 1
+        dropped) if one fails. `whole`: the whole entry for a get (not counted as a range).
+
+        Sub-blocks not all in the page cache are read with O_DIRECT (see `_read_direct`)."""
+        shift = sums[0]
+        end = min(offset + length, st.st_size)
         if offset >= end:
             with self._stats_lock:
-                self._stats.range_reads += ranges
+                self._stats.range_reads += not whole
             return b""
-        first, last = offset >> shift, (end - 1) >> shift
-        start = first << shift
-        want = min((last + 1) << shift, size) - start
+        start = (offset >> shift) << shift
+        want = min((((end - 1) >> shift) + 1) << shift, st.st_size) - start
+        if self._direct and fully_cached(fd, start, want) is False:
+            buf = BUFFERS.take(align_up(want))
+            try:
+                with memoryview(buf) as view:
+                    got = self._read_direct(path, view, start, want)
+                    if got is not None:
+                        return self._checked(key, path, st, sums, view[:got], start, want,
+                                             offset, end, whole, direct=True)
+            finally:
+                BUFFERS.give(buf)
         data = _pread_exactly(fd, want, start)
+        return self._checked(key, path, st, sums, memoryview(data), start, want, offset, end,
+                             whole, direct=False)
+
+    def _checked(self, key: str, path: str, st: os.stat_result,
+                 sums: tuple[int, tuple[int, ...]], view: memoryview, start: int, want: int,
+                 offset: int, end: int, whole: bool, direct: bool) -> bytes | None:
+        """Bytes [offset, end) out of `view` (the sub-blocks read from `start`), or None (the
+        entry dropped) if `view` is short or a sub-block fails its sum."""
+        shift, crcs = sums
+        got = len(view)
         with self._stats_lock:
-            self._stats.range_reads += ranges
-            self._stats.bytes_read += len(data)
-        view = memoryview(data)
+            self._stats.range_reads += not whole
+            self._stats.bytes_read += got
+            self._stats.direct_reads += direct
         step = 1 << shift
-        intact = len(data) == want and all(
-            crc32(view[(i - first) << shift : ((i - first) << shift) + step]) == crcs[i]
-            for i in range(first, last + 1))
+        first = start >> shift
+        intact = got == want and all(
+            crc32(view[pos : pos + step]) == crcs[first + (pos >> shift)]
+            for pos in range(0, want, step))
         if not intact:
-            self._drop_corrupt(key, path, st, len(data))
+            self._drop_corrupt(key, path, st, got)
             return None
-        return data[offset - start : end - start]
+        if direct or offset != start or end - start != got:
+            return bytes(view[offset - start : end - start])
+        return view.obj  # type: ignore[return-value]  # the bytes read, exactly the range
+
+    def _read_direct(self, path: str, view: memoryview, start: int, want: int) -> int | None:
+        """Read `want` bytes at `start` (a sub-block boundary, so block-aligned) into `view` (a
+        page-aligned buffer of at least `align_up(want)` bytes) with O_DIRECT; the count read,
+        or None where the file system refuses O_DIRECT (which turns it off for this cache).
+
+        Around the page cache because what the tier serves is cached again above it (the
+        mount's pages of the file, or the memory tier), and a chunk streaming through the tier
+        would cost a page-cache fill (allocating and filling fresh pages) for nothing."""
+        fd = open_direct(path, os.O_RDONLY | os.O_CLOEXEC)
+        if fd is None:
+            self._direct = False
+            return None
+        try:
+            got, stop = 0, align_up(want)
+            while got < want:
+                n = os.preadv(fd, [view[got:stop]], start + got)
+                got += n
+                if n <= 0 or got % BLOCK:  # the end of the file
+                    break
+            return min(got, want)
+        finally:
+            os.close(fd)
 
     def _write_sums(self, fd: int, data: bytes | memoryview, what: str) -> bool:
         """Store the sums of `data` on the open entry file `fd`; False if not stored (never

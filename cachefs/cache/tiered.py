@@ -251,6 +251,7 @@ class TieredStore:
             "ssd_evictions": disk.evictions if disk else 0,
             "ssd_range_reads": disk.range_reads if disk else 0,
             "ssd_bytes_read": disk.bytes_read if disk else 0,
+            "ssd_direct_reads": disk.direct_reads if disk else 0,
             "origin_requests": self.origin.requests,
             "origin_bytes": self.origin.bytes,
             "origin_errors": self.origin.errors,
