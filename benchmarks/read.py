@@ -198,35 +198,41 @@ CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "ste
 OWN_PIDS: set[int] = set()
 
 
-def cpu_ticks() -> tuple[list[int], int]:
-    """The machine's CPU time counters (/proc/stat, all CPUs) and the run's own ticks."""
+def cpu_ticks() -> tuple[list[int], dict[int, int]]:
+    """The machine's CPU time counters (/proc/stat, all CPUs) and the run's own processes'
+    ticks, by pid."""
     with open("/proc/stat") as f:
         machine = [int(v) for v in f.readline().split()[1:1 + len(CPU_FIELDS)]]
-    own = 0
+    own: dict[int, int] = {}
     for pid in (os.getpid(), *OWN_PIDS):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            own += int(fields[11]) + int(fields[12])  # utime + stime
+            own[pid] = int(fields[11]) + int(fields[12])  # utime + stime
         except (OSError, IndexError, ValueError):
             pass
     return machine, own
 
 
-def cpu_split(before: tuple[list[int], int], after: tuple[list[int], int]) -> dict[str, float]:
+def cpu_split(before: tuple[list[int], dict[int, int]],
+              after: tuple[list[int], dict[int, int]]) -> dict[str, float]:
     """Percent of all CPUs' time in each state between two `cpu_ticks`; `others`: busy time
-    not spent by this run's processes (other tenants of the machine, and kernel threads)."""
+    not spent by this run's processes (other tenants of the machine, and kernel threads). A
+    process of the run that started or ended during the pass (a daemon unmounted just before)
+    counts what it spent within it as well as /proc shows: only pids seen at both ends count, so
+    that the lifetime total of one that vanished is not taken for other tenants' time."""
     diff = [b - a for a, b in zip(before[0], after[0])]
     total = sum(diff) or 1
     split = dict(zip(CPU_FIELDS, diff))
     busy = total - split["idle"] - split["iowait"]
     if total < MIN_CPU_TICKS:  # too short for 10 ms ticks to say anything
         return {}
+    own = sum(after[1][pid] - ticks for pid, ticks in before[1].items() if pid in after[1])
     return {"user": round(100 * (split["user"] + split["nice"]) / total, 1),
             "system": round(100 * (split["system"] + split["irq"] + split["softirq"]) / total, 1),
             "iowait": round(100 * split["iowait"] / total, 1),
             "idle": round(100 * split["idle"] / total, 1),
-            "others": round(100 * max(0, busy - (after[1] - before[1])) / total, 1)}
+            "others": round(100 * max(0, busy - own) / total, 1)}
 
 
 def _read_whole(path: str, buf: bytearray) -> int:
