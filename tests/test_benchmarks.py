@@ -79,3 +79,17 @@ def test_cluster_benchmark_quick_json(tmp_path: Path) -> None:
     assert result["cas_ops_s"] > 0
     assert 0 < result["failover_s_median"] < 60
     assert len(result["raw"]["failover_s"]) == 3 and result["quick"] is True
+
+
+def test_p2p_benchmark_quick_json(tmp_path: Path) -> None:
+    """N = 1, 2, 4 nodes (own cache dir, peer server and mount each) reading one dataset from a
+    throttled moto origin, with and without the peer tier."""
+    result = run_quick(tmp_path, "p2p", 400)
+    assert set(result["ratios"]) >= {"origin_ratio_n4", "epoch_time_ratio_n4",
+                                     "alone_throttle_use_n4", "peer_overhead_n1",
+                                     "origin_ratio_n2", "epoch_time_ratio_n2",
+                                     "epoch_time_ratio_owner_killed_n4"}
+    assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
+    assert isinstance(result["valid_n4"], bool) and result["all_bytes_right"] is True
+    assert result["raw"]["runs"]["n4_owner_killed"]["killed_at_s"] > 0
+    assert result["quick"] is True
