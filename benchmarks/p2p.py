@@ -5,7 +5,7 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
 
 1. Data and origin. A synthetic dataset (`cachefs.sample.make_sample`; full: 3,000
    incompressible files of ~110 KB in 30 class directories plus two 64 MiB shards, ~460 MB;
-   `--quick`: 300 files plus two 8 MiB shards, ~50 MB) is committed to an S3 bucket of a moto
+   `--quick`: 150 files plus two 4 MiB shards, ~25 MB) is committed to an S3 bucket of a moto
    server started for the run (`tests.servers.MotoServer`), *directly* to moto's endpoint, so
    that the commit neither waits on the throttle nor counts as origin traffic. Reading goes
    through a `tests.fault_proxy.FaultProxy` in front of moto with `rate` (`--rate`; full 50 MB/s,
@@ -33,9 +33,10 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    peer_bytes, peer_errors, peer_timeouts, hedged_requests, quarantined_peers, live_peers, ...)
    and each peer server's `Status` counters are recorded in raw.
 4. Runs, in this order:
-   - N=1 overhead, ABBA: tier on, off, off, on, on, off (with N=1 the ring's only member is the
-     node's own server, so every chunk goes mount -> own server -> origin);
-     `peer_overhead_n1` = median over the three on/off pairs of (throughput on / throughput
+   - N=1 overhead, ABBA: tier on, off, off, on, on, off (`--quick`: on, off only; with N=1 the
+     ring's only member is the node's own server, so every chunk goes mount -> own server ->
+     origin);
+     `peer_overhead_n1` = median over the on/off pairs of (throughput on / throughput
      off) = epoch off / epoch on (target >= 0.95);
    - N=2 with peers, N=2 alone; N=4 alone, N=4 with peers;
    - N=4 with peers, node 1's peer server killed with SIGKILL a third of the way into the
@@ -125,10 +126,12 @@ VALID_THROTTLE_USE = 0.9
 
 FULL_SPEC = SampleSpec(small_files=3_000, small_mean=110 * 1024, classes=30,
                        large_files=2, large_size=64 << 20, seed=1)
-QUICK_SPEC = SampleSpec(small_files=300, small_mean=110 * 1024, classes=10,
-                        large_files=2, large_size=8 << 20, seed=1)
+QUICK_SPEC = SampleSpec(small_files=150, small_mean=110 * 1024, classes=10,
+                        large_files=2, large_size=4 << 20, seed=1)
 FULL_RATE = 50e6
 QUICK_RATE = 20e6
+N1_ORDER = (True, False, False, True, True, False)  # tier on/off for N=1: three ABBA pairs
+QUICK_N1_ORDER = (True, False)  # --quick: one pair (a smoke run, not a figure to compare)
 
 TARGETS = {
     "origin_ratio_n4": "<= 1.1",
@@ -435,7 +438,9 @@ def compute_ratios(runs: dict[str, dict[str, Any]], dataset_bytes: int
         return round(x, 4)
 
     ratios: dict[str, float] = {}
-    pairs = [runs[f"n1_off_{i}"]["epoch_s"] / runs[f"n1_on_{i}"]["epoch_s"] for i in range(3)]
+    count = sum(1 for name in runs if name.startswith("n1_off_"))
+    pairs = [runs[f"n1_off_{i}"]["epoch_s"] / runs[f"n1_on_{i}"]["epoch_s"]
+             for i in range(count)]
     ratios["peer_overhead_n1"] = r4(statistics.median(pairs))
     for n in (2, 4):
         on, off = runs[f"n{n}_peers"], runs[f"n{n}_alone"]
@@ -482,7 +487,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.cli("remote", "add", REMOTE,
                       f"s3://{BUCKET}/repo?endpoint_url={proxy.endpoint}&region={REGION}")
             bench = Bench(args, procs, proxy, work, src, small, large, dataset_bytes)
-            for i, peers in enumerate((True, False, False, True, True, False)):  # ABBA
+            order = QUICK_N1_ORDER if args.quick else N1_ORDER
+            for i, peers in enumerate(order):  # ABBA
                 bench.epoch(f"n1_{'on' if peers else 'off'}_{i // 2}", 1, peers)
             bench.epoch("n2_peers", 2, True)
             bench.epoch("n2_alone", 2, False)
@@ -498,7 +504,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = bench.runs
     ratios, extra = compute_ratios(runs, dataset_bytes)
     raw.update(extra)
-    raw["n1_alone_origin_bytes"] = [runs[f"n1_off_{i}"]["origin_bytes"] for i in range(3)]
+    raw["n1_alone_origin_bytes"] = [run["origin_bytes"] for name, run in runs.items()
+                                    if name.startswith("n1_off_")]
     raw["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     raw["runs"] = runs
     wrong = sum(r["wrong"] + r["errors"] for r in runs.values())

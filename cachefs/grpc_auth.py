@@ -6,14 +6,18 @@
 - `check_listen` enforces that a server without a token listens on loopback only.
 - `bearer_metadata` is what a client sends.
 - `listening_server` builds a token-guarded gRPC server bound to a `--listen` address (the
-  storage server's and the master's).
+  storage server's, the master's and the peer server's); `serve_until_signalled` runs one until
+  SIGTERM or SIGINT and stops it gracefully (the storage and peer servers').
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,8 @@ from typing import Any
 import grpc
 
 from cachefs.errors import UsageError
+
+log = logging.getLogger("cachefs.grpc")
 
 TOKEN_ENV = "CACHEFS_TOKEN"
 METADATA_KEY = "authorization"
@@ -126,3 +132,35 @@ def listening_server(listen: str, token: str | None, workers: int, thread_prefix
     if not bound:
         raise UsageError(f"{option} {listen}: cannot listen there (address in use?)")
     return server, grpc_address(host, bound)
+
+
+def serve_until_signalled(server: grpc.Server, address: str, token: str | None, what: str,
+                          ready: Callable[[str], None] | None = None, grace: float = 10.0,
+                          started: Callable[[], None] | None = None,
+                          stopping: Callable[[], None] | None = None) -> None:
+    """Start `server` (bound to `address`), then call `started()` and `ready(address)`; serve
+    until SIGTERM or SIGINT; then call `stopping()`, stop accepting calls and let those in
+    flight finish (up to `grace` seconds). The server is stopped however this ends, and the
+    previous signal handlers are restored."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        if token is None:
+            log.warning("no token (--token-file or CACHEFS_TOKEN): serving without "
+                        "authentication, on loopback only")
+        log.info("%s serving on %s", what, address)
+        if started is not None:
+            started()
+        if ready is not None:
+            ready(address)
+        stop.wait()
+        log.info("%s stopping: finishing the calls in flight", what)
+        if stopping is not None:
+            stopping()
+        server.stop(grace=grace).wait()
+    finally:
+        server.stop(grace=None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -5,12 +5,14 @@
 #                                                 storage_pb2_grpc.py
 #   proto/master.proto  (the raft master)      -> master/proto/master_pb2.py, .pyi,
 #                                                 master_pb2_grpc.py
+#   proto/peer.proto    (the peer tier)        -> cachefs/peer/proto/peer_pb2.py, .pyi,
+#                                                 peer_pb2_grpc.py
 # The stubs are committed, so an install needs no protoc; tests/test_proto_current.py fails
 # when they are stale. Re-run this after changing a .proto file or the pinned grpcio-tools,
 # and commit the result.
 #
-# Usage: scripts/gen_proto.sh [CSI_OUT_DIR [STORAGE_OUT_DIR [MASTER_OUT_DIR]]]
-#        (defaults: csi/proto, storage_server/proto and master/proto)
+# Usage: scripts/gen_proto.sh [CSI_OUT_DIR [STORAGE_OUT_DIR [MASTER_OUT_DIR [PEER_OUT_DIR]]]]
+#        (defaults: csi/proto, storage_server/proto, master/proto and cachefs/peer/proto)
 # Needs grpcio-tools (the `test` extra pins the version the committed stubs came from);
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
@@ -18,6 +20,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 csi_out="${1:-$root/csi/proto}"
 storage_out="${2:-$root/storage_server/proto}"
 master_out="${3:-$root/master/proto}"
+peer_out="${4:-$root/cachefs/peer/proto}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -47,3 +50,4 @@ generate() {
 generate csi "$csi_out"
 generate storage "$storage_out"
 generate master "$master_out"
+generate peer "$peer_out"

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 from typing import Any
 
 import grpc
 
 from cachefs.contracts import check_key
-from cachefs.grpc_auth import listening_server
+from cachefs.grpc_auth import listening_server, serve_until_signalled
 from cachefs.grpc_errors import invalid, rpc
 from storage_server import wire
 from storage_server.proto import storage_pb2 as pb
@@ -208,33 +206,22 @@ def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
     called once the server accepts calls. With `agent` (a `storage_server.agent.AgentConfig`)
     a `StorageAgent` registers the server with the masters, heartbeats and runs repairs
     while it serves."""
-    running = None
+    running: list[Any] = []
     server, address = build_server(store, listen, token)
-    stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set())
-                for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        if token is None:
-            log.warning("no token (--token-file or CACHEFS_TOKEN): serving without "
-                        "authentication, on loopback only")
-        log.info("serving on %s", address)
+
+    def start_agent() -> None:
         if agent is not None:
             from storage_server.agent import StorageAgent, local_address
 
-            running = StorageAgent(store, agent, token, local_address(address))
-            running.start()
-        if ready is not None:
-            ready(address)
-        stop.wait()
-        log.info("stopping: finishing the calls in flight")
-        if running is not None:
-            running.stop()
-            running = None
-        server.stop(grace=grace).wait()
+            running.append(StorageAgent(store, agent, token, local_address(address)))
+            running[0].start()
+
+    def stop_agent() -> None:
+        while running:
+            running.pop().stop()
+
+    try:
+        serve_until_signalled(server, address, token, "storage server", ready, grace,
+                              started=start_agent, stopping=stop_agent)
     finally:
-        if running is not None:
-            running.stop()
-        server.stop(grace=None)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stop_agent()

@@ -9,6 +9,8 @@
 - `storage_servers`: the `tests.storage_servers.StorageServer` processes a test starts (it
   appends them); every one is killed at the end, whatever happened.
 - `masters`: the same for `tests.masters.MasterProcess` (`start_group` appends them).
+- `peer_servers`: a `tests.peers.PeerSet`: the `cachefs peer serve` processes a test starts, one
+  cache dir each, every one killed at the end.
 - `oss_url`: a fresh prefix in that bucket as an ``oss://`` remote URL, with the test OSS
   credentials in the environment (where the remote reads them).
 """
@@ -26,6 +28,7 @@ from hypothesis import settings
 from tests.masters import MasterProcess
 from tests.mounting import MountSet
 from tests.oss_server import OSS_TEST_BUCKET, OSS_TEST_ENV, OSS_UNSET_ENV, OSSServer
+from tests.peers import PeerSet
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
 from tests.storage_servers import StorageServer
 
@@ -112,6 +115,16 @@ def storage_servers() -> Iterator[list[StorageServer]]:
     finally:
         for server in started:
             server.kill()
+
+
+@pytest.fixture
+def peer_servers(tmp_path: Path) -> Iterator[PeerSet]:
+    """`cachefs peer serve` processes of one test (one cache dir each), killed at its end."""
+    started = PeerSet(tmp_path / "nodes")
+    try:
+        yield started
+    finally:
+        started.close()
 
 
 @pytest.fixture

@@ -10,6 +10,10 @@ request, so the server applies it, and then, instead of relaying the server's an
 - an HTTP status (e.g. 504): answers it, as a gateway whose backend answered too late;
 - a `rewrite` function: relays the answer with its body replaced (a malformed listing).
 
+It also counts the bytes of the GET answers it relays and can pace every answer through one
+shared link of a given speed (`rate`): an object store's egress, as the peer tier's tests and
+`benchmarks.p2p` measure it.
+
 Everything binds 127.0.0.1 and stops within a bounded time (tests.servers.LoopbackHTTPServer).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -27,6 +32,7 @@ from tests.servers import LOOPBACK, KeepAliveHandler, LoopbackHTTPServer, Server
 
 LOST = "lost"
 UPSTREAM_TIMEOUT_S = 30.0
+_PACING_PIECE = 64 << 10  # bytes sent per turn on a rate-limited link
 
 # Headers that describe one hop, not the message: never forwarded as they are.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -84,8 +90,18 @@ class _Handler(KeepAliveHandler):
                 self.send_header(name, value)
         self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if self.server.rate is None:
             self.wfile.write(answer.body)
+        else:
+            view = memoryview(answer.body)
+            for start in range(0, len(view), _PACING_PIECE):
+                piece = view[start : start + _PACING_PIECE]
+                self.server.pace(len(piece))
+                self.wfile.write(piece)
+        if self.command == "GET":
+            self.server.count_get(len(answer.body))
 
     def _serve(self) -> None:
         body = self.read_body()
@@ -106,12 +122,32 @@ class _Handler(KeepAliveHandler):
 
 
 class _Server(LoopbackHTTPServer):
-    def __init__(self, upstream_host: str, upstream_port: int, faults: list[Fault]) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, faults: list[Fault],
+                 rate: float | None = None) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.faults = faults
+        self.rate = rate
+        self.get_bytes = 0
+        self.gets = 0
         self._faults_lock = threading.Lock()
+        self._next_free = 0.0  # when the shared link is free again (time.monotonic)
         super().__init__(_Handler)
+
+    def count_get(self, size: int) -> None:
+        with self._faults_lock:
+            self.gets += 1
+            self.get_bytes += size
+
+    def pace(self, size: int) -> None:
+        """Wait for `size` bytes' turn on the link shared by every answer (`rate` bytes/s)."""
+        assert self.rate is not None
+        with self._faults_lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + size / self.rate
+            done = self._next_free
+        time.sleep(max(0.0, done - now))
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._faults_lock:
@@ -123,13 +159,25 @@ class _Server(LoopbackHTTPServer):
 
 
 class FaultProxy(ServerContext):
-    """A reverse proxy on 127.0.0.1 to `upstream` (http://host:port) applying `faults`."""
+    """A reverse proxy on 127.0.0.1 to `upstream` (http://host:port) applying `faults`.
 
-    def __init__(self, upstream: str, *faults: Fault) -> None:
+    It counts the GET answers it relays (`gets`, `get_bytes`: what an object store would bill
+    as egress), and with `rate` (bytes/s) it sends every answer's body through one shared link
+    of that speed, in 64 KiB pieces, as an object store's link that all clients share."""
+
+    def __init__(self, upstream: str, *faults: Fault, rate: float | None = None) -> None:
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.faults = list(faults)
-        self._server = _Server(host, int(port or 80), self.faults)
+        self._server = _Server(host, int(port or 80), self.faults, rate)
         self.port = int(self._server.server_address[1])
+
+    @property
+    def get_bytes(self) -> int:
+        return self._server.get_bytes
+
+    @property
+    def gets(self) -> int:
+        return self._server.gets
 
     @property
     def endpoint(self) -> str:

@@ -2,7 +2,8 @@
 
 proto/csi.proto is the CSI spec's csi.proto (v1.10.0) and csi/proto/*_pb2*.py are generated
 from it by scripts/gen_proto.sh and committed; so are storage_server/proto/*_pb2*.py, from
-proto/storage.proto, and master/proto/*_pb2*.py, from proto/master.proto. Regenerating here
+proto/storage.proto, master/proto/*_pb2*.py, from proto/master.proto, and
+cachefs/peer/proto/*_pb2*.py, from proto/peer.proto. Regenerating here
 and comparing bytes makes a stale stub (or a hand edit)
 fail CI; the field-number checks guard what csi-sanity and real kubelets depend on.
 """
@@ -20,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, wrappers_pb2
 
+from cachefs.peer.proto import peer_pb2_grpc
 from csi.proto import CSI_SPEC_VERSION, csi_pb2, csi_pb2_grpc
 from master.proto import master_pb2, master_pb2_grpc
 from storage_server.proto import storage_pb2, storage_pb2_grpc
@@ -35,6 +37,8 @@ MASTER_STUBS = ROOT / "master" / "proto"
 MASTER_GENERATED = ("master_pb2.py", "master_pb2.pyi", "master_pb2_grpc.py")
 MASTER_RPCS = ["RegisterStorage", "Heartbeat", "DeclareDead", "GetPlacement", "DirGet", "DirPut",
                "DirPutMany", "DirDelete", "DirList", "RegisterNode", "Status"]
+PEER_STUBS = ROOT / "cachefs" / "peer" / "proto"
+PEER_GENERATED = ("peer_pb2.py", "peer_pb2.pyi", "peer_pb2_grpc.py")
 
 # sha256 of the spec's csi.proto at v1.10.0: proto/csi.proto is a verbatim copy, never edited.
 SPEC_SHA256 = "4502573d55327b1ab42a0d72454a4d90c0106987227de762ead273e94b16600e"
@@ -95,17 +99,18 @@ def test_committed_stubs_are_current(tmp_path):
     generator = metadata.version("grpcio-tools")
     for recorded in (csi_pb2_grpc.GRPC_GENERATED_VERSION,
                      storage_pb2_grpc.GRPC_GENERATED_VERSION,
-                     master_pb2_grpc.GRPC_GENERATED_VERSION):
+                     master_pb2_grpc.GRPC_GENERATED_VERSION,
+                     peer_pb2_grpc.GRPC_GENERATED_VERSION):
         assert generator == recorded, (
             f"grpcio-tools {generator} is installed but the committed stubs came from "
             f"{recorded}: install the version pinned in pyproject.toml's test extra"
         )
     csi_out, storage_out = tmp_path / "csi", tmp_path / "storage"
-    master_out = tmp_path / "master"
+    master_out, peer_out = tmp_path / "master", tmp_path / "peer"
     env = dict(os.environ, PYTHON=sys.executable)
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(csi_out), str(storage_out),
-         str(master_out)],
+         str(master_out), str(peer_out)],
         check=True,
         env=env,
         cwd=tmp_path,
@@ -114,7 +119,8 @@ def test_committed_stubs_are_current(tmp_path):
     )
     for out, stubs, generated in ((csi_out, STUBS, GENERATED),
                                   (storage_out, STORAGE_STUBS, STORAGE_GENERATED),
-                                  (master_out, MASTER_STUBS, MASTER_GENERATED)):
+                                  (master_out, MASTER_STUBS, MASTER_GENERATED),
+                                  (peer_out, PEER_STUBS, PEER_GENERATED)):
         assert sorted(p.name for p in out.iterdir()) == sorted(generated)
         committed = sorted(p.name for p in stubs.iterdir() if "_pb2" in p.name)
         assert committed == sorted(generated)

@@ -47,7 +47,7 @@ class TierStats:
 
 
 class CacheTier(Protocol):
-    """One cache tier (today: memory or the SSD directory; the peer tier will be one too)."""
+    """One cache tier: memory, the SSD directory, or the peer ring (`peer.py`)."""
 
     name: str
 

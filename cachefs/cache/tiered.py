@@ -1,20 +1,21 @@
-"""The read path's object source: memory, then local SSD, then the origin, one fetch per object.
+"""The read path's object source: memory, local SSD, peers, then the origin, one fetch per object.
 
 A request for an object (a chunk, a tree, a commit) is answered by the first tier that has it,
-and every faster tier is filled on the way back. Concurrent misses on the same key share one
-fetch (single flight), so a hundred readers of one packed chunk cost one origin request. The
-origin is called on worker threads (boto3 and the file remote block) through a capacity limiter
-that bounds parallel requests, and within a deadline: a read that the origin cannot serve in
-time fails (EIO for the reader) instead of hanging the mount; the abandoned worker thread ends on
-its own when the client library times out. Every object from the origin is verified against its
-name before anyone sees it; a corrupt one is counted and refused. The disk tier verifies its own
-entries on every hit (by the sums of the sub-blocks read; by hash without sums). A failing cache
-tier is a logged miss, never an error. A read of part of a chunk (`chunk_range`) that is on the
-SSD but not in memory reads only that part from the SSD, and does not pull the whole chunk into
-memory.
+and every faster tier is filled on the way back. With a peer tier (`peer.py`), a chunk missing
+from memory and SSD is asked of its owner on the peer ring before the origin. Concurrent misses
+on the same key share one fetch (single flight), so a hundred readers of one packed chunk cost
+one origin request. The origin is called on worker threads (boto3 and the file remote block)
+through a capacity limiter that bounds parallel requests, and within a deadline: a read that the
+origin cannot serve in time fails (EIO for the reader) instead of hanging the mount; the
+abandoned worker thread ends on its own when the client library times out. Every object from the
+origin is verified against its name before anyone sees it; a corrupt one is counted and refused.
+The disk tier verifies its own entries on every hit (by the sums of the sub-blocks read; by hash
+without sums). A failing cache tier is a logged miss, never an error. A read of part of a chunk
+(`chunk_range`) that is on the SSD but not in memory reads only that part from the SSD, and does
+not pull the whole chunk into memory.
 
-Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an in-process
-dict), the disk tier and the origin on worker threads.
+Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an
+in-process dict), the disk tier, the peer tier and the origin on worker threads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import trio
 
 from cachefs.cache.base import CacheTier
 from cachefs.cache.memory import MemoryCache
+from cachefs.cache.peer import PEER_KEYS, PeerTier
 from cachefs.cache.singleflight import SingleFlight
 from cachefs.dataset.objects import (
     COMMIT_MAGIC,
@@ -85,10 +87,15 @@ class TieredStore:
         origin_timeout: float = 30.0,
         origin_parallelism: int = 16,
         tree_cache_entries: int = 2_000_000,
+        peer: PeerTier | None = None,
     ) -> None:
         self.repo = repo
         self.memory = memory
         self.disk = disk
+        self.peer = peer
+        # Peer calls wait on the network, not on the CPU: as many as origin requests may be
+        # in flight (each bounded by its own deadline).
+        self._peer_limiter = trio.CapacityLimiter(origin_parallelism)
         self.origin_timeout = origin_timeout
         self.origin = OriginStats()
         self._origin_limiter = trio.CapacityLimiter(origin_parallelism)
@@ -140,12 +147,24 @@ class TieredStore:
                 if into_memory:
                     self.memory.put(key, data)
                 return data
-        data = await self._from_origin(key)
+        data = await self._from_peers(key) if self.peer is not None else None
+        if data is None:
+            data = await self._from_origin(key)
         if into_memory:
             self.memory.put(key, data)
-        if self.disk is not None:
+        if self.disk is not None:  # the asker keeps a copy (a peer's chunk too)
             await self._disk_call(self.disk.put, key, data)
         return data
+
+    async def _from_peers(self, key: str) -> bytes | None:
+        """The chunk from its owner on the peer ring (verified there), or None: go to the origin.
+        Each call has its own deadline (`PeerTier.deadline`), so this never outlasts it."""
+        assert self.peer is not None
+        try:
+            return await trio.to_thread.run_sync(self.peer.get, key, limiter=self._peer_limiter)
+        except Exception as e:  # the tier promises not to raise; be safe anyway
+            log.warning("peer tier failed on %s: %s", key, e)
+            return None
 
     async def _disk_call(self, fn: Callable, *args: object) -> object:  # type: ignore[type-arg]
         try:
@@ -156,6 +175,7 @@ class TieredStore:
 
     async def _from_origin(self, key: str) -> bytes:
         self.origin.requests += 1
+        started = trio.current_time()
         try:
             with trio.fail_after(self.origin_timeout):
                 data = await trio.to_thread.run_sync(
@@ -172,6 +192,8 @@ class TieredStore:
             self.origin.errors += 1
             raise RemoteError(f"origin failed on {key}: {e}") from e
         self.origin.bytes += len(data)
+        if self.peer is not None:  # how long an owner's origin read may take, too
+            self.peer.observe_origin(trio.current_time() - started)
         if not await trio.to_thread.run_sync(object_is_intact, key, data):
             self.origin.corrupt += 1
             log.error("object %s from the origin is corrupt (hash mismatch): refused", key)
@@ -259,4 +281,6 @@ class TieredStore:
             "corrupt_chunks": self.origin.corrupt + (disk.corrupt if disk else 0),
             "trees_cached": len(self._trees),
             "tree_entries_cached": self._tree_entries,
+            **(self.peer.peer_stats() if self.peer is not None else dict.fromkeys(PEER_KEYS, 0)),
+            **({"peer_ring": self.peer.membership.state()} if self.peer is not None else {}),
         }

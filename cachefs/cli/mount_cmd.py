@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,19 @@ def _register_mount(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
                         "version while the mount lives, even once no ref reaches it)")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, logging to stderr, until unmounted")
+    peers = p.add_argument_group(
+        "peer tier", "ask other nodes' caches before the origin: each chunk has one owner "
+        "among the peers (rendezvous hashing), which fetches it from the origin once for "
+        "everyone (start one `cachefs peer serve` per node on its --cache-dir)")
+    peers.add_argument("--cache-peers", metavar="HOST:PORT,...",
+                       help="the peer servers of every node, this one's included, as each "
+                            "advertises itself")
+    peers.add_argument("--cache-peers-file", metavar="FILE",
+                       help="a file listing them (comma-, space- or line-separated; # "
+                            "comments), re-read when it changes")
+    peers.add_argument("--token-file", metavar="FILE",
+                       help="file holding the cluster token for peer calls (default: the "
+                            "CACHEFS_TOKEN environment variable)")
     p.set_defaults(func=mount)
 
 
@@ -153,7 +167,22 @@ def mount(args: argparse.Namespace) -> int:
     address = parse_address(args.target, allow_path=False)
     mountpoint = mounts_api.check_mountpoint(args.mountpoint)
     settings = Config.load()
-    remote_url = settings.url_of(args.remote or settings.default_remote)  # with its options
+    remote_arg = args.remote or settings.default_remote
+    remote_url = settings.url_of(remote_arg)  # with its options
+    remote_name = remote_arg if "://" not in remote_arg else next(
+        (name for name, url in sorted(settings.all_remotes().items()) if url == remote_arg),
+        None)
+    cache_peers = None
+    if args.cache_peers is not None:
+        from cachefs.peer.ring import parse_members
+
+        cache_peers = parse_members(args.cache_peers, "--cache-peers member")
+        if not cache_peers:
+            raise UsageError("--cache-peers: no member given")
+    if args.token_file:
+        from cachefs.grpc_auth import load_token
+
+        load_token(args.token_file)  # readable and not empty, before anything starts
     repo = Repository(open_remote_url(remote_url))
     resolved = repo.resolve(address.dataset, address.ref)
     uid, gid = MountConfig.user_ids()
@@ -165,6 +194,10 @@ def mount(args: argparse.Namespace) -> int:
         uid=uid if args.uid is None else args.uid, gid=gid if args.gid is None else args.gid,
         umask=args.umask, origin_timeout=args.timeout, metrics=args.metrics,
         allow_other=args.allow_other or os.getuid() == 0, pin=args.pin,
+        remote_name=remote_name, cache_peers=cache_peers,
+        cache_peers_file=(os.path.abspath(args.cache_peers_file) if args.cache_peers_file
+                          else None),
+        token_file=os.path.abspath(args.token_file) if args.token_file else None,
     )
     info = mounts_api.start(config, foreground=args.foreground)
     if args.json:
@@ -232,6 +265,8 @@ def stats(args: argparse.Namespace) -> int:
     for key, value in figures.items():
         if key.endswith("bytes") or key.endswith("bytes_used"):
             value = f"{value} ({format_size(value)})"  # type: ignore[arg-type]
+        elif isinstance(value, dict):
+            value = json.dumps(value)
         print(f"{key:<32} {value}")
     return 0
 

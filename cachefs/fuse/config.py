@@ -41,6 +41,10 @@ class MountConfig:
     read_ahead_kb: int = 4096
     log_file: str | None = None
     pin: bool = True  # pin the commit in the remote while mounted (gc keeps it)
+    remote_name: str | None = None  # the remote's configured name (peers are asked by name)
+    cache_peers: list[str] | None = None  # the peer ring's members, HOST:PORT
+    cache_peers_file: str | None = None  # ... or a file listing them (re-read on change)
+    token_file: str | None = None  # the cluster token for peer calls (else CACHEFS_TOKEN)
 
     def __post_init__(self) -> None:
         if self.memory_cache < 0:
@@ -53,6 +57,16 @@ class MountConfig:
             raise UsageError("--timeout must be positive")
         if self.metrics is not None:
             parse_listen(self.metrics, "--metrics")
+        if self.cache_peers is not None and self.cache_peers_file is not None:
+            raise UsageError("give --cache-peers or --cache-peers-file, not both")
+        if self.peers_wanted and self.remote_name is None:
+            raise UsageError("the peer tier asks peers for chunks of a remote by its name: "
+                             "mount with --remote NAME, a remote configured on every node "
+                             "(`cachefs remote add NAME URL`), not a URL")
+
+    @property
+    def peers_wanted(self) -> bool:
+        return self.cache_peers is not None or self.cache_peers_file is not None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -14,6 +14,9 @@ held back by a running gc sweep is finished in the background. A remote these cr
 write (read-only keys on nodes) is mounted anyway, unpinned: one warning in the log, and
 `pinned: false` in `cachefs stats`.
 
+With --cache-peers (or --cache-peers-file) it asks the peer ring for chunks its caches miss
+before the origin (`cachefs.cache.peer`), probing members that went away on a thread of its own.
+
 Once serving, it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only) so
 sequential reads arrive as large requests (up to 1 MiB, libfuse's max_pages). SIGTERM or
 SIGINT unmount cleanly; an external `fusermount3 -u` (what `cachefs umount` does) ends the main
@@ -35,6 +38,7 @@ import trio
 
 from cachefs.cache.disk import DiskCache
 from cachefs.cache.memory import MemoryCache
+from cachefs.cache.peer import PeerTier
 from cachefs.cache.tiered import TieredStore, object_is_intact
 from cachefs.cache.versions import record_version
 from cachefs.dataset.pins import DEFAULT_RENEW_S, LeasedPin, PinLost, PinStore
@@ -44,7 +48,9 @@ from cachefs.errors import CachefsError, PermissionDenied
 from cachefs.fs import DatasetFS, MountOptions
 from cachefs.fuse.config import MountConfig
 from cachefs.fuse.operations import CachefsOperations
+from cachefs.grpc_auth import load_token
 from cachefs.httpserver import BaseHandler, ServiceHTTPServer, parse_listen
+from cachefs.peer.members import Membership
 from cachefs.remotes.registry import open_remote_url
 
 log = logging.getLogger("cachefs.daemon")
@@ -256,6 +262,20 @@ async def _stop_on_signal(nursery: trio.Nursery) -> None:
             return
 
 
+def peer_tier(config: MountConfig, chunk_size: int) -> PeerTier | None:
+    """The mount's peer tier (started: it probes members that went away), or None."""
+    if not config.peers_wanted:
+        return None
+    assert config.remote_name is not None  # MountConfig refuses peers without it
+    membership = Membership(config.cache_peers, config.cache_peers_file,
+                            load_token(config.token_file))
+    membership.start()
+    log.info("peer tier: %d members (%s)", len(membership.members()),
+             config.cache_peers_file or ", ".join(membership.members()))
+    return PeerTier(membership, config.remote_name, config.dataset, chunk_size,
+                    origin_timeout=config.origin_timeout)
+
+
 def build_fs(config: MountConfig) -> DatasetFS:
     repo = Repository(open_remote_url(config.remote_url))
     chunk_size = repo.dataset(config.dataset).chunk_size
@@ -266,7 +286,8 @@ def build_fs(config: MountConfig) -> DatasetFS:
     store = TieredStore(repo, MemoryCache(config.memory_cache * 3 // 4), disk,
                         origin_timeout=config.origin_timeout,
                         origin_parallelism=config.origin_parallelism,
-                        tree_cache_entries=tree_entries)
+                        tree_cache_entries=tree_entries,
+                        peer=peer_tier(config, chunk_size))
     commit = trio.run(store.commit, config.commit)
     info = {
         "dataset": config.dataset, "ref": config.ref, "commit": config.commit,

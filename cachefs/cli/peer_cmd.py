@@ -1,0 +1,234 @@
+"""`cachefs peer serve|status`: serve a node's SSD cache to its peers; show the ring."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cachefs.cli.common import HelpFormatter, print_json
+
+TOKEN_HELP = "file holding the cluster token (default: the CACHEFS_TOKEN environment variable)"
+STATUS_TIMEOUT_S = 2.0
+SHARE_SAMPLE = 20_000  # chunk names sampled to show each member's share of the ring
+
+SERVE_EXAMPLES = """examples:
+  # one node, no token: loopback only
+  cachefs peer serve --cache-dir /var/cache/cachefs --listen 127.0.0.1:7470
+  # every node of a cluster, on the cache dir its mounts use
+  cachefs peer serve --cache-dir /var/cache/cachefs --listen 0.0.0.0:7470 \\
+      --advertise 10.0.0.1:7470 --token-file /etc/cachefs/token
+  # then, on every node:
+  cachefs mount imagenet@v3 /mnt/imagenet --remote team --cache-dir /var/cache/cachefs \\
+      --cache-peers 10.0.0.1:7470,10.0.0.2:7470,10.0.0.3:7470 --token-file /etc/cachefs/token
+
+Each chunk has one owner among the peers (rendezvous hashing of its name over the members that
+answer); a mount that misses a chunk asks its owner, and the owner reads it from the origin once
+for every node, keeps it in its cache and serves it. A peer fetches for others only from the
+remotes configured on its own node (`cachefs remote add`), named in the request: never a URL.
+--advertise must be the address the mounts list (it is the member's identity in the ring)."""
+
+STATUS_EXAMPLES = """examples:
+  cachefs peer status --cache-peers 10.0.0.1:7470,10.0.0.2:7470 --token-file /etc/cachefs/token
+  cachefs peer status --cache-peers-file /etc/cachefs/peers --json
+
+Asks every member for its Status (2 s each): live members, each one's share of the chunks, and
+its server's counters (chunks served from its cache and from the origin, origin bytes fetched
+on behalf of others); and this machine's mounts, for the members they hold in quarantine (a
+member that served a corrupt chunk is skipped by that mount for a minute)."""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("peer", formatter_class=HelpFormatter,
+                       help="serve this node's cache to its peers, or show the peer ring",
+                       description="The peer tier: N nodes reading one dataset read it from the "
+                                   "origin about once.",
+                       epilog=f"{SERVE_EXAMPLES}\n\n{STATUS_EXAMPLES}")
+    roles = p.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
+    s = roles.add_parser("serve", formatter_class=HelpFormatter,
+                         help="serve this node's SSD cache directory to the other nodes",
+                         description="Serve the node's shared SSD cache directory over gRPC "
+                                     "(proto/peer.proto), fetching chunks it lacks from the "
+                                     "origin once for every asker.", epilog=SERVE_EXAMPLES)
+    s.add_argument("--cache-dir", metavar="DIR",
+                   help="the SSD cache directory the node's mounts use (default: "
+                        "$XDG_CACHE_HOME/cachefs)")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to serve, e.g. 0.0.0.0:7470 (without a token: loopback only)")
+    s.add_argument("--advertise", metavar="HOST:PORT",
+                   help="the address the mounts list for this node (default: --listen; "
+                        "required when --listen is a wildcard address)")
+    s.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
+    s.add_argument("--remotes", metavar="NAME,...",
+                   help="the configured remotes this node fetches from for its peers "
+                        "(default: every configured remote)")
+    s.add_argument("--datasets", metavar="PATTERN,...",
+                   help="serve chunks only for these datasets (shell patterns; default: all)")
+    s.add_argument("--cache-size", type=_size, metavar="SIZE",
+                   help="SSD cache bound, as for `cachefs mount` (default: the cache's)")
+    s.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more (-vv for debug)")
+    s.set_defaults(func=serve)
+
+    t = roles.add_parser("status", parents=[common], formatter_class=HelpFormatter,
+                         help="the ring as this node sees it",
+                         description="Ask every member of the ring for its status.",
+                         epilog=STATUS_EXAMPLES)
+    members = t.add_mutually_exclusive_group(required=True)
+    members.add_argument("--cache-peers", metavar="HOST:PORT,...", help="the members")
+    members.add_argument("--cache-peers-file", metavar="FILE", help="a file listing them")
+    t.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
+    t.set_defaults(func=status)
+
+
+def _size(value: str) -> int:
+    from cachefs.names import parse_size
+
+    return parse_size(value)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from cachefs.cache.disk import DiskCache
+    from cachefs.cache.tiered import object_is_intact
+    from cachefs.config import Config
+    from cachefs.errors import UsageError
+    from cachefs.fuse.config import default_cache_dir
+    from cachefs.grpc_auth import check_listen, load_token
+    from cachefs.httpserver import parse_listen
+    from cachefs.peer.ring import parse_member
+    from cachefs.peer.server import PeerService
+    from cachefs.peer.server import serve as serve_peer
+
+    token = load_token(args.token_file)
+    host, _ = parse_listen(args.listen, "--listen")
+    check_listen(host, token)  # before the cache is opened: a refused start changes nothing
+    if args.advertise:
+        advertise = parse_member(args.advertise, "--advertise")
+    elif host in ("0.0.0.0", "::"):
+        raise UsageError(f"--listen {args.listen} is a wildcard address: give --advertise "
+                         "HOST:PORT, the address the mounts list for this node")
+    else:
+        advertise = ""  # the bound address
+    configured = Config.load().all_remotes()
+    remotes = configured
+    if args.remotes:
+        wanted = [name.strip() for name in args.remotes.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in configured]
+        if unknown:
+            raise UsageError(f"--remotes: {', '.join(unknown)} not configured on this node "
+                             f"(configured: {', '.join(sorted(configured))})")
+        remotes = {name: configured[name] for name in wanted}
+    datasets = [p.strip() for p in (args.datasets or "").split(",") if p.strip()]
+    cache = DiskCache(_cache_dir(args.cache_dir, default_cache_dir()),
+                      capacity_bytes=args.cache_size, verify=object_is_intact)
+    service = PeerService(cache, remotes, datasets, advertise)
+
+    def ready(address: str) -> None:
+        print(f"serving {cache.directory} to peers on {address} as {service.address}; "
+              f"remotes: {', '.join(sorted(remotes))}", flush=True)
+
+    try:
+        serve_peer(service, args.listen, token, ready=ready)
+    finally:
+        cache.close()
+    print("stopped", flush=True)
+    return 0
+
+
+def _cache_dir(value: str | None, default: Any) -> Any:
+    from pathlib import Path
+
+    return Path(os.path.abspath(value)) if value else Path(default)
+
+
+def status(args: argparse.Namespace) -> int:
+    from cachefs.errors import UsageError
+    from cachefs.grpc_auth import load_token
+    from cachefs.peer.client import PeerCallError, PeerClient
+    from cachefs.peer.ring import parse_members, shares
+
+    if args.cache_peers is not None:
+        members = parse_members(args.cache_peers, "--cache-peers member")
+    else:
+        try:
+            with open(args.cache_peers_file) as f:
+                members = parse_members(f.read(), f"peer in {args.cache_peers_file}")
+        except OSError as e:
+            raise UsageError(f"--cache-peers-file {args.cache_peers_file}: {e.strerror}") from e
+    if not members:
+        raise UsageError("no peer given")
+    token = load_token(args.token_file)
+
+    def ask(member: str) -> dict[str, Any]:
+        client = PeerClient(member, token)
+        try:
+            return {"live": True, "server": client.status(STATUS_TIMEOUT_S)}
+        except PeerCallError as e:
+            return {"live": False, "error": str(e)}
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(max_workers=min(32, len(members))) as pool:
+        answers = dict(zip(members, pool.map(ask, members), strict=True))
+    quarantined = _quarantined_by_local_mounts()
+    live = [m for m in members if answers[m]["live"]]
+    sample = (f"{i:064x}" for i in range(SHARE_SAMPLE))
+    share = shares(live, (_spread(name) for name in sample)) if live else {}
+    doc = {
+        "members": [{"address": m, "share": round(share.get(m, 0.0), 4),
+                     "quarantined_by": quarantined.get(m, []), **answers[m]}
+                    for m in members],
+        "live": live,
+        "down": [m for m in members if m not in live],
+        "quarantined": sorted(m for m in members if quarantined.get(m)),
+    }
+    if args.json:
+        print_json(doc)
+    else:
+        _print_status(doc)
+    return 0 if live else 1
+
+
+def _quarantined_by_local_mounts() -> dict[str, list[str]]:
+    """member -> the mounts of this machine that hold it in quarantine (a member that served a
+    corrupt chunk; each mount decides for itself). Mounts that do not answer in time, or run
+    without peers, are skipped."""
+    from cachefs.errors import CachefsError
+    from cachefs.fuse.mount import cachefs_mounts, mount_stats
+
+    found: dict[str, list[str]] = {}
+    for mountpoint in cachefs_mounts():
+        try:
+            ring = mount_stats(mountpoint, STATUS_TIMEOUT_S).get("peer_ring")
+        except CachefsError:
+            continue
+        if isinstance(ring, dict):
+            for member in ring.get("quarantined", {}):
+                found.setdefault(member, []).append(mountpoint)
+    return found
+
+
+def _spread(name: str) -> str:
+    """Sample chunk names spread like real ones (BLAKE3 outputs), from a counter."""
+    from cachefs.dataset.objects import hash_bytes
+
+    return hash_bytes(name.encode())
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    rows = [("MEMBER", "STATE", "SHARE", "FROM CACHE", "FROM ORIGIN", "ORIGIN BYTES")]
+    for m in doc["members"]:
+        server = m.get("server", {})
+        state = ("quarantined" if m["quarantined_by"] else "live") if m["live"] else "down"
+        rows.append((m["address"], state, f"{m['share']:.1%}",
+                     str(server.get("served_from_cache", "-")),
+                     str(server.get("served_from_origin", "-")),
+                     str(server.get("origin_bytes", "-"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for m in doc["members"]:
+        if not m["live"]:
+            print(f"{m['address']}: {m['error']}", file=sys.stderr)
