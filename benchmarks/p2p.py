@@ -64,7 +64,7 @@ unless `--keep`.
 
 Reproduce (from the repository root, with the project's virtualenv; needs FUSE):
 
-    .venv/bin/python -m benchmarks.p2p --quick           # smoke run, ~2-3 minutes
+    .venv/bin/python -m benchmarks.p2p --quick           # smoke run, ~1 minute
     .venv/bin/python -m benchmarks.p2p --json > out.json # full run, ~4-5 minutes
 
 Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it,
@@ -84,6 +84,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -340,11 +341,15 @@ class Bench:
         for cache in caches:
             cache.mkdir(parents=True)
         sync()
-        servers = [self.procs.peer_server(cache) for cache in caches] if peers else []
+        # Nodes start (and stop) in parallel: each is a few processes of its own, and starting
+        # them one by one cost more than the quick run's reading.
+        with ThreadPoolExecutor(nodes) as pool:
+            servers = list(pool.map(self.procs.peer_server, caches)) if peers else []
         ring = ",".join(s.address for s in servers) if peers else None
         before = self.proxy.get_bytes
-        for point, cache in zip(points, caches):
-            self.procs.mount(point, cache, self.args.memory_cache, ring)
+        with ThreadPoolExecutor(nodes) as pool:
+            list(pool.map(lambda pc: self.procs.mount(pc[0], pc[1], self.args.memory_cache,
+                                                      ring), zip(points, caches)))
         if peers:
             live = [mount_stats(str(p)).get("live_peers") for p in points]
             if live != [nodes] * nodes:
@@ -407,11 +412,9 @@ class Bench:
                 except PeerCallError as e:
                     doc["peer_server"] = {"error": str(e)[:200]}
             node_docs.append(doc)
-        for point in points:
-            self.procs.unmount(point)
-        for server in servers:
-            if server.alive():
-                server.stop()
+        with ThreadPoolExecutor(nodes) as pool:
+            list(pool.map(self.procs.unmount, points))
+            list(pool.map(lambda server: server.stop() if server.alive() else None, servers))
         if not self.args.keep:
             shutil.rmtree(root, ignore_errors=True)
         run = {"nodes": nodes, "peers": peers, "epoch_s": round(epoch_s, 3),
