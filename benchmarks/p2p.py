@@ -86,8 +86,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import benchmarks.read as read_bench
 from benchmarks.common import (
     benchmark_parser,
     describe_spec,
@@ -102,7 +103,6 @@ from benchmarks.common import (
     timed,
     work_dir,
 )
-from benchmarks.read import mounted_points
 from cachefs.dataset.commit import commit_directory
 from cachefs.dataset.repo import Repository
 from cachefs.fuse.mount import mount_stats
@@ -122,7 +122,6 @@ DEFAULT_READERS = 8
 DEFAULT_MEMORY_CACHE = "256MiB"
 KILL_FRACTION = 1 / 3  # of the epoch, when the owner is killed
 KILLED_NODE = 1
-STOP_TIMEOUT_S = 10.0
 VALID_THROTTLE_USE = 0.9
 
 FULL_SPEC = SampleSpec(small_files=3_000, small_mean=110 * 1024, classes=30,
@@ -206,24 +205,13 @@ with open(cfg["out"], "w") as f:
 """
 
 
-class Processes:
-    """Every mount, peer server and reader the run starts, so that `close` undoes all of them."""
+class Processes(read_bench.Processes):
+    """benchmarks.read's record of mounts, mount daemons and child processes (all undone by
+    `close`), plus the peer servers and the nodes' readers of this run."""
 
     def __init__(self, work: Path) -> None:
-        self.work = work
-        self.mountpoints: list[Path] = []
-        self.daemons: set[int] = set()  # cachefs mount daemons (not our children)
+        super().__init__(work)
         self.servers: list[PeerServer] = []
-        self.readers: list[subprocess.Popen[bytes]] = []
-        self._logs: list[IO[bytes]] = []
-
-    def cli(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "cachefs.cli.main", *args],
-                              capture_output=True, text=True, timeout=300, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"cachefs {' '.join(args)} exited {proc.returncode}: "
-                               f"{proc.stderr.strip()[-2000:]}")
-        return proc.stdout
 
     def peer_server(self, cache_dir: Path) -> PeerServer:
         server = PeerServer(cache_dir)
@@ -241,56 +229,26 @@ class Processes:
         self.daemons.add(int(json.loads(self.cli(*args))["pid"]))
 
     def unmount(self, mountpoint: Path) -> None:
-        self.cli("umount", str(mountpoint))  # waits for the daemon to exit
+        self.unmount_cachefs(mountpoint)
 
     def reader(self, config: dict[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
         log_file = open(log_path, "ab")  # noqa: SIM115 (closed in close())
         self._logs.append(log_file)
         proc = subprocess.Popen([sys.executable, "-c", READER, json.dumps(config)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file)
-        self.readers.append(proc)
+        self.children.append(proc)
         return proc
 
     def close(self) -> None:
-        """Lazily unmount everything still mounted; kill what did not exit. Never raises."""
-        for proc in self.readers:
+        """Kill the readers and peer servers still running, then undo the mounts (never
+        raises)."""
+        for proc in self.children:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
-        points = mounted_points()
-        for mountpoint in self.mountpoints:
-            if str(mountpoint) in points:
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
-                                   capture_output=True, timeout=30, check=False)
-        for pid in sorted(self.daemons):
-            if not _wait_gone(pid, "cachefs.fuse.daemon", STOP_TIMEOUT_S):
-                log(f"killing mount daemon {pid}")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
         for server in self.servers:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 server.kill()
-        for log_file in self._logs:
-            log_file.close()
-
-
-def _wait_gone(pid: int, marker: str, timeout: float) -> bool:
-    """Wait until `pid` no longer runs a command line containing `marker`; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except OSError:
-            return True
-        if marker not in cmdline or state == "Z":
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+        super().close()
 
 
 # -- data ---------------------------------------------------------------------------------------
