@@ -19,6 +19,9 @@ START_TIMEOUT_S = 30.0
 LEADER_TIMEOUT_S = 30.0
 
 
+BIND_ATTEMPTS = 3
+
+
 class MasterProcess(ServiceProcess):
     """One `cachefs master serve` member. Ports are picked once, so `start()` after `kill()`
     or `stop()` restarts the same member on the same addresses and data directory."""
@@ -85,18 +88,32 @@ def start_group(root: Path, count: int, started: list[MasterProcess],
     """`count` members (ids 1..count) knowing each other, appended to `started` before they
     start (so the fixture kills them whatever happens); returns once every one serves.
     `tokens` gives each member its own token (default: `token` for all)."""
-    members = [MasterProcess(root / f"master{i}", str(i),
-                             tokens[i - 1] if tokens is not None else token, extra)
-               for i in range(1, count + 1)]
-    peers = ",".join(m.peer_entry for m in members)
-    for m in members:
-        m.peers = peers
-        started.append(m)
-    for m in members:
-        m.start(wait=False)
-    for m in members:
-        m.wait_serving()
-    return members
+    for attempt in range(BIND_ATTEMPTS):
+        # A port picked free can be taken before its member binds it (by the other members'
+        # own outgoing raft connections, among others): then the whole group starts again on
+        # fresh ports and fresh data dirs, since every member's --peers names every port.
+        base = root if attempt == 0 else root / f"attempt{attempt}"
+        base.mkdir(parents=True, exist_ok=True)
+        members = [MasterProcess(base / f"master{i}", str(i),
+                                 tokens[i - 1] if tokens is not None else token, extra)
+                   for i in range(1, count + 1)]
+        peers = ",".join(m.peer_entry for m in members)
+        for m in members:
+            m.peers = peers
+            started.append(m)
+        for m in members:
+            m.start(wait=False)
+        try:
+            for m in members:
+                m.wait_serving()
+        except AssertionError as e:
+            if "cannot listen there" not in str(e) or attempt == BIND_ATTEMPTS - 1:
+                raise
+            for m in members:
+                m.kill()
+            continue
+        return members
+    raise AssertionError("unreachable")
 
 
 def group_status(members: Sequence[MasterProcess], token: str | None = "",
