@@ -74,10 +74,17 @@ ERROR_OF_STATUS: dict[grpc.StatusCode, type[errors.CachefsError]] = {
 }
 
 
+def rpc_status(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """A failed call's status code and the server's message (UNKNOWN and the error's text for
+    an error that carries no status)."""
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    return code, details
+
+
 def error_from_rpc(e: grpc.RpcError, what: str) -> errors.CachefsError:
     """The cachefs exception for a failed call; `what` (e.g. ``storage 10.0.0.5:8700 Get``)
     prefixes the server's message."""
-    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    code, details = rpc_status(e)
     cls = ERROR_OF_STATUS.get(code, errors.RemoteError)
     return cls(f"{what}: {code.name}: {details}")

@@ -6,9 +6,11 @@ import argparse
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from cachefs.cli.common import HelpFormatter, print_json
+from cachefs.names import parse_size
 
 TOKEN_HELP = "file holding the cluster token (default: the CACHEFS_TOKEN environment variable)"
 STATUS_TIMEOUT_S = 2.0
@@ -66,7 +68,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "(default: every configured remote)")
     s.add_argument("--datasets", metavar="PATTERN,...",
                    help="serve chunks only for these datasets (shell patterns; default: all)")
-    s.add_argument("--cache-size", type=_size, metavar="SIZE",
+    s.add_argument("--cache-size", type=parse_size, metavar="SIZE",
                    help="SSD cache bound, as for `cachefs mount` (default: the cache's)")
     s.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (-vv for debug)")
@@ -81,12 +83,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     members.add_argument("--cache-peers-file", metavar="FILE", help="a file listing them")
     t.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
     t.set_defaults(func=status)
-
-
-def _size(value: str) -> int:
-    from cachefs.names import parse_size
-
-    return parse_size(value)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -121,8 +117,8 @@ def serve(args: argparse.Namespace) -> int:
                              f"(configured: {', '.join(sorted(configured))})")
         remotes = {name: configured[name] for name in wanted}
     datasets = [p.strip() for p in (args.datasets or "").split(",") if p.strip()]
-    cache = DiskCache(_cache_dir(args.cache_dir, default_cache_dir()),
-                      capacity_bytes=args.cache_size, verify=object_is_intact)
+    cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else default_cache_dir()
+    cache = DiskCache(cache_dir, capacity_bytes=args.cache_size, verify=object_is_intact)
     service = PeerService(cache, remotes, datasets, advertise)
 
     def ready(address: str) -> None:
@@ -135,12 +131,6 @@ def serve(args: argparse.Namespace) -> int:
         cache.close()
     print("stopped", flush=True)
     return 0
-
-
-def _cache_dir(value: str | None, default: Any) -> Any:
-    from pathlib import Path
-
-    return Path(os.path.abspath(value)) if value else Path(default)
 
 
 def status(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import grpc
 
 from cachefs.errors import RemoteError
 from cachefs.grpc_auth import bearer_metadata
+from cachefs.grpc_errors import rpc_status
 from cachefs.peer.proto import peer_pb2 as pb
 from cachefs.peer.proto import peer_pb2_grpc as pb_grpc
 from cachefs.peer.protocol import MAX_MESSAGE_BYTES
@@ -72,8 +73,7 @@ class PeerClient:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+            code, details = rpc_status(e)
             raise PeerCallError(f"peer {self.address} {what}: {code.name}: {details}",
                                 code) from None
 
