@@ -147,7 +147,9 @@ class TieredStore:
                 if into_memory:
                     self.memory.put(key, data)
                 return data
-        data = await self._from_peers(key) if self.peer is not None else None
+        data = None
+        if self.peer is not None:  # each call bounded by the tier's own deadlines
+            data = await self._tier_call(self.peer, self._peer_limiter, self.peer.get, key)
         if data is None:
             data = await self._from_origin(key)
         if into_memory:
@@ -156,21 +158,18 @@ class TieredStore:
             await self._disk_call(self.disk.put, key, data)
         return data
 
-    async def _from_peers(self, key: str) -> bytes | None:
-        """The chunk from its owner on the peer ring (verified there), or None: go to the origin.
-        Each call has its own deadline (`PeerTier.deadline`), so this never outlasts it."""
-        assert self.peer is not None
-        try:
-            return await trio.to_thread.run_sync(self.peer.get, key, limiter=self._peer_limiter)
-        except Exception as e:  # the tier promises not to raise; be safe anyway
-            log.warning("peer tier failed on %s: %s", key, e)
-            return None
-
     async def _disk_call(self, fn: Callable, *args: object) -> object:  # type: ignore[type-arg]
+        assert self.disk is not None
+        return await self._tier_call(self.disk, self._disk_limiter, fn, *args)
+
+    @staticmethod
+    async def _tier_call(tier: CacheTier, limiter: trio.CapacityLimiter,
+                         fn: Callable, *args: object) -> object:  # type: ignore[type-arg]
+        """`fn(*args)` of a blocking tier on a worker thread; None if it raised."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._disk_limiter)
-        except Exception as e:  # the tier promises not to raise; be safe anyway
-            log.warning("disk cache failed on %s: %s", args[0], e)
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except Exception as e:  # a tier promises not to raise; be safe anyway
+            log.warning("%s tier failed on %s: %s", tier.name, args[0], e)
             return None
 
     async def _from_origin(self, key: str) -> bytes:
