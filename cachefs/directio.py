@@ -10,7 +10,8 @@ asks cachestat(2), which only looks, where a read with RWF_NOWAIT would start re
 
 How. O_DIRECT needs the file offset, the length and the buffer address aligned to the device's
 block (`BLOCK`, 4096: a multiple of every logical block size in use); `AlignedBuffers` keeps
-page-aligned anonymous mappings for reuse, since a fresh mapping faults and zeroes every page. A
+page-aligned anonymous mappings for reuse, since a fresh mapping faults and zeroes every page
+(`result_buffer` gives a fresh one for a read whose bytes are kept). A
 file system without O_DIRECT (tmpfs) makes `open_direct` return None: callers then go through
 the page cache. Without cachestat(2) (Linux < 6.5, or a seccomp filter) `fully_cached` returns
 None and callers read through the page cache.
@@ -91,6 +92,19 @@ class AlignedBuffers:
 
 
 BUFFERS = AlignedBuffers()
+
+
+def result_buffer(size: int) -> mmap.mmap:
+    """A fresh page-aligned buffer of at least `size` bytes for an O_DIRECT read whose bytes
+    are kept (handed on without a copy: a chunk the memory tier will hold). Its pages fault in
+    inside the read system call, outside the GIL, where copying a pooled buffer out into a new
+    bytes object faults and copies every page while holding it (measured: that copy was most
+    of the time the GIL was held while large files streamed from the SSD tier).
+
+    Private, because Python's anonymous maps are shared by default, which makes them shmem
+    (slower faults). No transparent huge pages: on this kind of VM, clearing fresh huge pages
+    made whole passes 3x slower, one time in two."""
+    return mmap.mmap(-1, align_up(max(size, 1)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 class _CachestatRange(ctypes.Structure):

@@ -16,7 +16,11 @@ zeros (sparse regions) are never fetched. Readahead: an open file that is read s
 a prefetch window, starting at one chunk past the request and doubling on every sequential read
 up to `max_readahead_chunks`; a random read resets it. Readahead brings whole chunks into memory,
 and so does a chunk's first read from the origin (then its neighbours in path order, small packed
-files, come from memory).
+files, come from memory). A sequential read of a long extent (`WHOLE_CHUNK_MIN`) fetches its
+chunk whole too, in one disk read that the chunk's other requests join, instead of each request
+reading its own range and the readahead reading the chunk again. Sequential is judged when a
+request arrives, in the kernel's order, not when it completes: the kernel keeps several readahead
+requests in flight, and they finish in any order.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 import trio
 
 from cachefs.cache.tiered import TieredStore
-from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
+from cachefs.dataset.objects import Extent, Kind, TreeEntry, zero_chunk_hash
 from cachefs.errors import CachefsError
 from cachefs.lookup import FileLayout
 
@@ -46,6 +50,8 @@ XATTR_HASH = b"user.cachefs.hash"
 XATTR_INFO = b"user.cachefs.info"  # root only: what is mounted (JSON)
 XATTR_STATS = b"user.cachefs.stats"  # root only: counters (JSON)
 XATTR_WARMUP = b"user.cachefs.warmup"  # files: fetch into the SSD tier; value = bytes fetched
+# A sequentially read extent at least this long is fetched as its whole chunk (see above).
+WHOLE_CHUNK_MIN = 1 << 20
 _TYPE_BITS = {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}
 
 
@@ -304,14 +310,16 @@ class DatasetFS:
         extents = node.entry.extents
         if not pieces:
             return b""
+        sequential = self._readahead(handle, offset, size, pieces[-1][0])
         if len(pieces) == 1:
             index, start, length = pieces[0]
-            reply: bytes | memoryview = await self._piece(extents[index].chunk, start, length)
+            reply: bytes | memoryview = await self._piece(extents[index], start, length,
+                                                          sequential)
         else:
             parts: list[bytes | memoryview] = [b""] * len(pieces)
 
             async def fetch(i: int, index: int, start: int, length: int) -> None:
-                parts[i] = await self._piece(extents[index].chunk, start, length)
+                parts[i] = await self._piece(extents[index], start, length, sequential)
 
             try:
                 async with trio.open_nursery() as nursery:
@@ -321,16 +329,22 @@ class DatasetFS:
                 raise _first_fs_error(group) from None
             reply = b"".join(parts)
         self.reads.bytes += len(reply)
-        self._readahead(handle, offset, len(reply), pieces[-1][0])
         return reply
 
-    async def _piece(self, chunk: str, start: int, length: int) -> bytes | memoryview:
+    async def _piece(self, extent: Extent, start: int, length: int,
+                     sequential: bool) -> bytes | memoryview:
+        chunk = extent.chunk
         if chunk in self.zero_chunks:
             return bytes(length)
         # Only the extent: from memory a slice of the chunk, from the SSD only the sub-blocks
-        # that cover it (see TieredStore.get_range); a piece shorter than asked means the
-        # extent does not fit its chunk.
-        data = await self._call(self.store.chunk_range(chunk, start, length))
+        # that cover it (see TieredStore.get_range), unless a sequential reader will want the
+        # rest of a long extent soon; a piece shorter than asked means the extent does not fit
+        # its chunk.
+        if sequential and extent.length >= WHOLE_CHUNK_MIN:
+            whole = await self._call(self.store.chunk(chunk))
+            data: bytes | memoryview = memoryview(whole)[start : start + length]
+        else:
+            data = await self._call(self.store.chunk_range(chunk, start, length))
         if len(data) != length:
             self.reads.bad_extents += 1
             log.error("an extent (%d+%d) does not fit chunk %s (%d bytes of it there): the tree "
@@ -338,17 +352,26 @@ class DatasetFS:
             raise FsError(errno.EIO)
         return data
 
-    def _readahead(self, handle: Handle, offset: int, length: int, last_index: int) -> None:
-        sequential = offset == handle.next_offset
-        handle.next_offset = offset + length
-        if not sequential or self.nursery is None:
+    def _readahead(self, handle: Handle, offset: int, length: int, last_index: int) -> bool:
+        """Note a request as it arrives; True if it continues the file's sequential reading
+        (then the window grows and the chunks after it are prefetched)."""
+        # The kernel's own readahead requests arrive in file order but may overtake each other
+        # by a request or so on their way through the daemon's worker tasks.
+        gap = offset - handle.next_offset
+        sequential = -2 * length <= gap <= 2 * length
+        handle.next_offset = max(handle.next_offset, offset + length) if sequential \
+            else offset + length
+        if not sequential:
             handle.window = 0
-            return
+            return False
+        if self.nursery is None:
+            return True
         handle.window = min(max(1, handle.window * 2), self.options.max_readahead_chunks)
         extents = handle.inode.entry.extents
         for x in extents[last_index + 1 : last_index + 1 + handle.window]:
             if x.chunk not in self.zero_chunks:
                 self.store.prefetch(self.nursery, f"chunks/{x.chunk[:2]}/{x.chunk}")
+        return True
 
     # -- extended attributes ----------------------------------------------------------------
     def listxattr(self, ino: int) -> list[bytes]:

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs.cache.disk import (
     SUMS_XATTR,
@@ -403,6 +404,77 @@ def test_the_file_system_reads_a_range_from_the_ssd_and_refetches_a_damaged_one(
         stats = fs.stats()
         assert stats["corrupt_chunks"] == 1 and stats["origin_requests"] == 1
         assert stats["read_bytes"] == 220_000
+
+    trio.run(main)
+
+
+def test_a_large_read_around_the_page_cache_is_handed_on_without_a_copy(
+        open_cache: OpenCache, cache_dir: Path) -> None:
+    """A whole chunk read with O_DIRECT is returned as a read-only view of the buffer it was
+    read into, and the memory tier keeps that very object; a writable view it copies."""
+    cache = open_cache()
+    if not cache._direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    key, data = make_object(32, 4 * MiB)
+    cache.put(key, data)
+    drop_cached(entry(cache_dir, key))
+    got = cache.get(key)
+    assert isinstance(got, memoryview) and got.readonly and got == data
+    assert cache.stats().direct_reads == 1
+    memory = MemoryCache(64 * MiB)
+    memory.put(key, got)
+    assert memory.get(key) is got
+    writable = memoryview(bytearray(data))
+    memory.put("chunks/ab/" + "ab" * 32, writable)
+    kept = memory.get("chunks/ab/" + "ab" * 32)
+    assert isinstance(kept, bytes) and kept == data
+
+
+def test_a_sequential_read_from_the_ssd_reads_each_chunk_whole_once(tmp_path: Path) -> None:
+    """A file streamed from the SSD tier (after a remount) costs one whole read per chunk,
+    requests arriving out of order by one included (the kernel keeps several in flight): no
+    range reads of the same chunk beside it, and the origin is never asked."""
+    chunk = 4 * MiB
+    src = tmp_path / "src"
+    src.mkdir()
+    content = random.Random(7).randbytes(chunk * 6)
+    (src / "big.bin").write_bytes(content)
+    repo = Repository(LocalRemote(tmp_path / "repo"))
+    repo.create_dataset("ds", chunk_size=chunk)
+    commit = commit_directory(repo, "ds", "main", src, "v1").commit
+    c = repo.get_commit(commit)
+
+    def make_fs() -> DatasetFS:
+        store = TieredStore(repo, MemoryCache(256 * MiB),
+                            DiskCache(tmp_path / "cache", 256 * MiB, verify=object_is_intact,
+                                      free_space_floor=0))
+        return DatasetFS(store, commit, c.tree, c.time_ns, chunk,
+                         MountOptions(uid=os.getuid(), gid=os.getgid()), {"dataset": "ds"})
+
+    async def main() -> None:
+        first = make_fs()
+        node = await first.lookup(ROOT_INODE, "big.bin")
+        fh = first.open(node.ino, os.O_RDONLY)
+        assert bytes(await first.read(fh, 0, len(content))) == content  # fills the SSD
+        fs = make_fs()
+        node = await fs.lookup(ROOT_INODE, "big.bin")
+        fh = fs.open(node.ino, os.O_RDONLY)
+        step = MiB
+        got = bytearray(len(content))
+        async with trio.open_nursery() as nursery:
+            fs.nursery = nursery
+
+            async def read(offset: int) -> None:
+                got[offset : offset + step] = await fs.read(fh, offset, step)
+
+            for pair in range(0, len(content), 2 * step):  # each pair's second one first
+                nursery.start_soon(read, pair + step)
+                nursery.start_soon(read, pair)
+                await trio.testing.wait_all_tasks_blocked()
+        assert bytes(got) == content
+        stats = fs.stats()
+        assert stats["ssd_range_reads"] == 0 and stats["origin_requests"] == 0
+        assert stats["ssd_hits"] == 6 + 1  # six chunks, whole, and the tree
 
     trio.run(main)
 

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+# An object's bytes as the tiers hand them on: a bytes object, or a read-only memoryview of a
+# buffer that nobody writes (the disk tier's large reads around the page cache, kept without a
+# copy: cachefs.directio.result_buffer). Either is immutable; either slices without a copy.
+Blob = bytes | memoryview
+
 # verify(key, data) -> True if `data` is the intact object named by `key`.
 Verifier = Callable[[str, bytes], bool]
 
@@ -51,7 +56,7 @@ class CacheTier(Protocol):
 
     name: str
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Blob | None:
         """The object's bytes if this tier holds an intact copy, else None (never raises)."""
         ...
 
@@ -60,7 +65,7 @@ class CacheTier(Protocol):
         holds an intact copy, else None (never raises for a valid range)."""
         ...
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Blob) -> None:
         """Offer an object (already verified by the caller); the tier may decline or evict."""
         ...
 

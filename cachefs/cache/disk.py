@@ -71,8 +71,15 @@ from typing import TypeVar
 
 from isal.isal_zlib import crc32
 
-from cachefs.cache.base import TierStats, Verifier
-from cachefs.directio import BLOCK, BUFFERS, align_up, fully_cached, open_direct
+from cachefs.cache.base import Blob, TierStats, Verifier
+from cachefs.directio import (
+    BLOCK,
+    BUFFERS,
+    align_up,
+    fully_cached,
+    open_direct,
+    result_buffer,
+)
 from cachefs.errors import ConfigError
 from cachefs.fsutil import link_into_place, write_new_file
 
@@ -98,6 +105,9 @@ _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, err
 _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 DIRECT_WRITE_MIN = 64 << 10  # smaller entries (trees, commits) go through the page cache
+# A direct read of at least this much goes into a buffer of its own, handed on as a read-only
+# memoryview (see `result_buffer`); smaller ones into a reused buffer, then copied out.
+KEPT_READ_MIN = 1 << 20
 SUMS_XATTR = "user.cachefs.sums"
 SUB_BLOCK_SHIFT = 16  # 64 KiB sub-blocks ...
 MAX_SUB_BLOCKS = 512  # ... doubled until an object has at most this many (2 KiB of sums)
@@ -400,8 +410,10 @@ class DiskCache:
         kind, fan, name = split_cache_key(key)
         return os.path.join(self._objects, kind, fan, name)
 
-    def get(self, key: str) -> bytes | None:
-        """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error).
+    def get(self, key: str) -> Blob | None:
+        """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error): a
+        bytes object, or, for an entry of `KEPT_READ_MIN` or more read around the page cache, a
+        read-only memoryview of a buffer nobody else holds (as immutable as bytes).
 
         An entry with valid sums is checked against them (it was verified with `verify` when
         stored: the sums guard the disk since, at CRC speed instead of the hash's); one without
@@ -419,14 +431,14 @@ class DiskCache:
             return None
         return data
 
-    def _hit(self, path: str, st: os.stat_result, data: bytes) -> bytes:
+    def _hit(self, path: str, st: os.stat_result, data: Blob) -> Blob:
         self._touch(path, st.st_mtime_ns)
         with self._stats_lock:
             self._stats.hits += 1
             self._stats.hit_bytes += len(data)
         return data
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes | None:
+    def get_range(self, key: str, offset: int, length: int) -> Blob | None:
         """The verified bytes [offset, offset + length) of `key` (fewer if the object ends
         first), or None (a miss, a corrupt entry, an I/O error).
 
@@ -437,7 +449,7 @@ class DiskCache:
             raise ValueError(f"bad range: {offset}+{length}")
         return self._read(key, offset, length)
 
-    def _read(self, key: str, offset: int, length: int | None) -> bytes | None:
+    def _read(self, key: str, offset: int, length: int | None) -> Blob | None:
         """`get` (length None: the whole entry, not counted as a range read) and `get_range`."""
         path = self._path(key)
         if self._closed:
@@ -723,7 +735,7 @@ class DiskCache:
 
     def _read_checked(self, key: str, path: str, fd: int, st: os.stat_result,
                       sums: tuple[int, tuple[int, ...]], offset: int,
-                      length: int, whole: bool = False) -> bytes | None:
+                      length: int, whole: bool = False) -> Blob | None:
         """Read the sub-blocks covering the range and check their sums; None (the entry
         dropped) if one fails. `whole`: the whole entry for a get (not counted as a range).
 
@@ -737,24 +749,33 @@ class DiskCache:
         start = (offset >> shift) << shift
         want = min((((end - 1) >> shift) + 1) << shift, st.st_size) - start
         if self._direct and fully_cached(fd, start, want) is False:
-            buf = BUFFERS.take(align_up(want))
-            try:
-                with memoryview(buf) as view:
-                    got = self._read_direct(path, view, start, want)
-                    if got is not None:
-                        return self._checked(key, path, st, sums, view[:got], start, want,
-                                             offset, end, whole, direct=True)
-            finally:
-                BUFFERS.give(buf)
+            if want >= KEPT_READ_MIN:  # read into the buffer that is handed on: no copy
+                view = memoryview(result_buffer(want))
+                got = self._read_direct(path, view, start, want)
+                if got is not None:
+                    return self._checked(key, path, st, sums, view[:got], start, want,
+                                         offset, end, whole, direct=True, kept=True)
+            else:
+                buf = BUFFERS.take(align_up(want))
+                try:
+                    with memoryview(buf) as view:
+                        got = self._read_direct(path, view, start, want)
+                        if got is not None:
+                            return self._checked(key, path, st, sums, view[:got], start, want,
+                                                 offset, end, whole, direct=True)
+                finally:
+                    BUFFERS.give(buf)
         data = _pread_exactly(fd, want, start)
         return self._checked(key, path, st, sums, memoryview(data), start, want, offset, end,
                              whole, direct=False)
 
     def _checked(self, key: str, path: str, st: os.stat_result,
                  sums: tuple[int, tuple[int, ...]], view: memoryview, start: int, want: int,
-                 offset: int, end: int, whole: bool, direct: bool) -> bytes | None:
+                 offset: int, end: int, whole: bool, direct: bool,
+                 kept: bool = False) -> Blob | None:
         """Bytes [offset, end) out of `view` (the sub-blocks read from `start`), or None (the
-        entry dropped) if `view` is short or a sub-block fails its sum."""
+        entry dropped) if `view` is short or a sub-block fails its sum. `kept`: `view` is a
+        buffer of this read's own, returned as a read-only slice instead of copied."""
         shift, crcs = sums
         got = len(view)
         with self._stats_lock:
@@ -769,6 +790,8 @@ class DiskCache:
         if not intact:
             self._drop_corrupt(key, path, st, got)
             return None
+        if kept:
+            return view[offset - start : end - start].toreadonly()
         if direct or offset != start or end - start != got:
             return bytes(view[offset - start : end - start])
         return view.obj  # type: ignore[return-value]  # the bytes read, exactly the range

@@ -1,7 +1,8 @@
 """The memory tier: an in-process LRU of whole objects, bounded by the sum of their sizes.
 
-Entries are the very `bytes` objects that were offered, and `get` hands back that same object,
-so the FUSE layer replies with `memoryview` slices of a cached chunk instead of copies. The
+Entries are the very objects that were offered (bytes, or read-only views of buffers nobody writes:
+`cachefs.cache.base.Blob`), and `get` hands back that same object, so the FUSE layer replies
+with `memoryview` slices of a cached chunk instead of copies. The
 total size of the entries (sum of ``len(data)``) never exceeds the capacity: a put evicts the
 least recently used entries until the new one fits, and an object larger than the whole capacity
 is not cached at all. One lock guards an `OrderedDict` (most recently used last), so get and put
@@ -15,7 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import replace
 
-from cachefs.cache.base import TierStats
+from cachefs.cache.base import Blob, TierStats
 
 
 class MemoryCache:
@@ -27,7 +28,7 @@ class MemoryCache:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, not {capacity_bytes}")
         self._capacity = capacity_bytes
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._entries: OrderedDict[str, Blob] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=capacity_bytes)
@@ -36,7 +37,7 @@ class MemoryCache:
     def capacity_bytes(self) -> int:
         return self._capacity
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Blob | None:
         """The stored bytes object itself (not a copy), or None; a hit makes it most recent."""
         with self._lock:
             data = self._entries.get(key)
@@ -55,10 +56,10 @@ class MemoryCache:
         data = self.get(key)
         return None if data is None else memoryview(data)[offset : offset + length]
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Blob) -> None:
         """Cache `data` under `key`, evicting least recently used entries to make room."""
-        if not isinstance(data, bytes):  # a bytearray/memoryview could change under us
-            data = bytes(data)
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)  # a bytearray or a writable view could change under us
         size = len(data)
         with self._lock:
             if key in self._entries:  # immutable objects: same key, same bytes

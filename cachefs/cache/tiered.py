@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from cachefs.cache.base import CacheTier
+from cachefs.cache.base import Blob, CacheTier
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.peer import PEER_KEYS, PeerTier
 from cachefs.cache.singleflight import SingleFlight
@@ -100,7 +100,7 @@ class TieredStore:
         self.origin = OriginStats()
         self._origin_limiter = trio.CapacityLimiter(origin_parallelism)
         self._disk_limiter = trio.CapacityLimiter(8)
-        self._flights: SingleFlight[bytes] = SingleFlight()
+        self._flights: SingleFlight[Blob] = SingleFlight()
         self._tree_loads: SingleFlight[Tree] = SingleFlight()
         # Decoded trees, bounded by their total number of entries (what costs memory).
         self._trees: OrderedDict[str, Tree] = OrderedDict()
@@ -108,7 +108,7 @@ class TieredStore:
         self._tree_entries_limit = tree_cache_entries
 
     # -- objects --------------------------------------------------------------------------
-    async def get(self, key: str, *, into_memory: bool = True) -> bytes:
+    async def get(self, key: str, *, into_memory: bool = True) -> Blob:
         """The verified bytes of `key`, from the fastest tier that has them."""
         data = self.memory.get(key)
         if data is not None:
@@ -140,7 +140,7 @@ class TieredStore:
             data = await self._flights.run(key, lambda: self._fetch(key, True))
         return memoryview(data)[offset : offset + length]
 
-    async def _fetch(self, key: str, into_memory: bool, ask_disk: bool = True) -> bytes:
+    async def _fetch(self, key: str, into_memory: bool, ask_disk: bool = True) -> Blob:
         if self.disk is not None and ask_disk:
             data = await self._disk_call(self.disk.get, key)
             if data is not None:
@@ -222,7 +222,7 @@ class TieredStore:
             log.debug("prefetch of %s failed: %s", key, e)
 
     # -- typed helpers --------------------------------------------------------------------
-    async def chunk(self, name: str) -> bytes:
+    async def chunk(self, name: str) -> Blob:
         return await self.get(chunk_key(name))
 
     async def chunk_range(self, name: str, offset: int, length: int) -> bytes | memoryview:
@@ -240,7 +240,7 @@ class TieredStore:
         stored = await self.get(tree_key(name), into_memory=False)
         # Off the trio thread: a 100,000-entry tree takes about a second to decode, and every
         # FUSE request would wait for it.
-        tree = await trio.to_thread.run_sync(decode_tree, name, stored)
+        tree = await trio.to_thread.run_sync(decode_tree, name, bytes(stored))
         self._remember_tree(name, tree)
         return tree
 
@@ -256,7 +256,7 @@ class TieredStore:
             self._tree_entries -= len(old.entries)
 
     async def commit(self, name: str) -> Commit:
-        return decode_commit(name, await self.get(commit_key(name), into_memory=False))
+        return decode_commit(name, bytes(await self.get(commit_key(name), into_memory=False)))
 
     def stats(self) -> dict[str, object]:
         memory = self.memory.stats()

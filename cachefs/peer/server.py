@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from cachefs import names
+from cachefs.cache.base import Blob
 from cachefs.cache.disk import DiskCache
 from cachefs.dataset.objects import hash_bytes
 from cachefs.dataset.repo import chunk_key
@@ -155,15 +156,15 @@ class PeerService(pb_grpc.PeerServicer):
         data = self.cache.get(key)
         if data is not None:
             self._count(served_from_cache=1, served_bytes=len(data))
-            return pb.GetChunkResponse(data=data, from_origin=False)
+            return pb.GetChunkResponse(data=bytes(data), from_origin=False)  # a view, maybe
         if request.cached_only:
             self._count(not_found=1)
             raise ObjectNotFound(f"chunk {name} is not cached on peer {self.address}")
         data, fetched = self._flights.run(key, lambda: self._fetch(request.remote, key, name))
         self._count(served_from_origin=1, served_bytes=len(data))
-        return pb.GetChunkResponse(data=data, from_origin=fetched)
+        return pb.GetChunkResponse(data=bytes(data), from_origin=fetched)
 
-    def _fetch(self, remote_name: str, key: str, name: str) -> bytes:
+    def _fetch(self, remote_name: str, key: str, name: str) -> Blob:
         # Another request may have stored it between our cache miss and our turn.
         data = self.cache.get(key)
         if data is not None:
