@@ -21,13 +21,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 # gcc's C library headers (libc6-dev) are only a recommendation of gcc: name them.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        gcc libc6-dev libfuse3-dev pkg-config \
+        gcc libc6-dev libfuse3-dev patch pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # A wheel of cachefs (not editable; Cython comes from [build-system]) and of every runtime
-# dependency: built here where needed (pyfuse3), downloaded as binary wheels otherwise.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# dependency: pyfuse3 with cachefs's patch (patches/), downloaded as binary wheels otherwise.
+RUN scripts/build_pyfuse3.sh /wheels \
+ && pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1

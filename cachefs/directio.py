@@ -33,6 +33,11 @@ import threading
 log = logging.getLogger("cachefs.directio")
 
 BLOCK = 4096
+# Reads of at least this much (a chunk) go around the page cache when it does not hold them,
+# in the SSD tier and in the storage server; smaller ones through it: on this kind of VM a
+# random 110 KB read took twice as long with O_DIRECT (5,000 against 11,000 reads/s, 8
+# threads), and a small read's page-cache fill is cheap, where a chunk's is not.
+DIRECT_READ_MIN = 1 << 20
 _MIN_BUFFER = 64 << 10
 _LARGE_STEP = 1 << 20  # buffers above this grow in steps of it (a 4 MiB chunk's needle: 5 MiB)
 

@@ -153,6 +153,7 @@ class ReadCounters:
     bytes: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # request size -> count
     bad_extents: int = 0  # reads refused because an extent did not fit its chunk
+    open_requests: int = 0  # OPENs the kernel sent (at most one without OPEN: see fuse.operations)
 
 
 class DatasetFS:
@@ -176,6 +177,7 @@ class DatasetFS:
         self._by_key: dict[tuple[int, str], int] = {}
         self._next_ino = ROOT_INODE + 1
         self._handles: dict[int, Handle] = {}
+        self._streams: dict[int, Handle] = {}  # inode -> reads without OPEN (read_inode)
         self._next_fh = 1
         self.reads = ReadCounters()
         self.nursery: trio.Nursery | None = None  # set by the daemon, for readahead tasks
@@ -207,6 +209,7 @@ class DatasetFS:
         if node.lookups <= 0:
             del self._inodes[ino]
             self._by_key.pop(node.key, None)
+            self._streams.pop(ino, None)
 
     @property
     def inode_count(self) -> int:
@@ -303,6 +306,20 @@ class DatasetFS:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        return await self._read(handle, offset, size)
+
+    async def read_inode(self, ino: int, offset: int, size: int) -> bytes | memoryview:
+        """A read without a handle (the kernel sends no OPEN: see cachefs.fuse.operations).
+        The file's readahead state is kept per inode, until the kernel forgets the inode."""
+        handle = self._streams.get(ino)
+        if handle is None:
+            node = self._inodes.get(ino)
+            if node is None or node.entry.kind is not Kind.FILE:
+                raise FsError(errno.EBADF)
+            handle = self._streams[ino] = Handle(node)
+        return await self._read(handle, offset, size)
+
+    async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
         node = handle.inode
         self.reads.requests += 1
         self.reads.sizes[size] = self.reads.sizes.get(size, 0) + 1
@@ -311,15 +328,16 @@ class DatasetFS:
         if not pieces:
             return b""
         sequential = self._readahead(handle, offset, size, pieces[-1][0])
+        small = node.entry.size < WHOLE_CHUNK_MIN  # packed with its neighbours, likely
         if len(pieces) == 1:
             index, start, length = pieces[0]
             reply: bytes | memoryview = await self._piece(extents[index], start, length,
-                                                          sequential)
+                                                          sequential, small)
         else:
             parts: list[bytes | memoryview] = [b""] * len(pieces)
 
             async def fetch(i: int, index: int, start: int, length: int) -> None:
-                parts[i] = await self._piece(extents[index], start, length, sequential)
+                parts[i] = await self._piece(extents[index], start, length, sequential, small)
 
             try:
                 async with trio.open_nursery() as nursery:
@@ -332,19 +350,22 @@ class DatasetFS:
         return reply
 
     async def _piece(self, extent: Extent, start: int, length: int,
-                     sequential: bool) -> bytes | memoryview:
+                     sequential: bool, small_file: bool) -> bytes | memoryview:
         chunk = extent.chunk
         if chunk in self.zero_chunks:
             return bytes(length)
         # Only the extent: from memory a slice of the chunk, from the SSD only the sub-blocks
         # that cover it (see TieredStore.get_range), unless a sequential reader will want the
         # rest of a long extent soon; a piece shorter than asked means the extent does not fit
-        # its chunk.
+        # its chunk. A small file's chunk is most likely a pack of its neighbours in path
+        # order, which a training epoch reads too: the SSD tier is asked to read it whole into
+        # the page cache (one large read instead of one small read per file), where the
+        # neighbours are then read without a worker thread.
         if sequential and extent.length >= WHOLE_CHUNK_MIN:
             whole = await self._call(self.store.chunk(chunk))
             data: bytes | memoryview = memoryview(whole)[start : start + length]
         else:
-            data = await self._call(self.store.chunk_range(chunk, start, length))
+            data = await self._call(self.store.chunk_range(chunk, start, length, small_file))
         if len(data) != length:
             self.reads.bad_extents += 1
             log.error("an extent (%d+%d) does not fit chunk %s (%d bytes of it there): the tree "
@@ -458,4 +479,5 @@ class DatasetFS:
             "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},
             "inodes": self.inode_count,
             "open_files": len(self._handles),
+            "open_requests": self.reads.open_requests,
         }

@@ -22,13 +22,13 @@ file's new size is metadata, so the group commit's fdatasync is what makes the n
 Reads stay buffered (warm reads are the page cache's job); the kernel drops cached pages of a
 range an O_DIRECT write covers.
 
-Large reads. A needle of at least `DIRECT_READ_MIN` bytes (a cachefs chunk) is read from the
-page cache when all of it is there (`fully_cached` asks with cachestat(2), which starts no I/O,
-where a read with RWF_NOWAIT would start readahead on a miss) and otherwise with O_DIRECT
-(`DirectReader`) into a reused aligned buffer and copied out: a cold chunk costs no page-cache
-fill (measured: that fill was 2.2 s of system CPU per storage server for a 3.2 GB checkout),
-and chunks streaming through do not evict the small, hot needles. Small needles are always read
-through the page cache, which is their cache.
+Large reads. A needle of at least `cachefs.directio.DIRECT_READ_MIN` bytes (a cachefs chunk) is
+read from the page cache when all of it is there (`fully_cached` asks with cachestat(2), which
+starts no I/O, where a read with RWF_NOWAIT would start readahead on a miss) and otherwise with
+O_DIRECT (`DirectReader`) into a reused aligned buffer and copied out: a cold chunk costs no
+page-cache fill (measured: that fill was 2.2 s of system CPU per storage server for a 3.2 GB
+checkout), and chunks streaming through do not evict the small, hot needles. Small needles are
+always read through the page cache, which is their cache.
 
 The aligned buffers, `DirectReader` and cachestat(2) are shared with the SSD tier in
 `cachefs/directio.py`. A file system without O_DIRECT (tmpfs) makes `DirectAppender.open` and
@@ -46,7 +46,6 @@ from cachefs.errors import LocalIOError
 
 log = logging.getLogger(__name__)
 
-DIRECT_READ_MIN = 1 << 20
 _ZEROS = bytes(BLOCK)
 
 

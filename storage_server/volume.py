@@ -49,10 +49,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cachefs.directio import BLOCK, DirectReader, fully_cached
+from cachefs.directio import BLOCK, DIRECT_READ_MIN, DirectReader, fully_cached
 from cachefs.errors import CorruptObject, LocalIOError
 from cachefs.fsutil import fsync_dir
-from storage_server.direct import DIRECT_READ_MIN, DirectAppender
+from storage_server.direct import DirectAppender
 from storage_server.index import Index, NeedleLocation, Record
 from storage_server.needle import (
     HEADER_BYTES,

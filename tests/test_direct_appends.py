@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.directio import BLOCK, AlignedBuffers
+from cachefs.directio import BLOCK, DIRECT_READ_MIN, AlignedBuffers
 from cachefs.errors import CorruptObject, LocalIOError
-from storage_server.direct import DIRECT_READ_MIN
 from storage_server.needle import HEADER_BYTES, needle_size
 from storage_server.store import VolumeStore
 from tests.storage_servers import needles

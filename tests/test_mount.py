@@ -385,3 +385,46 @@ def test_mount_t_fuse_cachefs_through_mount8(dataset: Path, mounts: MountSet) ->
     finally:
         if created:
             link.unlink()
+
+
+def test_opens_reach_the_daemon_at_most_once_and_pages_stay_cached(
+        dataset: Path, mounts: MountSet) -> None:
+    """With cachefs's pyfuse3 patch the kernel sends no OPEN (after the first, answered
+    ENOSYS) and no RELEASE, and keeps each file's pages across opens: re-reading files costs
+    no request. Without the patch every open is an OPEN."""
+    import pyfuse3
+
+    patched = bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
+    mnt = mounts.mount("ds", mounts.mountpoint())
+    files = sorted((dataset / "small").iterdir())[:40]
+    for _ in range(3):
+        for path in files:
+            assert (mnt / "small" / path.name).read_bytes() == path.read_bytes()
+    figures = stats(mnt)
+    assert figures["fuse_no_open"] is patched
+    assert figures["open_requests"] == (1 if patched else 3 * len(files))
+    assert figures["read_requests"] == len(files)  # the 2nd and 3rd rounds: the page cache
+    assert figures["open_files"] == 0
+    with open(mnt / "many_chunks.bin", "rb") as f:  # a large file read in two halves
+        data = (dataset / "many_chunks.bin").read_bytes()
+        f.seek(len(data) // 2)
+        assert f.read() == data[len(data) // 2 :]
+        f.seek(0)
+        assert f.read(len(data) // 2) == data[: len(data) // 2]
+
+
+def test_two_versions_mounted_in_turn_at_one_path(dataset: Path, mounts: MountSet) -> None:
+    """No page of one version is served for the other: each mount is a new connection, so a
+    kept page cache (across opens, no OPEN to drop it) never crosses versions."""
+    mnt = mounts.mountpoint()
+    name = "small/img_0007.jpg"
+    v1 = (dataset / name).read_bytes()
+    run_cli("tag", "ds", "v1")
+    v2 = b"version two " * 50
+    (dataset / name).write_bytes(v2)
+    run_cli("commit", "ds", str(dataset), "-m", "v2")
+    for ref, expected in (("ds@v1", v1), ("ds@main", v2), ("ds@v1", v1)):
+        mounts.mount(ref, mnt)
+        assert (mnt / name).read_bytes() == expected
+        assert (mnt / name).read_bytes() == expected  # from the page cache
+        run_cli("umount", str(mnt))

@@ -115,19 +115,27 @@ class TieredStore:
             return data
         return await self._flights.run(key, lambda: self._fetch(key, into_memory))
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes | memoryview:
+    async def get_range(self, key: str, offset: int, length: int,
+                        prefetch_entry: bool = False) -> bytes | memoryview:
         """Bytes [offset, offset + length) of `key` (fewer if the object ends first).
 
         From memory if the object is there (a slice); else from the disk tier, which reads and
         checks only the sub-blocks covering the range, and the range does not enter the memory
         tier (whole objects get there from the origin and through readahead); else the whole
         object is fetched from the origin as by `get` (memory and disk filled) and sliced.
+        A range the page cache holds is read right here, on the event loop (a worker thread
+        would cost more than the read); others on a worker thread. `prefetch_entry`: see
+        `DiskCache.get_range` (the rest of the object is wanted soon: a pack of small files).
         """
         data = self.memory.get(key)
         if data is None and self.disk is not None and key not in self._flights:
             get_range = getattr(self.disk, "get_range", None)
             if get_range is not None:
-                part = await self._disk_call(get_range, key, offset, length)
+                if_cached = getattr(self.disk, "get_range_if_cached", None)
+                part = None if if_cached is None else if_cached(key, offset, length)
+                if part is not None:
+                    return part
+                part = await self._disk_call(get_range, key, offset, length, prefetch_entry)
                 if part is not None:
                     return part  # type: ignore[return-value]
                 # A miss, or a corrupt entry (dropped): the origin, not the disk again. Another
@@ -225,9 +233,10 @@ class TieredStore:
     async def chunk(self, name: str) -> Blob:
         return await self.get(chunk_key(name))
 
-    async def chunk_range(self, name: str, offset: int, length: int) -> bytes | memoryview:
+    async def chunk_range(self, name: str, offset: int, length: int,
+                          prefetch_entry: bool = False) -> bytes | memoryview:
         """Bytes [offset, offset + length) of chunk `name` (see `get_range`)."""
-        return await self.get_range(chunk_key(name), offset, length)
+        return await self.get_range(chunk_key(name), offset, length, prefetch_entry)
 
     async def tree(self, name: str) -> Tree:
         tree = self._trees.get(name)

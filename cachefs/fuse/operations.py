@@ -5,6 +5,12 @@ the readdirplus lookup-count contract (an entry's count rises only when the kern
 turns `FsError` into `FUSEError`. Writes of any kind get EROFS (the mount is also mounted `ro`,
 so the kernel refuses most of them before they reach us). Because a version never changes, the
 kernel may cache entries and attributes for a day and keep file pages across opens.
+
+Opens cost nothing where pyfuse3 carries cachefs's patch (`NO_OPEN`, patches/pyfuse3-*.patch):
+the first OPEN is answered ENOSYS, after which the kernel sends no OPEN or RELEASE on this mount
+and keeps every file's page cache across opens, and `read` gets the inode in place of a file
+handle (`DatasetFS.read_inode`). A small file then costs a LOOKUP and a READ, and once its pages
+are cached, nothing. Without the patch, `open` hands out file handles as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from cachefs.fs import Attributes, Caller, DatasetFS, FsError, Inode
 
 log = logging.getLogger("cachefs.fuse")
 
+# pyfuse3 with cachefs's patch (patches/): `open` may answer ENOSYS, after which the kernel sends
+# no OPEN or RELEASE (and keeps each file's page cache across opens), and `read` gets the inode.
+NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
 CACHE_TIMEOUT_S = 86400.0  # immutable content: entries and attributes never go stale
 T = TypeVar("T")
 
@@ -73,6 +82,10 @@ class CachefsOperations(pyfuse3.Operations):
     def __init__(self, fs: DatasetFS) -> None:
         super().__init__()
         self.fs = fs
+        fs.status["fuse_no_open"] = NO_OPEN
+        if not NO_OPEN:
+            log.info("pyfuse3 without cachefs's patch (scripts/build_pyfuse3.sh): every open of "
+                     "a file costs an OPEN and a RELEASE request")
 
     @_errors_to_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
@@ -112,11 +125,19 @@ class CachefsOperations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        self.fs.reads.open_requests += 1
+        if NO_OPEN:
+            # The kernel stops sending OPEN and RELEASE (and keeps the page cache of every file
+            # across opens). Nothing is lost: the mount is read-only ("ro", so the kernel refuses
+            # opens for writing itself) and checks modes itself (default_permissions).
+            raise FsError(errno.ENOSYS)
         fh = self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> Any:
+        if NO_OPEN:  # `fh` is the inode
+            return await self.fs.read_inode(fh, off, size)
         return await self.fs.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
