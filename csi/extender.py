@@ -29,6 +29,13 @@ with ref when ref is a hex prefix of at least 4 characters (a volume that record
 matches by commit only). Per wanted version the best matching entry counts (bytes_cached), each
 entry once. Score = round(10 * bytes on the node / the most bytes on any candidate node), half
 up; 0 everywhere when nothing is cached anywhere.
+
+**Peers.** A node's inventory may carry its peer server (`peer`: the address the peer ring knows
+it by, and whether it answered its Status). That server serves the node's own cache directory,
+so the chunks it holds are the node's cached bytes, already counted above, each once. What it
+adds is the explanation (`explain`, which the server logs per prioritize): each node's score
+with its cached bytes and its peer, live or down (a down peer means the node's cached chunks
+reach no other node until it is back).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from cachefs.names import is_hash_prefix
+from cachefs.names import format_size, is_hash_prefix
 from csi import labels
 from csi.rpc import DRIVER_NAME
 
@@ -196,12 +203,23 @@ class CachedVersion:
 
 
 @dataclass(frozen=True)
+class PeerFacts:
+    """The node's peer server as its inventory reports it."""
+
+    address: str  # the address the ring knows it by (its Status's), else where it was asked
+    live: bool
+    served_bytes: int | None = None
+    origin_bytes: int | None = None  # read from the origin on behalf of the other nodes
+
+
+@dataclass(frozen=True)
 class NodeFacts:
     published: bool = False  # cachefs labels or an inventory annotation
     gpu_count: int | None = None
     gpu_models: tuple[str, ...] = ()  # as published (shown in reasons)
     rdma: bool | None = None
     cached: tuple[CachedVersion, ...] = field(default_factory=tuple)
+    peer: PeerFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,7 @@ class _Inventory:
     gpu_models: tuple[str, ...] = ()
     rdma: bool | None = None
     cached: tuple[CachedVersion, ...] = ()
+    peer: PeerFacts | None = None
 
 
 def _int(value: Any) -> int | None:
@@ -234,6 +253,18 @@ def _strings(value: Any) -> tuple[str, ...]:
                 out.append(item)
         return tuple(out)
     return ()
+
+
+def _peer(document: Any) -> PeerFacts | None:
+    """The inventory's `peer` section (`csi.inventory.peer_info`), or None."""
+    if not isinstance(document, dict):
+        return None
+    server = _dict(document.get("server"))
+    address = server.get("address") or document.get("address")
+    if not isinstance(address, str) or not address:
+        return None
+    return PeerFacts(address, document.get("live") is True, _int(server.get("served_bytes")),
+                     _int(server.get("origin_bytes")))
 
 
 @lru_cache(maxsize=4096)
@@ -282,7 +313,8 @@ def parse_inventory(text: str) -> _Inventory | None:
         refs = tuple(_ref_name(r) for r in _strings(entry.get("refs")))
         cached.append(CachedVersion(dataset, commit.lower(), refs,
                                     max(_int(entry.get("bytes_cached")) or 0, 0)))
-    return _Inventory(gpu_count, gpu_models or (), rdma, tuple(cached))
+    return _Inventory(gpu_count, gpu_models or (), rdma, tuple(cached),
+                      _peer(document.get("peer")))
 
 
 def node_facts(node: dict[str, Any]) -> NodeFacts:
@@ -303,7 +335,7 @@ def node_facts(node: dict[str, Any]) -> NodeFacts:
     gpu_models = (model,) if isinstance(model, str) and model else inventory.gpu_models
     rdma_label = str(node_labels.get(labels.RDMA, "")).strip().lower()
     rdma = {"true": True, "false": False}.get(rdma_label, inventory.rdma)
-    return NodeFacts(published, gpu_count, gpu_models, rdma, inventory.cached)
+    return NodeFacts(published, gpu_count, gpu_models, rdma, inventory.cached, inventory.peer)
 
 
 def check_node(wants: Requirements, facts: NodeFacts) -> str | None:
@@ -486,3 +518,22 @@ def priority_list(args: ExtenderArgs, wanted: list[WantedVersion],
         bytes_by_node[name] = cached_bytes(wanted, known) if isinstance(known, NodeFacts) else 0
     scored = scores(bytes_by_node)
     return [{"Host": name, "Score": scored[name]} for name in args.node_names]
+
+
+def explain(priorities: list[dict[str, Any]], wanted: list[WantedVersion],
+            facts: dict[str, NodeFacts | str]) -> str:
+    """Why each node got its score: the bytes of the wanted versions it caches, and its peer
+    server (the module doc, "Peers"). One clause per node, in the order scored."""
+    clauses = []
+    for entry in priorities:
+        name, score = entry["Host"], entry["Score"]
+        known = facts.get(name)
+        if not isinstance(known, NodeFacts):
+            clauses.append(f"{name}={score} ({known or 'no facts'})")
+            continue
+        text = f"{name}={score} ({format_size(cached_bytes(wanted, known))} cached"
+        if known.peer is not None:
+            state = "live" if known.peer.live else "down"
+            text += f", peer {known.peer.address} {state}"
+        clauses.append(text + ")")
+    return "; ".join(clauses)

@@ -205,8 +205,7 @@ class Extender:
         result = extender.priority_list(args, wanted, facts)
         if wanted:
             log.debug("prioritize %s (%s): %s", extender.pod_label(args.pod),
-                      ", ".join(map(str, wanted)),
-                      " ".join(f"{p['Host']}={p['Score']}" for p in result))
+                      ", ".join(map(str, wanted)), extender.explain(result, wanted, facts))
         return result
 
 

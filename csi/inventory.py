@@ -19,6 +19,8 @@ so tests can feed a fake tree) and from the SSD cache directory, without writing
      "datasets": [{"dataset": "imagenet", "commit": "<64 hex>", "refs": ["main", "v1"],
                    "remote": "s3://bucket/prefix", "bytes_total": ..., "bytes_cached": ...,
                    "fraction_cached": 0.42, "complete": true}],
+     "peer": {"address": "127.0.0.1:7470", "live": true,
+              "server": {"address": "10.0.0.7:7470", "served_from_cache": ..., ...}},
      "collected_at": "2026-01-01T00:00:00Z"}
 
 GPUs come from ``nvidia-smi`` when it is on PATH (and answers within a timeout), else from
@@ -26,6 +28,16 @@ GPUs come from ``nvidia-smi`` when it is on PATH (and answers within a timeout),
 there); `source` says which ("none" without GPUs). RDMA devices are those of
 /sys/class/infiniband (InfiniBand and RoCE alike: `link_layer` tells them apart). `speed_mbps`
 is null where the kernel does not know it (virtual interfaces, links down).
+
+The node's peer server (`cachefs peer serve`, the peer tier's member on this node), when one is
+configured (`peer_address`): asked for its `Status` (`cachefs.peer.client.PeerClient`, with the
+cluster token, at most `PEER_STATUS_TIMEOUT_S`), its answer is `server`, the document `cachefs
+peer status --json` shows per member (the address the ring knows it by, the remotes and
+datasets it serves, its cache, and its counters: chunks served from its cache and from the
+origin, bytes served, origin bytes fetched on behalf of others); a server that does not answer
+is `"live": false` with the `error`. `peer` is null without one. The peer server serves the
+node's cache directory, the one the `datasets` are counted in: the chunks it holds are the
+node's cached bytes.
 
 Cached datasets: every mount daemon records the version it serves under CACHE_DIR/versions/
 (`cachefs.cache.versions`). For each, the commit's trees are walked as stored in the SSD tier
@@ -77,6 +89,7 @@ from cachefs.dataset.objects import (
 )
 from cachefs.dataset.repo import chunk_key, commit_key, tree_key
 from cachefs.names import format_size
+from cachefs.peer.client import PeerCallError, PeerClient
 
 log = logging.getLogger("cachefs.csi.inventory")
 
@@ -84,6 +97,7 @@ NVIDIA_SMI_TIMEOUT_S = 10.0
 NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"]
 PRESENCE_TTL_S = 60.0  # which chunks are cached is rechecked at least this often
 GPU_TTL_S = 30.0  # collect_inventory runs nvidia-smi at most this often
+PEER_STATUS_TIMEOUT_S = 2.0
 _RATE_RE = re.compile(r"([0-9.]+)\s*Gb/sec")
 
 
@@ -505,6 +519,20 @@ def cached_datasets(cache_dir: str) -> list[dict[str, Any]]:
     return scanner.scan()
 
 
+# -- the peer server ---------------------------------------------------------------------------
+
+def peer_info(address: str, token: str | None,
+              timeout: float = PEER_STATUS_TIMEOUT_S) -> dict[str, Any]:
+    """The node's peer server at `address` as the inventory shows it (see the module doc)."""
+    client = PeerClient(address, token)
+    try:
+        return {"address": address, "live": True, "server": client.status(timeout)}
+    except (PeerCallError, ValueError) as e:  # ValueError: a Status that is not JSON
+        return {"address": address, "live": False, "error": str(e)}
+    finally:
+        client.close()
+
+
 # -- all of it --------------------------------------------------------------------------------
 
 _gpus_seen: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
@@ -525,10 +553,11 @@ def _gpus(root: str) -> dict[str, Any]:
 
 
 def collect_inventory(cache_dir: str | None, root: str = "/",
-                      node_name: str | None = None) -> dict[str, Any]:
+                      node_name: str | None = None, peer_address: str | None = None,
+                      peer_token: str | None = None) -> dict[str, Any]:
     """The node's inventory (shape: see the module doc). `cache_dir` None: no cache section
     and no datasets. `node_name` (the Kubernetes node name) wins over the host name, which in
-    a pod is the pod's."""
+    a pod is the pod's. `peer_address`: the node's peer server (asked with `peer_token`)."""
     return {
         "node": node_name or hostname(root),
         "cpu": cpu_info(root),
@@ -539,6 +568,7 @@ def collect_inventory(cache_dir: str | None, root: str = "/",
         "network": network_info(root),
         "cache": cache_info(cache_dir) if cache_dir else None,
         "datasets": cached_datasets(cache_dir) if cache_dir else [],
+        "peer": peer_info(peer_address, peer_token) if peer_address else None,
         "collected_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
 
@@ -586,6 +616,9 @@ def describe(inventory: dict[str, Any]) -> str:
         row("cache", f"{cache['dir']}: {_size(cache['used_bytes'])} used of "
                      f"{_size(cache['capacity_bytes'])} (disk: {_size(cache['free_bytes'])} "
                      f"free of {_size(cache['filesystem_bytes'])})")
+    peer = inventory.get("peer")
+    if peer:
+        row("peer", describe_peer(peer))
     datasets = inventory["datasets"]
     if not datasets:
         row("datasets", "none cached" if cache else "no cache directory given")
@@ -601,3 +634,16 @@ def describe(inventory: dict[str, Any]) -> str:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
                      .rstrip())
     return "\n".join(lines)
+
+
+def describe_peer(peer: dict[str, Any]) -> str:
+    """One line for the inventory's `peer` section."""
+    if not peer.get("live"):
+        return f"{peer.get('address')} not answering: {peer.get('error')}"
+    server = peer.get("server") or {}
+    advertised = server.get("address")
+    name = peer.get("address") if advertised in (None, "", peer.get("address")) else (
+        f"{advertised} (asked at {peer.get('address')})")
+    return (f"{name} live: {server.get('served_from_cache', 0)} chunks served from its cache, "
+            f"{server.get('served_from_origin', 0)} from the origin, "
+            f"{_size(server.get('origin_bytes'))} read from the origin for its peers")

@@ -8,7 +8,8 @@ in their own sessions (`cachefs.fuse.mount.start`), so they survive a restart of
 too: the mounter only records what it made and keeps it healthy.
 
 Run it as ``python -m csi.mounter --socket PATH --state-dir DIR [--health-interval 2]
-[--cache-dir DIR]`` (or ``cachefs csi mounter ...``); talk to it with `MounterClient`.
+[--cache-dir DIR] [--cache-peers SPEC] [--token-file FILE]`` (or ``cachefs csi mounter ...``);
+talk to it with `MounterClient`.
 
 Wire protocol (AF_UNIX, SOCK_STREAM, socket mode 0600): one request per connection. The client
 sends one JSON object on one line (at most `MAX_REQUEST_BYTES`, newline-terminated), the mounter
@@ -38,6 +39,18 @@ INVALID_ARGUMENT) before any connection is made. This is checked here, not only 
 because every path arrives here: stage, inline publish, and every remount of a recorded mount
 (repair re-checks the recorded URL by the same rule, with the inline flag recorded for the mount;
 a mount recorded before the flag existed counts as inline).
+
+The peer tier. With ``--cache-peers SPEC`` (default: the ``CACHEFS_CACHE_PEERS`` environment
+variable, which the node DaemonSet fills from the ``cache-peers`` key of the cachefs-config
+ConfigMap) every mount the mounter starts joins that peer ring, exactly as ``cachefs mount
+--remote NAME --cache-peers SPEC [--token-file FILE]`` would: SPEC is parsed as the mount CLI
+parses it (`peer_members`), and the cluster token is ``--token-file`` or else the
+``CACHEFS_TOKEN`` the mount daemons inherit. The membership is the operator's, never a volume's:
+no request field can name peers or addresses (a ``mount`` request with any field beyond those
+listed is refused). Peers are asked for chunks of a remote by its configured name, so a mount of
+a URL that no configured remote has (``--allow-remote-urls``) runs without the peer tier (logged).
+A mount started again (a repair, a mounter restart that found it dead) takes the mounter's
+current peer settings, not the recorded ones: they are the node's, like its credentials.
 
 State: ``STATE_DIR/mounter.json`` records every mount (path -> its MountConfig fields), which of
 them are inline volumes, and every bind (target -> source); it is rewritten atomically (temp
@@ -90,7 +103,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +113,9 @@ from cachefs.errors import CachefsError, LocalIOError, MountError, MountHung, Us
 from cachefs.fuse import mount as fuse_mount
 from cachefs.fuse.config import MountConfig, default_cache_dir
 from cachefs.fuse.mount import mount_table, top_mount
+from cachefs.grpc_auth import load_token
 from cachefs.names import check_hash, check_name
+from cachefs.peer.ring import parse_members
 
 log = logging.getLogger("cachefs.csi.mounter")
 
@@ -117,6 +132,7 @@ SUN_PATH_MAX = 107
 # calling a healthy daemon hung would cut off every pod reading it.
 HANG_TIMEOUT_S = 10.0
 PROBE_PARALLELISM = 16
+PEERS_ENV = "CACHEFS_CACHE_PEERS"  # the default of --cache-peers (the DaemonSet sets it)
 
 _STR = (str,)
 _OPT_STR = (str, type(None))
@@ -222,8 +238,11 @@ def error_from_wire(type_name: str, message: str) -> CachefsError:
 
 def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0,
                   hang_timeout: float = HANG_TIMEOUT_S,
-                  allow_remote_urls: bool = False) -> subprocess.Popen[bytes]:
+                  allow_remote_urls: bool = False, cache_peers: str | None = None,
+                  token_file: str | None = None) -> subprocess.Popen[bytes]:
     """Start a mounter process (in its own session) and return once it answers ping.
+    `cache_peers`, `token_file`: its --cache-peers and --token-file (without them it still
+    reads CACHEFS_CACHE_PEERS from the environment it inherits).
 
     Its log goes to STATE_DIR/mounter.log. Raises MountError (and kills it) if it exits or does
     not answer within SPAWN_TIMEOUT_S.
@@ -236,6 +255,10 @@ def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0
             "--hang-timeout", str(hang_timeout)]
     if allow_remote_urls:
         argv.append("--allow-remote-urls")
+    if cache_peers is not None:
+        argv += ["--cache-peers", cache_peers]
+    if token_file is not None:
+        argv += ["--token-file", token_file]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv,
@@ -469,6 +492,58 @@ class StateStore:
 
 
 # --------------------------------------------------------------------------------------------
+# the peer ring of the node's mounts
+
+
+def peer_members(spec: str | None) -> list[str] | None:
+    """The members `--cache-peers SPEC` names, parsed as `cachefs mount --cache-peers` parses
+    them; None for no peer tier (no SPEC, or only blanks). UsageError for a bad SPEC."""
+    if spec is None or not spec.strip():
+        return None
+    members = parse_members(spec, "--cache-peers member")
+    if not members:
+        raise UsageError(f"--cache-peers {spec!r}: no member given")
+    return members
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """The peer ring every mount of the node joins (module doc, "The peer tier"): the
+    operator's flags, never a volume's attributes."""
+
+    members: tuple[str, ...] = ()  # empty: no peer tier
+    token_file: str | None = None  # None: the CACHEFS_TOKEN the mount daemons inherit
+
+    @classmethod
+    def parse(cls, spec: str | None, token_file: str | None) -> PeerSettings:
+        """From the flags; a token file must be readable and hold a token (UsageError)."""
+        members = peer_members(spec) or []
+        if token_file:
+            token_file = os.path.abspath(token_file)
+            load_token(token_file)
+        return cls(tuple(members), token_file or None)
+
+    def for_mount(self, remote_name: str | None, path: str) -> dict[str, Any]:
+        """The MountConfig fields of a mount of the remote configured as `remote_name` (None: a
+        URL no configured remote has, which peers cannot be asked for)."""
+        settings: dict[str, Any] = {"remote_name": remote_name, "cache_peers": None,
+                                    "token_file": None}
+        if not self.members:
+            return settings
+        if remote_name is None:
+            log.warning("mount %s: its remote is a URL no configured remote has, and peers are "
+                        "asked for a remote by its configured name: no peer tier", path)
+            return settings
+        return {**settings, "cache_peers": list(self.members), "token_file": self.token_file}
+
+    def describe(self) -> str:
+        if not self.members:
+            return "no peer tier"
+        token = f"token {self.token_file}" if self.token_file else "token from CACHEFS_TOKEN"
+        return f"peers {','.join(self.members)} ({token})"
+
+
+# --------------------------------------------------------------------------------------------
 # the mounter
 
 
@@ -476,18 +551,21 @@ class Mounter:
     """Mount, bind, unmount and unbind, record all of it, and keep recorded mounts healthy."""
 
     def __init__(self, state_dir: str, cache_dir: str | None = None,
-                 hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False) -> None:
+                 hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False,
+                 peers: PeerSettings | None = None) -> None:
         self.state = StateStore(state_dir)
         self.locks = KeyedLocks()
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else None
         self.hang_timeout = hang_timeout
         self.allow_remote_urls = allow_remote_urls
+        self.peers = peers or PeerSettings()
 
-    def remote_url(self, remote: str, inline: bool) -> str:
-        """The URL a mount may reach for `remote`, or ConfigError: the trust rule (module doc).
-        Read from config.toml each time, so a remote the admin removes is refused from then on."""
+    def remote(self, remote: str, inline: bool) -> tuple[str | None, str]:
+        """(configured name or None, URL) a mount may reach for `remote`, or ConfigError: the
+        trust rule (module doc). Read from config.toml each time, so a remote the admin removes
+        is refused from then on."""
         allow = self.allow_remote_urls and not inline
-        return Config.load().remote_for_volume(remote, allow_urls=allow)[1]
+        return Config.load().remote_for_volume(remote, allow_urls=allow)
 
     # ---- requests
 
@@ -510,11 +588,12 @@ class Mounter:
               cache_dir: str | None = None, inline: bool = True) -> None:
         check_name(dataset, "dataset name")
         check_hash(commit, "commit")
-        remote_url = self.remote_url(remote, inline)  # before anything connects
+        remote_name, remote_url = self.remote(remote, inline)  # before anything connects
         cache = cache_dir or self.cache_dir or os.path.abspath(default_cache_dir())
         config = MountConfig(remote_url=remote_url, dataset=dataset, ref=ref, commit=commit,
                              mountpoint=path, cache_dir=cache, uid=0, gid=0,
-                             allow_other=os.getuid() == 0)
+                             allow_other=os.getuid() == 0,
+                             **self.peers.for_mount(remote_name, path))
         with self.locks.hold(path):
             with self.state.lock:
                 recorded = self.state.mounts.get(path)
@@ -536,7 +615,7 @@ class Mounter:
                                      f"{info.get('dataset')}@{str(info.get('commit'))[:12]}")
                 log.info("adopting the running mount at %s (%s@%s)", path, dataset, commit[:12])
             else:
-                self._replace(path, config, found.state, inline)
+                config = self._replace(path, config, found.state, inline)
             with self.state.lock:
                 self.state.mounts[path] = config
                 if inline:
@@ -657,22 +736,36 @@ class Mounter:
         with self.state.lock:
             return path in self.state.inline
 
-    def _replace(self, path: str, config: MountConfig, state: str, inline: bool) -> None:
-        """Start a daemon at `path` in place of a dead, hung or absent mount (lock held).
+    def _replace(self, path: str, config: MountConfig, state: str,
+                 inline: bool) -> MountConfig:
+        """Start a daemon at `path` in place of a dead, hung or absent mount (lock held), and
+        return the configuration it runs with: `config` with the node's current peer settings.
 
         The URL is checked again, by the rule a new mount meets: a recorded mount may predate
         the rule, or the admin may have removed its remote since."""
-        self.remote_url(config.remote_url, inline)
+        remote_name, _ = self.remote(config.remote_url, inline)
+        config = replace(config, **self.peers.for_mount(remote_name, path))
         if state == "hung":
             self._force_off(path)
         log.warning("mount %s is %s: restarting its daemon", path, state)
         self._start(path, config)
+        return config
+
+    def _record_restarted(self, path: str, old: MountConfig, new: MountConfig) -> None:
+        """Record the configuration a repaired mount runs with (unless its entry changed)."""
+        if new == old:
+            return
+        with self.state.lock:
+            if self.state.mounts.get(path) == old:
+                self.state.mounts[path] = new
+                self.state.save()
 
     def _ensure_serving(self, path: str, config: MountConfig) -> None:
         """Repair the mount at `path` if it is dead, hung or gone (caller holds its lock)."""
         state = probe(path, self.hang_timeout).state
         if state != "serving":
-            self._replace(path, config, state, self._is_inline(path))
+            started = self._replace(path, config, state, self._is_inline(path))
+            self._record_restarted(path, config, started)
 
     def _bind_is_current(self, source: str, target: str) -> bool:
         table = mount_table()
@@ -720,7 +813,8 @@ class Mounter:
                     self.state.mounts.pop(path, None)
                     self.state.save()
                 return
-            self._replace(path, config, found.state, self._is_inline(path))
+            started = self._replace(path, config, found.state, self._is_inline(path))
+            self._record_restarted(path, config, started)
 
     def _check_bind(self, target: str, source: str) -> None:
         with self.locks.hold(source, target):
@@ -866,14 +960,15 @@ def _claim_socket(socket_path: str) -> None:
 
 def serve(socket_path: str, state_dir: str, health_interval: float,
           cache_dir: str | None, stop: threading.Event,
-          hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False) -> None:
+          hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False,
+          peers: PeerSettings | None = None) -> None:
     """Serve until `stop` is set; mounts are left in place."""
     if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
         raise UsageError(f"socket path too long ({len(os.fsencode(socket_path))} > "
                          f"{SUN_PATH_MAX} bytes): {socket_path}")
     os.makedirs(state_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
-    mounter = Mounter(state_dir, cache_dir, hang_timeout, allow_remote_urls)
+    mounter = Mounter(state_dir, cache_dir, hang_timeout, allow_remote_urls, peers)
     mounter.state.load()
     with mounter.state.lock:
         log.info("state %s: %d mount(s), %d bind(s)", mounter.state.path,
@@ -902,8 +997,9 @@ def serve(socket_path: str, state_dir: str, health_interval: float,
     health_thread.start()
     serve_thread.start()
     log.info("mounter serving on %s (pid %d, health every %g s, hung after %g s, remote URLs "
-             "%s)", socket_path, os.getpid(), health_interval, hang_timeout,
-             "allowed for PVs" if allow_remote_urls else "only configured ones")
+             "%s, %s)", socket_path, os.getpid(), health_interval, hang_timeout,
+             "allowed for PVs" if allow_remote_urls else "only configured ones",
+             mounter.peers.describe())
     try:
         stop.wait()
     finally:
@@ -936,6 +1032,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="mount a PersistentVolume's remote URL even if no configured "
                              "remote has it (never an inline volume's): the node's credentials "
                              "go to whatever it names (default: configured remotes only)")
+    parser.add_argument("--cache-peers", metavar="SPEC", default=os.environ.get(PEERS_ENV),
+                        help="the peer ring every mount joins, as `cachefs mount "
+                             f"--cache-peers` takes it (default: ${PEERS_ENV}; empty: no "
+                             "peer tier)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="the cluster token file the mounts' peer calls use (default: "
+                             "the CACHEFS_TOKEN they inherit)")
     args = parser.parse_args(argv)
     if not args.health_interval > 0:
         parser.error("--health-interval must be positive")
@@ -953,9 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        peers = PeerSettings.parse(args.cache_peers, args.token_file)
         serve(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
               args.health_interval, args.cache_dir, stop, args.hang_timeout,
-              args.allow_remote_urls)
+              args.allow_remote_urls, peers)
     except CachefsError as e:
         print(f"cachefs csi mounter: error: {e}", file=sys.stderr)
         return e.exit_code

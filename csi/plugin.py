@@ -8,7 +8,9 @@ enough to try the plugin by hand. Either way the mounter outlives the plugin: re
 plugin touches no mount.
 
 The node plugin can also serve the node's resource inventory over HTTP (`--inventory-listen`)
-and keep it on its Node object (`--publish-inventory`): `csi.inventory`, `csi.publish`.
+and keep it on its Node object (`--publish-inventory`): `csi.inventory`, `csi.publish`; with
+`--peer-address`, the inventory includes the node's peer server (its Status, asked with the
+cluster token of CACHEFS_TOKEN).
 
 A volume's `remote` names a configured remote (config.toml, shared by the plugin, the mounter and
 the controller); a URL only if a configured remote has it, or with `--allow-remote-urls` for
@@ -37,6 +39,8 @@ import grpc
 from cachefs.config import Config
 from cachefs.errors import ConfigError, UsageError
 from cachefs.fuse.config import default_cache_dir
+from cachefs.grpc_auth import load_token
+from cachefs.peer.ring import parse_member
 from csi.controller import ControllerService
 from csi.identity import IdentityService
 from csi.inventory import collect_inventory
@@ -127,8 +131,13 @@ def inventory_services(args: argparse.Namespace) -> list[Any]:
     if not listen and not publish:
         return []
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    peer_address = getattr(args, "peer_address", None)
+    if peer_address:
+        peer_address = parse_member(peer_address, "--peer-address")
     collect = functools.partial(collect_inventory, cache_dir,
-                                node_name=getattr(args, "node_id", None))
+                                node_name=getattr(args, "node_id", None),
+                                peer_address=peer_address,
+                                peer_token=load_token(None) if peer_address else None)
     services: list[Any] = []
     if listen:
         try:

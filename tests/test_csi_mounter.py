@@ -20,15 +20,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cachefs.config import local_repo_url
 from cachefs.errors import InvalidName, MountError, UsageError
+from cachefs.fuse.mount import mount_stats
 from csi.mounter import (
     MAX_REQUEST_BYTES,
+    PEERS_ENV,
     STATE_FILE,
     MounterClient,
+    PeerSettings,
     request_raw,
     spawn_mounter,
 )
@@ -42,6 +46,7 @@ from tests.mounting import (
     stopped,
     wait_for,
 )
+from tests.peers import PeerSet
 
 HEALTH_INTERVAL_S = 0.5
 REPAIR_TIMEOUT_S = 20.0
@@ -60,9 +65,11 @@ class Node:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.paths: list[Path] = []
 
-    def spawn(self, health_interval: float = HEALTH_INTERVAL_S) -> MounterClient:
+    def spawn(self, health_interval: float = HEALTH_INTERVAL_S,
+              **options: Any) -> MounterClient:
+        """A mounter on this node's socket and state; `options`: spawn_mounter's."""
         self.procs.append(spawn_mounter(self.socket, self.state_dir, health_interval,
-                                        hang_timeout=HANG_TIMEOUT_S))
+                                        hang_timeout=HANG_TIMEOUT_S, **options))
         return MounterClient(self.socket, timeout=60)
 
     @property
@@ -389,3 +396,88 @@ def test_requests_meeting_a_stopped_daemon_finish_in_bounded_time(
         wait_for(lambda: not alive(pid), timeout=10, what="the stopped daemon to be killed")
     assert not [p for p in daemon_pids(staging) if alive(p)]
     assert client.status() == {"mounts": {}, "binds": {}}
+
+
+# -- the peer tier ------------------------------------------------------------------------------
+
+
+def test_every_mount_joins_the_mounters_peer_ring(node: Node, dataset: Dataset,
+                                                  peer_servers: PeerSet,
+                                                  tmp_path: Path) -> None:
+    """The operator's --cache-peers and --token-file reach every mount, as `cachefs mount
+    --remote NAME --cache-peers SPEC --token-file T` would; a request cannot name peers; a
+    remount takes the mounter's current settings."""
+    token = "cluster-token-for-peers"
+    server = peer_servers.start("other-node", token=token)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    client = node.spawn(cache_peers=server.address, token_file=str(token_file))
+    staging = node.path("staging")
+    mount_v1(client, staging, dataset)  # the volume names the remote by its URL
+    assert shows(staging, dataset)
+    entry = client.status()["mounts"][str(staging)]
+    assert (entry["remote_name"], entry["cache_peers"], entry["token_file"]) == (
+        "local", [server.address], str(token_file))
+    assert node.state()["mounts"][str(staging)]["cache_peers"] == [server.address]
+    # the chunks came through the ring's one member, which read them from the origin
+    stats = mount_stats(str(staging))
+    assert stats["peer_hits"] >= 1 and stats["peer_errors"] == 0, stats
+    served = server.status()
+    assert served["served_from_origin"] >= 1 and served["origin_bytes"] > 0, served
+
+    # a volume (a request) never names peers or addresses
+    request = {"op": "mount", "path": str(node.path("other")), "remote": "local",
+               "dataset": "ds", "ref": "main", "commit": dataset.v1,
+               "cache_peers": "10.9.9.9:7470"}
+    reply = raw(node, json.dumps(request).encode() + b"\n")
+    assert reply["ok"] is False and "unknown field(s): cache_peers" in reply["error"]["message"]
+    assert not is_mounted(node.root / "other")
+
+    # the operator turns the peer tier off: a mount started again runs without it
+    node.proc.kill()
+    node.proc.wait(timeout=10)
+    client = node.spawn(cache_peers="")
+    old = one_daemon(staging)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: shows(staging, dataset) and daemon_pids(staging) not in ([], [old]),
+             timeout=REPAIR_TIMEOUT_S, what="the killed mount to serve again")
+    # recorded once the repair returns (just after the new daemon serves)
+    wait_for(lambda: client.status()["mounts"][str(staging)]["cache_peers"] is None,
+             timeout=REPAIR_TIMEOUT_S, what="the remount without peers to be recorded")
+    entry = client.status()["mounts"][str(staging)]
+    assert (entry["remote_name"], entry["token_file"]) == ("local", None)
+    assert node.state()["mounts"][str(staging)]["cache_peers"] is None
+
+
+def test_the_peer_ring_comes_from_the_environment_and_bad_settings_stop_the_mounter(
+        node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PEERS_ENV, "127.0.0.1:7470, 127.0.0.2:7470")
+    node.spawn()
+    log = Path(node.state_dir) / "mounter.log"
+    wait_for(lambda: "peers 127.0.0.1:7470,127.0.0.2:7470 (token from CACHEFS_TOKEN)"
+             in log.read_text(), timeout=10, what="the mounter to log its peer ring")
+    node.proc.terminate()
+    node.proc.wait(timeout=15)
+    with pytest.raises(MountError, match="expected HOST:PORT"):
+        node.spawn(cache_peers="not-a-peer")
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    with pytest.raises(MountError, match="the file is empty"):
+        node.spawn(cache_peers="127.0.0.1:7470", token_file=str(empty))
+
+
+def test_peer_settings_of_a_mount() -> None:
+    settings = PeerSettings.parse(" 10.0.0.1:7470,10.0.0.2:7470 10.0.0.1:7470 ", None)
+    assert settings.members == ("10.0.0.1:7470", "10.0.0.2:7470")
+    assert settings.for_mount("team", "/m") == {
+        "remote_name": "team", "cache_peers": ["10.0.0.1:7470", "10.0.0.2:7470"],
+        "token_file": None}
+    # a URL no configured remote has cannot be asked of peers: no peer tier for it
+    assert settings.for_mount(None, "/m") == {
+        "remote_name": None, "cache_peers": None, "token_file": None}
+    for off in (None, "", "  "):
+        assert PeerSettings.parse(off, None).for_mount("team", "/m")["cache_peers"] is None
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
+        PeerSettings.parse("10.0.0.1", None)
+    with pytest.raises(UsageError, match="cannot read it"):
+        PeerSettings.parse("10.0.0.1:7470", "/nonexistent/token")

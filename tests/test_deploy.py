@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,9 +22,12 @@ import yaml
 
 from cachefs import __version__
 from cachefs.cli.main import build_parser
+from cachefs.peer.protocol import DEFAULT_PORT
 from csi import labels
 from csi.controller import PARAMETERS
+from csi.mounter import PEERS_ENV
 from csi.rpc import DRIVER_NAME
+from tests.peers import PeerSet
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "csi" / "deploy"
@@ -177,7 +183,8 @@ def test_the_manifests_are_all_there() -> None:
                 "config.yaml", "node.yaml", "controller.yaml", "storageclass.yaml",
                 "scheduler-extender.yaml", "scheduler.yaml", "scheduler-config.yaml",
                 "examples/static-pv.yaml", "examples/dynamic-pvc.yaml",
-                "examples/training-pod.yaml", "examples/ephemeral-pod.yaml"}
+                "examples/training-pod.yaml", "examples/ephemeral-pod.yaml", "peers.yaml",
+                "examples/peer-networkpolicy.yaml"}
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 
@@ -432,6 +439,226 @@ def test_controller_socket_is_shared_with_its_sidecars() -> None:
         sidecar = container(spec, name)
         assert resolve(spec, sidecar, flag(sidecar["args"], "--csi-address")) == socket, name
     assert "--leader-election" in container(spec, "csi-provisioner")["args"]
+
+
+# ----------------------------------------------------------------------------- the peer tier
+
+SECRET = "cachefs-credentials"
+PEER_SERVICE = "cachefs-peers"
+
+
+def env_of(ctr: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in ctr.get("env", [])}
+
+
+def node_labels() -> dict[str, str]:
+    return find("DaemonSet", "cachefs-node")["spec"]["template"]["metadata"]["labels"]
+
+
+def selects_node_pods(selector: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= node_labels().items()
+
+
+def peer_listen() -> tuple[str, int]:
+    host, port = flag(container(node_spec(), "cachefs-peer")["args"], "--listen").rsplit(":", 1)
+    return host, int(port)
+
+
+def test_node_runs_a_peer_server_on_the_mounts_cache_dir() -> None:
+    spec = node_spec()
+    peer = container(spec, "cachefs-peer")
+    mounter = container(spec, "cachefs-mounter")
+    args = peer["args"]
+    assert args[:2] == ["peer", "serve"]
+    cache = resolve(spec, peer, flag(args, "--cache-dir"))
+    assert cache[0] == "hostPath"
+    assert cache == resolve(spec, mounter, flag(mounter["args"], "--cache-dir"))
+    # wildcard, so the probes reach it on loopback; the default port
+    assert peer_listen() == ("0.0.0.0", DEFAULT_PORT)
+    (declared,) = peer["ports"]
+    assert (declared["name"], declared["containerPort"], declared["protocol"]) == (
+        "peer", DEFAULT_PORT, "TCP")
+    assert declared.get("hostPort", DEFAULT_PORT) == DEFAULT_PORT  # hostNetwork: the same
+    # known to the ring by the pod's IP: what the headless Service's DNS answer lists
+    assert flag(args, "--advertise") == f"$(POD_IP):{DEFAULT_PORT}"
+    env = env_of(peer)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # it fetches for its peers from the remotes named in the mounts' config.toml, with the
+    # node's credentials
+    assert env["XDG_CONFIG_HOME"]["value"] == env_of(mounter)["XDG_CONFIG_HOME"]["value"]
+    config_mounts = [{k: m[k] for k in ("name", "mountPath")} for c in (peer, mounter)
+                     for m in c["volumeMounts"] if m["name"] == "config"]
+    assert config_mounts[0] == config_mounts[1] and len(config_mounts) == 2
+    assert {"secretRef": {"name": SECRET, "optional": True}} in peer["envFrom"]
+    # no privileges: it reads and writes files, that is all
+    security = peer["securityContext"]
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert not any(m.get("mountPropagation") for m in peer["volumeMounts"])
+    assert peer["resources"]["requests"]["cpu"] and peer["resources"]["requests"]["memory"]
+    assert peer["resources"]["limits"]["memory"]
+
+
+def test_the_cluster_token_comes_from_the_secret() -> None:
+    spec = node_spec()
+    peer = container(spec, "cachefs-peer")
+    token = env_of(peer)["CACHEFS_TOKEN"]
+    assert "value" not in token
+    reference = token["valueFrom"]["secretKeyRef"]
+    # required: without a token the server would listen on loopback only, useless to peers
+    assert (reference["name"], reference["key"]) == (SECRET, "CACHEFS_TOKEN")
+    assert not reference.get("optional", False)
+    assert "--token-file" not in peer["args"]
+    # the mounts' peer calls and the plugin's Status call read it from the same Secret
+    for name in ("cachefs-mounter", "cachefs-plugin"):
+        assert {"secretRef": {"name": SECRET, "optional": True}} in container(spec, name)[
+            "envFrom"], name
+    # no token is ever written into a manifest
+    for file, _, ctr in workload_containers():
+        for name, entry in env_of(ctr).items():
+            if "TOKEN" in name or "SECRET" in name:
+                assert "value" not in entry, f"{file}: {ctr['name']}: {name} has a literal"
+    for file, doc in objects():
+        assert doc["kind"] != "Secret", f"{file}: a Secret belongs to the operator"
+
+
+def test_peer_probes_ask_the_server_for_its_status() -> None:
+    peer = container(node_spec(), "cachefs-peer")
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = peer[probe]["exec"]["command"]
+        assert command[:3] == ["cachefs", "peer", "status"], probe
+        assert flag(command, "--cache-peers") == f"127.0.0.1:{DEFAULT_PORT}", probe
+        build_parser().parse_args(command[1:])  # the CLI takes it as written
+        # more than the command's own deadline per member (2 s) plus Python's start
+        assert peer[probe]["timeoutSeconds"] >= 5, probe
+    readiness, liveness = peer["readinessProbe"], peer["livenessProbe"]
+    # readiness decides who is in the ring's DNS answer: it reacts first
+    assert (readiness["periodSeconds"] * readiness["failureThreshold"]
+            < liveness["periodSeconds"] * liveness["failureThreshold"])
+
+
+def test_the_probe_command_passes_only_when_the_server_answers_with_the_token(
+        tmp_path: Path) -> None:
+    """The readiness probe's command against a real token-guarded peer server."""
+    command = container(node_spec(), "cachefs-peer")["readinessProbe"]["exec"]["command"]
+    servers = PeerSet(tmp_path / "nodes")
+    try:
+        server = servers.start("node", token="the-cluster-token")
+        argv = [a.replace(f"127.0.0.1:{DEFAULT_PORT}", server.address) for a in command]
+        argv = [sys.executable, "-m", "cachefs.cli.main", *argv[1:]]
+        env = {k: v for k, v in os.environ.items() if k != "CACHEFS_TOKEN"}
+
+        def probe(token: str | None) -> int:
+            extra = {"CACHEFS_TOKEN": token} if token else {}
+            return subprocess.run(argv, env={**env, **extra}, capture_output=True,
+                                  timeout=60, check=False).returncode
+
+        assert probe("the-cluster-token") == 0
+        assert probe("another-token") != 0
+        assert probe(None) != 0
+        server.kill()
+        assert probe("the-cluster-token") != 0
+    finally:
+        servers.close()
+
+
+def test_peers_service_is_headless_over_the_node_pods() -> None:
+    service = find("Service", PEER_SERVICE)
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"
+    assert spec.get("publishNotReadyAddresses", False) is False  # Ready peers only
+    assert selects_node_pods(spec["selector"])
+    for file, doc in objects():  # and no other pods
+        if doc["kind"] in WORKLOADS and doc["metadata"]["name"] != "cachefs-node":
+            labels_ = (doc["metadata"].get("labels") if doc["kind"] == "Pod"
+                       else doc["spec"]["template"]["metadata"]["labels"]) or {}
+            assert not spec["selector"].items() <= labels_.items(), file
+    (port,) = spec["ports"]
+    assert port["port"] == DEFAULT_PORT and port["protocol"] == "TCP"
+    peer = container(node_spec(), "cachefs-peer")
+    target = port["targetPort"]
+    if isinstance(target, str):
+        target = next(p["containerPort"] for p in peer["ports"] if p["name"] == target)
+    assert target == peer_listen()[1]
+
+
+def test_every_mount_joins_the_ring_the_configmap_names() -> None:
+    config = find("ConfigMap", "cachefs-config")
+    members = config["data"]["cache-peers"]
+    scheme, host, port = members.split(":")
+    assert scheme == "dns"
+    assert host == f"{PEER_SERVICE}.{NAMESPACE}.svc.cluster.local"
+    assert int(port) == peer_listen()[1]
+    mounter = container(node_spec(), "cachefs-mounter")
+    assert PEERS_ENV == "CACHEFS_CACHE_PEERS"
+    reference = env_of(mounter)[PEERS_ENV]["valueFrom"]["configMapKeyRef"]
+    assert (reference["name"], reference["key"]) == ("cachefs-config", "cache-peers")
+    assert reference["optional"] is True  # no key: no peer tier, the mounter still runs
+    # the membership is the operator's: no flag hides another one in the DaemonSet
+    assert "--cache-peers" not in mounter["args"]
+    # the plugin asks the peer server beside it for the inventory
+    plugin = container(node_spec(), "cachefs-plugin")
+    assert flag(plugin["args"], "--peer-address") == f"127.0.0.1:{peer_listen()[1]}"
+
+
+def covers(entry: dict[str, Any], port: int) -> bool:
+    """Whether a NetworkPolicy port entry covers TCP `port` (no port: every port)."""
+    if entry.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in entry:
+        return True
+    first = entry["port"]
+    if isinstance(first, str):
+        return first == "peer"
+    return first <= port <= entry.get("endPort", first)
+
+
+def test_network_policy_lets_only_the_node_pods_reach_the_peer_port() -> None:
+    (policy,) = find_all("NetworkPolicy")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    spec = policy["spec"]
+    assert selects_node_pods(spec["podSelector"]["matchLabels"])
+    assert spec["policyTypes"] == ["Ingress"]
+    port = peer_listen()[1]
+    to_peer = [rule for rule in spec["ingress"]
+               if not rule.get("ports") or any(covers(p, port) for p in rule["ports"])]
+    assert len(to_peer) == 1, "one rule, and only one, admits traffic to the peer port"
+    (rule,) = to_peer
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}, "no namespaceSelector or ipBlock: these pods only"
+    assert selects_node_pods(source["podSelector"]["matchLabels"])
+    # the pods' other ports stay reachable (the inventory, the health ports)
+    others = [p for c in node_spec()["containers"] for p in c.get("ports", [])
+              if p["containerPort"] != port]
+    assert others
+    for declared in others:
+        assert any(covers(p, declared["containerPort"]) for r in spec["ingress"] if r is not rule
+                   for p in r.get("ports", [])), declared
+
+
+def test_the_host_network_pod_has_no_port_surprises() -> None:
+    spec = node_spec()
+    assert spec["hostNetwork"] is True
+    # a host-network pod resolves the Service's DNS name only with this policy
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    declared = [p for c in spec["containers"] for p in c.get("ports", [])]
+    numbers = [p["containerPort"] for p in declared]
+    assert len(numbers) == len(set(numbers)), f"two containers claim one node port: {numbers}"
+    assert all(p.get("hostPort", p["containerPort"]) == p["containerPort"] for p in declared)
+    # every port a container listens on is declared (it is taken on the node)
+    listening = {
+        int(flag(container(spec, "cachefs-plugin")["args"], "--inventory-listen")
+            .rsplit(":", 1)[1]),
+        int(flag(container(spec, "liveness-probe")["args"], "--health-port")),
+        int(flag(container(spec, "node-driver-registrar")["args"], "--http-endpoint")
+            .rsplit(":", 1)[1]),
+        peer_listen()[1],
+    }
+    assert listening == set(numbers)
+    # the only host-network pod is the node DaemonSet's
+    for file, doc in objects():
+        if doc["kind"] in WORKLOADS and doc["metadata"]["name"] != "cachefs-node":
+            assert not pod_spec(doc).get("hostNetwork"), file
 
 
 # ------------------------------------------------------------------------ images and flags

@@ -439,6 +439,47 @@ def test_prioritize_nothing_cached_anywhere(server: ExtenderServer) -> None:
                            args_full(pod(), CACHE_NODES))).values()) == {0}
 
 
+def peer_section(address: str, live: bool = True) -> dict[str, Any]:
+    """An inventory's `peer`, as csi.inventory.peer_info writes it."""
+    if not live:
+        return {"address": "127.0.0.1:7470", "live": False,
+                "error": "peer 127.0.0.1:7470 Status: UNAVAILABLE: connection refused"}
+    return {"address": "127.0.0.1:7470", "live": True,
+            "server": {"address": address, "served_bytes": 5 * GiB, "origin_bytes": 2 * GiB,
+                       "served_from_cache": 900, "served_from_origin": 300}}
+
+
+def test_a_nodes_peer_is_in_its_facts_and_the_explanation() -> None:
+    """The peer serves the node's own cache: its chunks are the node's cached bytes, counted
+    once; the explanation names each node's peer and whether it answered."""
+    with_peer = inventory(datasets=[cached("imagenet", COMMIT_V1, ["v1"], 2 * GiB)])
+    nodes = [node("a", inventory={**with_peer, "peer": peer_section("10.0.0.1:7470")}),
+             node("b", inventory={**with_peer, "peer": peer_section("", live=False)}),
+             node("c", inventory=with_peer),
+             node("d")]
+    facts = {extender.node_name(n): extender.node_facts(n) for n in nodes}
+    assert facts["a"].peer == extender.PeerFacts("10.0.0.1:7470", True, 5 * GiB, 2 * GiB)
+    # no Status answer: known by the address the plugin asked
+    assert facts["b"].peer == extender.PeerFacts("127.0.0.1:7470", False)
+    assert facts["c"].peer is None and facts["d"].peer is None
+    args = extender.parse_args(args_full(pod({labels.DATASETS: "imagenet@v1"}), nodes))
+    wanted = extender.pod_datasets(args.pod)
+    result = extender.priority_list(args, wanted, facts)
+    # a peer adds nothing to the bytes: a, b and c cache the same
+    assert scores(result) == {"a": 10, "b": 10, "c": 10, "d": 0}
+    assert extender.explain(result, wanted, {**facts, "e": "node e not found"}) == (
+        "a=10 (2.0 GiB cached, peer 10.0.0.1:7470 live); "
+        "b=10 (2.0 GiB cached, peer 127.0.0.1:7470 down); c=10 (2.0 GiB cached); "
+        "d=0 (0 B cached)")
+    missing = [*result, {"Host": "e", "Score": 0}]
+    assert extender.explain(missing, wanted, {**facts, "e": "node e not found"}).endswith(
+        "; e=0 (node e not found)")
+    # a malformed peer section is no peer
+    for bad in ("x", {"live": True}, {"address": 7}):
+        odd = node("x", inventory={**with_peer, "peer": bad})
+        assert extender.node_facts(odd).peer is None, bad
+
+
 def test_prioritize_pvc_through_the_api(kube: tuple[FakeKubeAPI, ExtenderServer]) -> None:
     api, srv = kube
     api.add_pvc("ml", "imagenet-v1", "pv-imagenet-v1")

@@ -35,6 +35,7 @@ from csi.publish import InventoryServer, NodePublisher, inventory_json, node_lab
 from tests.helpers import cli_json, run_cli
 from tests.kube_api import FakeKubeAPI
 from tests.mounting import MountSet
+from tests.peers import PeerSet
 from tests.servers import free_port, wait_until
 
 CHUNK = 64 << 10
@@ -670,3 +671,38 @@ def test_the_kubernetes_node_name_wins_over_the_host_name() -> None:
     """In a pod the host name is the pod's; the plugin passes its --node-id."""
     assert inv.collect_inventory(None, node_name="gpu-node-12")["node"] == "gpu-node-12"
     assert inv.collect_inventory(None)["node"] == os.uname().nodename
+
+
+# -- the node's peer server -----------------------------------------------------------------------
+
+def test_inventory_shows_the_nodes_peer_server(tmp_path: Path, peer_servers: PeerSet) -> None:
+    """The peer section comes from a real `cachefs peer serve`'s Status, with the token; the
+    CLI and the published annotation carry it, and a server that does not answer says why."""
+    token = "inventory-peer-token"
+    server = peer_servers.start("node", token=token)
+    found = inv.collect_inventory(str(server.cache_dir), peer_address=server.address,
+                                  peer_token=token)
+    peer = found["peer"]
+    assert (peer["address"], peer["live"]) == (server.address, True)
+    status = peer["server"]
+    assert status["address"] == server.address
+    assert status["cache"]["dir"] == str(server.cache_dir)
+    for counter in ("get_requests", "served_from_cache", "served_from_origin", "served_bytes",
+                    "origin_bytes"):
+        assert status[counter] == 0, counter
+    assert re.search(rf"^peer\s+{re.escape(server.address)} live: 0 chunks served",
+                     inv.describe(found), re.M), inv.describe(found)
+    assert json.loads(inventory_json(found))["peer"] == peer  # what the Node carries
+
+    doc = json.loads(run_cli("csi", "inventory", "--cache-dir", str(server.cache_dir),
+                             "--peer-address", server.address, "--json",
+                             env={"CACHEFS_TOKEN": token}).stdout)
+    assert doc["peer"]["live"] is True and doc["peer"]["server"]["address"] == server.address
+
+    refused = inv.peer_info(server.address, "not-the-token")
+    assert refused["live"] is False and "UNAUTHENTICATED" in refused["error"]
+    server.kill()
+    gone = inv.collect_inventory(None, peer_address=server.address, peer_token=token)["peer"]
+    assert gone["live"] is False and "UNAVAILABLE" in gone["error"]
+    assert "not answering" in inv.describe_peer(gone)
+    assert inv.collect_inventory(None)["peer"] is None  # no peer server configured

@@ -10,7 +10,8 @@ EXAMPLES = """examples:
   # everything on one machine, by hand (starts its own mounter):
   cachefs csi --endpoint unix:///tmp/csi.sock --node-id $(hostname)
   # in the node DaemonSet: the plugin and the mounter in separate containers
-  cachefs csi mounter --socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi
+  cachefs csi mounter --socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi \\
+      --cache-dir /var/cache/cachefs --cache-peers 10.0.0.1:7470,10.0.0.2:7470
   cachefs csi --mode node --endpoint unix:///csi/csi.sock --node-id $NODE_NAME \\
       --mounter-socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi
   # the controller Deployment (with csi-provisioner):
@@ -72,6 +73,10 @@ def _add_inventory_options(p: argparse.ArgumentParser) -> None:
     inv.add_argument("--inventory-interval", type=float, default=60.0, metavar="SECONDS",
                      help="republish at least this often (default 60); changes to GPUs, RDMA "
                           "or the cached datasets are published at once")
+    inv.add_argument("--peer-address", metavar="HOST:PORT",
+                     help="this node's peer server (`cachefs peer serve`): its status and "
+                          "counters go into the inventory (asked with the CACHEFS_TOKEN "
+                          "token), e.g. 127.0.0.1:7470 (default: none)")
     inv.add_argument("--kube-api", metavar="URL",
                      help="Kubernetes API server (default: the in-cluster configuration)")
     inv.add_argument("--kube-token-file", metavar="FILE",
@@ -94,6 +99,14 @@ def _register_mounter(roles: argparse._SubParsersAction) -> None:
     m.add_argument("--allow-remote-urls", dest="mounter_allow_remote_urls", action="store_true",
                    help="mount a PersistentVolume's remote URL that no configured remote has "
                         "(never an inline volume's; default: configured remotes only)")
+    m.add_argument("--cache-peers", dest="mounter_cache_peers", metavar="SPEC",
+                   help="the peer ring every mount joins, as `cachefs mount --cache-peers` "
+                        "takes it, e.g. dns:cachefs-peers.cachefs.svc.cluster.local:7470 "
+                        "(default: $CACHEFS_CACHE_PEERS; empty: no peer tier). Never taken from "
+                        "a volume")
+    m.add_argument("--token-file", dest="mounter_token_file", metavar="FILE",
+                   help="cluster token file for the mounts' peer calls (default: the "
+                        "CACHEFS_TOKEN environment variable, which the mounts inherit)")
     m.set_defaults(func=run_mounter)
 
 
@@ -106,6 +119,9 @@ def _register_inventory(roles: argparse._SubParsersAction, common: argparse.Argu
     i.add_argument("--cache-dir", dest="inventory_cache_dir", metavar="DIR",
                    help="SSD cache directory to report on (default: the csi --cache-dir, else "
                         "the user's default cache directory)")
+    i.add_argument("--peer-address", dest="inventory_peer_address", metavar="HOST:PORT",
+                   help="this node's peer server, asked for its status and counters (with "
+                        "the CACHEFS_TOKEN token; default: the csi --peer-address, else none)")
     i.set_defaults(func=run_inventory)
 
 
@@ -126,6 +142,10 @@ def run_mounter(args: argparse.Namespace) -> int:
         argv += ["--cache-dir", args.mounter_cache_dir]
     if args.mounter_allow_remote_urls:
         argv.append("--allow-remote-urls")
+    if args.mounter_cache_peers is not None:
+        argv += ["--cache-peers", args.mounter_cache_peers]
+    if args.mounter_token_file:
+        argv += ["--token-file", args.mounter_token_file]
     return main(argv)
 
 
@@ -134,10 +154,15 @@ def run_inventory(args: argparse.Namespace) -> int:
 
     from cachefs.cli.common import print_json
     from cachefs.fuse.config import default_cache_dir
+    from cachefs.grpc_auth import load_token
+    from cachefs.peer.ring import parse_member
     from csi.inventory import collect_inventory, describe
 
     cache_dir = args.inventory_cache_dir or args.cache_dir or str(default_cache_dir())
-    inventory = collect_inventory(os.path.abspath(cache_dir))
+    peer = args.inventory_peer_address or args.peer_address
+    peer = parse_member(peer, "--peer-address") if peer else None
+    inventory = collect_inventory(os.path.abspath(cache_dir), peer_address=peer,
+                                  peer_token=load_token(None) if peer else None)
     if args.json:
         print_json(inventory)
     else:
