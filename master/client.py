@@ -5,7 +5,9 @@
     client.dir_get("refs/x") -> DirEntry | None
     client.dir_delete("refs/x") -> bool;  client.dir_list("refs/") -> iterator of DirEntry
     client.placement() -> Placement (cachefs.contracts: epoch, volumes, R, vids[vid])
-    client.register_storage(...), heartbeat(...), declare_dead(id), register_node(...)
+    client.register_storage(...), heartbeat(...), declare_dead(id)
+    client.register_node(name, peer_address, ...) -> float (the node timeout; also the heartbeat)
+    client.list_nodes(serving="") -> list[NodeInfo] (the live cachefs nodes)
     client.status() -> dict (the JSON of `cachefs master status --json`)
 
 Every member answers every call (followers forward to the leader), so the client sends each
@@ -118,6 +120,17 @@ class HeartbeatAnswer:
     repairs: tuple[RepairTask, ...]
     vids: tuple[int, ...]
     epoch: int
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A live cachefs node of the registry (ListNodes)."""
+
+    name: str
+    peer_address: str
+    cache_bytes: int
+    last_seen_s: float
+    serving: tuple[str, ...]
 
 
 class MasterClient:
@@ -269,10 +282,20 @@ class MasterClient:
     # -- nodes and status --------------------------------------------------------------------
 
     def register_node(self, name: str, peer_address: str = "", cache_bytes: int = 0,
-                      inventory_json: str = "") -> None:
-        self._call("RegisterNode", pb.RegisterNodeRequest(
+                      inventory_json: str = "", serving: Sequence[str] = (),
+                      timeout: float | None = None) -> float:
+        """Register a cachefs node, or heartbeat it (the same call every few seconds); the
+        seconds of silence after which the masters drop it from the node list."""
+        return self._call("RegisterNode", pb.RegisterNodeRequest(
             name=name, peer_address=peer_address, cache_bytes=cache_bytes,
-            inventory_json=inventory_json))
+            inventory_json=inventory_json, serving=list(serving)), timeout).timeout_s
+
+    def list_nodes(self, serving: str = "", timeout: float | None = None) -> list[NodeInfo]:
+        """The live cachefs nodes, by name (with `serving`, those serving that
+        DATASET@COMMIT)."""
+        response = self._call("ListNodes", pb.ListNodesRequest(serving=serving), timeout)
+        return [NodeInfo(n.name, n.peer_address, n.cache_bytes, n.last_seen_s,
+                         tuple(n.serving)) for n in response.nodes]
 
     def status(self) -> dict[str, Any]:
         """The leader's view (a follower forwards), or, with no leader, the first reachable

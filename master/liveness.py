@@ -1,4 +1,5 @@
-"""The leader's soft state: storage-server liveness, needle counts, lag and repair tasks.
+"""The leader's soft state: storage-server and cachefs-node liveness, needle counts, lag and
+repair tasks.
 
 None of this goes through the raft log: it is rebuilt from the next heartbeats after a failover
 (a new leader starts every registered server's clock at its own start, so nobody is declared
@@ -13,6 +14,9 @@ down or dead for silence that happened before it led).
 - **Repair**: a lagging up replica is given a `RepairTask` from the up replica with the highest
   count (ties: the smallest id). A task stays in flight (not given again) until the server
   reports it done in a heartbeat, re-registers, or `REPAIR_EXPIRY_S` passes.
+- **Nodes** (`NodeLiveness`): a cachefs node is live while its last RegisterNode (its
+  heartbeat) is at most `timeout` seconds old; one silent longer leaves the node list on its
+  own, and comes back with its next heartbeat.
 """
 
 from __future__ import annotations
@@ -166,3 +170,34 @@ class Liveness:
         with self._lock:
             entry = self._inflight.get((sid, vid))
             return entry[0] if entry else None
+
+
+class NodeLiveness:
+    """When the leader last heard from each cachefs node; thread-safe."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, float] = {}
+
+    def reset(self, names: Sequence[str]) -> None:
+        """A new leader: every registered node counts as heard from now (its heartbeats went
+        to the old leader), so the list does not empty while they find this one."""
+        now = self.clock()
+        with self._lock:
+            self._seen = dict.fromkeys(names, now)
+
+    def beat(self, name: str) -> None:
+        with self._lock:
+            self._seen[name] = self.clock()
+
+    def age(self, name: str) -> float | None:
+        """Seconds since the node was last heard from (None: never, on this leader)."""
+        with self._lock:
+            seen = self._seen.get(name)
+        return None if seen is None else self.clock() - seen
+
+    def live(self, name: str) -> bool:
+        age = self.age(name)
+        return age is not None and age <= self.timeout

@@ -10,11 +10,18 @@ runs `serve`. Every member answers every call:
   naming the problem ("no raft leader: a majority of the masters is unreachable").
 - **Current reads** (DirGet, DirList, and GetPlacement and Status on the leader) commit a
   barrier first and then read the local state (master/state.py explains why).
-- **Soft state** (liveness, needle counts, repairs: master/liveness.py) lives on the leader
-  only, so a follower **forwards** Heartbeat, GetPlacement and Status to the leader's gRPC
-  address (from --peers), once (a forwarded call carries `x-cachefs-forwarded` and is never
-  forwarded again). Without a reachable leader, Heartbeat and GetPlacement fail UNAVAILABLE
-  and Status answers with what this member knows, `"leader": null`.
+- **Soft state** (liveness of storage servers and cachefs nodes, needle counts, repairs:
+  master/liveness.py) lives on the leader only, so a follower **forwards** Heartbeat,
+  RegisterNode, ListNodes, GetPlacement and Status to the leader's gRPC address (from --peers),
+  once (a forwarded call carries `x-cachefs-forwarded` and is never
+  forwarded again). Without a reachable leader, Heartbeat, RegisterNode, ListNodes and
+  GetPlacement fail UNAVAILABLE and Status answers with what this member knows,
+  `"leader": null`.
+- **Node registry.** RegisterNode is a cachefs node's registration and, re-sent every few
+  seconds, its heartbeat: the leader commits the node's record through the log only when it
+  changed (address, cache size, inventory, the versions it serves) and notes the heartbeat in
+  its soft state; ListNodes lists the nodes heard from within --down-after, from that soft
+  state without a log entry (polled by every mount, it must cost the log nothing).
 
 A maintenance thread on the leader configures the cluster on its first term (N, R,
 min_replicas: the first leader's flags win and are kept in the replicated state), places the
@@ -37,7 +44,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +58,7 @@ from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
 from cachefs.httpserver import parse_listen
 from master.batching import CommandBatcher
 from master.client import LEADER_HINT
-from master.liveness import Done, Liveness
+from master.liveness import Done, Liveness, NodeLiveness
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
 from master.state import NO_LEADER, MasterRaft, MasterState, RaftView, StoredDirEntry
@@ -77,6 +84,8 @@ GRPC_OPTIONS = [
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ZONE_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 NODE_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+SERVING_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}@[0-9a-f]{64}")  # DATASET@COMMIT
+MAX_SERVING = 1000
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -199,6 +208,16 @@ def check_address(address: str, field_name: str) -> None:
         raise invalid(str(e)) from None
 
 
+def check_serving(serving: Sequence[str], field_name: str = "serving") -> None:
+    """Dataset versions as a node names them: DATASET@COMMIT (the full 64-hex commit)."""
+    if len(serving) > MAX_SERVING:
+        raise invalid(f"{field_name}: {len(serving)} versions, at most {MAX_SERVING}")
+    for i, version in enumerate(serving):
+        if not SERVING_RE.fullmatch(version):
+            raise invalid(f"{field_name}[{i}]: {version[:80]!r}: expected DATASET@COMMIT "
+                          "(the commit's 64 hex digits)")
+
+
 def check_entry(entry: pb.DirEntry) -> tuple[bytes | None, bytes | None, int]:
     """(inline, needle, size) of a DirEntry to store."""
     check_name(entry.name, "entry.name")
@@ -237,6 +256,7 @@ class Master:
         self.config = config
         self.state = MasterState()
         self.liveness = Liveness(config.down_after, config.dead_after)
+        self.node_liveness = NodeLiveness(config.down_after)
         others = [p.raft for p in config.members if p.id != config.id]
         self.raft = MasterRaft(self.state, config.raft, others, config.data_dir, config.token)
         self.by_raft = {p.raft: p for p in config.members}
@@ -305,6 +325,7 @@ class Master:
                 self._led_term = view.term
                 log.info("leading (term %d): soft state starts now", view.term)
                 self.liveness.reset(list(self.state.placement_view()["servers"]))
+                self.node_liveness.reset(list(self.state.nodes_view()))
         return True
 
     def forward(self, method: str, request: Any, context: grpc.ServicerContext) -> Any | None:
@@ -457,10 +478,35 @@ class Master:
             "under_replicated": [v["vid"] for v in volumes if v["under_replicated"]],
             "lagging": [v["vid"] for v in volumes if v["lagging"]],
             "directory_entries": self.state.entry_count(),
-            "nodes": [{"name": name, "peer_address": info["peer_address"],
-                       "cache_bytes": info["cache_bytes"]}
-                      for name, info in sorted(self.state.nodes_view().items())],
+            "nodes": self._nodes_status(leading),
         }
+
+    def _nodes_status(self, leading: bool) -> list[dict[str, Any]]:
+        """Each registered cachefs node: its record and, on the leader, its liveness."""
+        nodes = []
+        for name, info in sorted(self.state.nodes_view().items()):
+            age = self.node_liveness.age(name) if leading else None
+            nodes.append({"name": name, "peer_address": info["peer_address"],
+                          "cache_bytes": info["cache_bytes"], "serving": info["serving"],
+                          "state": ("unknown" if not leading
+                                    else "up" if self.node_liveness.live(name) else "down"),
+                          "last_seen_s": None if age is None else round(age, 3)})
+        return nodes
+
+    def live_nodes(self, serving: str = "") -> list[pb.Node]:
+        """The nodes heard from within the node timeout (on the leader), by name; with
+        `serving`, only those serving that DATASET@COMMIT."""
+        nodes = []
+        for name, info in sorted(self.state.nodes_view().items()):
+            age = self.node_liveness.age(name)
+            if age is None or age > self.node_liveness.timeout:
+                continue
+            if serving and serving not in info["serving"]:
+                continue
+            nodes.append(pb.Node(name=name, peer_address=info["peer_address"],
+                                 cache_bytes=info["cache_bytes"], last_seen_s=round(age, 3),
+                                 serving=info["serving"]))
+        return nodes
 
 
     def _members_status(self, raft: RaftView, leader: Peer | None,
@@ -694,10 +740,41 @@ class MasterService(pb_grpc.MasterServicer):
                 json.loads(request.inventory_json)
             except ValueError as e:
                 raise invalid(f"inventory_json: not JSON: {e}") from None
-        self.master.run(context, self.state.register_node, request.name,
-                        request.peer_address, request.cache_bytes, request.inventory_json,
-                        time.time_ns())
-        return pb.RegisterNodeResponse()
+        check_serving(request.serving)
+        forwarded = self.master.forward("RegisterNode", request, context)
+        if forwarded is not None:
+            return forwarded
+        if not self.master.leading():  # a forwarded call reached a member that lost the lead
+            raise RemoteError(f"master {self.master.config.id}: not the raft leader (any "
+                              "more): register again")
+        serving = sorted(set(request.serving))
+        record = self.state.nodes_view().get(request.name)
+        wanted = {"peer_address": request.peer_address, "cache_bytes": request.cache_bytes,
+                  "inventory_json": request.inventory_json, "serving": serving}
+        if record is None or any(record.get(k) != v for k, v in wanted.items()):
+            self.master.run(context, self.state.register_node, request.name,
+                            request.peer_address, request.cache_bytes, request.inventory_json,
+                            time.time_ns(), serving)
+            log.info("node %s registered: peer %s, serving %s", request.name,
+                     request.peer_address or "-", ", ".join(serving) or "nothing")
+        self.master.node_liveness.beat(request.name)
+        return pb.RegisterNodeResponse(timeout_s=self.master.node_liveness.timeout)
+
+    @rpc
+    def ListNodes(self, request: pb.ListNodesRequest,
+                  context: grpc.ServicerContext) -> pb.ListNodesResponse:
+        if request.serving:
+            check_serving([request.serving], "serving")
+        forwarded = self.master.forward("ListNodes", request, context)
+        if forwarded is not None:
+            return forwarded
+        # No read barrier: liveness is the leader's soft state, not the log's, and mounts ask
+        # every few seconds; an isolated leader steps down within leaderFallbackTimeout (5 s).
+        if not self.master.leading():
+            raise RemoteError(f"master {self.master.config.id}: not the raft leader (any "
+                              "more): ask again")
+        return pb.ListNodesResponse(nodes=self.master.live_nodes(request.serving),
+                                    timeout_s=self.master.node_liveness.timeout)
 
     # -- status --------------------------------------------------------------------------------
 

@@ -219,10 +219,14 @@ class MasterState(SyncObjConsumer):
     @replicated
     @_never_raises
     def register_node(self, name: str, peer_address: str, cache_bytes: int,
-                      inventory_json: str, now_ns: int) -> bool:
+                      inventory_json: str, now_ns: int,
+                      serving: list[str] | None = None) -> bool:
+        """Add or update a cachefs node's record (`serving`: the "DATASET@COMMIT" versions its
+        mounts show; a default, so entries journaled before it existed still apply)."""
         with self.lock:
             self.nodes[name] = {"peer_address": peer_address, "cache_bytes": cache_bytes,
-                                "inventory_json": inventory_json, "updated_ns": now_ns}
+                                "inventory_json": inventory_json, "updated_ns": now_ns,
+                                "serving": sorted(serving or ())}
             return True
 
     @replicated
@@ -281,8 +285,11 @@ class MasterState(SyncObjConsumer):
                     "sets": [list(s) for s in self.sets]}
 
     def nodes_view(self) -> dict[str, dict[str, Any]]:
+        """Every registered node's record (a copy; `serving` is [] in records from before it
+        existed)."""
         with self.lock:
-            return {name: dict(info) for name, info in self.nodes.items()}
+            return {name: {**info, "serving": list(info.get("serving", ()))}
+                    for name, info in self.nodes.items()}
 
     def entry_count(self) -> int:
         with self.lock:

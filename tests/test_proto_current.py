@@ -36,7 +36,7 @@ STORAGE_RPCS = ["Put", "Get", "Has", "Delete", "ListKeys", "Stat", "Compact", "V
 MASTER_STUBS = ROOT / "master" / "proto"
 MASTER_GENERATED = ("master_pb2.py", "master_pb2.pyi", "master_pb2_grpc.py")
 MASTER_RPCS = ["RegisterStorage", "Heartbeat", "DeclareDead", "GetPlacement", "DirGet", "DirPut",
-               "DirPutMany", "DirDelete", "DirList", "RegisterNode", "Status"]
+               "DirPutMany", "DirDelete", "DirList", "RegisterNode", "ListNodes", "Status"]
 PEER_STUBS = ROOT / "cachefs" / "peer" / "proto"
 PEER_GENERATED = ("peer_pb2.py", "peer_pb2.pyi", "peer_pb2_grpc.py")
 
@@ -176,6 +176,11 @@ def test_master_service_shape():
     assert _field(master_pb2.Placement, "placement").number == 5
     assert _field(master_pb2.HeartbeatResponse, "repairs").number == 1
     assert _field(master_pb2.HeartbeatResponse, "vids").number == 3
+    # ... and the peer tier's `master:` membership and `peer serve --register`
+    assert _field(master_pb2.RegisterNodeRequest, "serving").number == 5
+    assert _field(master_pb2.ListNodesRequest, "serving").number == 1
+    assert _field(master_pb2.Node, "peer_address").number == 2
+    assert _field(master_pb2.Node, "serving").number == 5
 
 
 def test_package_and_field_numbers_match_the_spec():

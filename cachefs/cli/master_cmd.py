@@ -81,7 +81,8 @@ def _register_serve(roles: argparse._SubParsersAction, common: argparse.Argument
                    help="replicas a write needs before it is acknowledged (default 0: every "
                         "live replica)")
     s.add_argument("--down-after", type=float, default=10.0, metavar="SECONDS",
-                   help="a storage server without heartbeat this long is down (default 10)")
+                   help="a storage server or cachefs node without heartbeat this long is down "
+                        "(default 10)")
     s.add_argument("--dead-after", type=float, default=600.0, metavar="SECONDS",
                    help="down this much longer, it is declared dead and replaced "
                         "(default 600; 0: never automatically)")

@@ -28,6 +28,10 @@ directory, so listings are exact per namespace (like a SeaweedFS filer over its 
 Needles are shared by every namespace that stores the same bytes, so `delete` removes the name
 only and never a needle another namespace may still use: on a haystack cluster gc frees
 names (trees, commits, ref generations, chunk names) but not yet the space of chunks.
+
+`NodeRegistry.from_url` reaches the cluster's registry of cachefs nodes (one per cluster,
+whatever the namespace): the peer tier lists live nodes there (`master:` membership) and
+`cachefs peer serve --register` heartbeats into it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from cachefs.errors import ConfigError, ObjectNotFound, UsageError
 from cachefs.grpc_auth import load_token
 from cachefs.remotes.base import ObjectInfo, ParallelHas
 from cachefs.remotes.registry import url_options
-from master.client import DirEntry, MasterClient, parse_masters
+from master.client import DirEntry, MasterClient, NodeInfo, parse_masters
 from storage_server.client import ReplicatedStorage
 
 log = logging.getLogger("cachefs.remotes.haystack")
@@ -157,6 +161,41 @@ def parse_url(url: str) -> tuple[list[str], str | None, float, str]:
         raise ConfigError(f"haystack namespace {namespace!r}: use letters, digits, '.', "
                           "'_', '-' and '/' only")
     return masters, options.get("token_file"), timeout, namespace
+
+
+class NodeRegistry:
+    """The cluster's registry of cachefs nodes, through its masters (`master.client`)."""
+
+    def __init__(self, masters: list[str], token: str | None, timeout: float) -> None:
+        self.masters = masters
+        self.timeout = timeout
+        self.client = MasterClient(masters, token, timeout=timeout)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float | None = None) -> NodeRegistry:
+        """The registry of the cluster a haystack:// URL names, with the token its remote
+        uses (`token_file=`, else CACHEFS_TOKEN); `timeout` bounds each call (default: the
+        URL's). ConfigError for any other URL."""
+        if not url.startswith("haystack://"):
+            raise ConfigError("the node registry is a haystack cluster's: the remote's URL "
+                              "must be haystack://MASTERS...")
+        masters, token_file, url_timeout, _ = parse_url(url)
+        try:
+            token = load_token(token_file)
+        except UsageError as e:
+            raise ConfigError(f"haystack remote: {e}") from e
+        return cls(masters, token, timeout or url_timeout)
+
+    def list_nodes(self, serving: str = "") -> list[NodeInfo]:
+        return self.client.list_nodes(serving)
+
+    def register(self, name: str, peer_address: str, cache_bytes: int,
+                 serving: list[str]) -> float:
+        """Register or heartbeat a node; the masters' node timeout."""
+        return self.client.register_node(name, peer_address, cache_bytes, serving=serving)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class HaystackRemote(ParallelHas):

@@ -221,20 +221,52 @@ class DirListResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[DirEntry, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("name", "peer_address", "cache_bytes", "inventory_json")
+    __slots__ = ("name", "peer_address", "cache_bytes", "inventory_json", "serving")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     name: str
     peer_address: str
     cache_bytes: int
     inventory_json: str
-    def __init__(self, name: _Optional[str] = ..., peer_address: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., inventory_json: _Optional[str] = ...) -> None: ...
+    serving: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., peer_address: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., inventory_json: _Optional[str] = ..., serving: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("timeout_s",)
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    timeout_s: float
+    def __init__(self, timeout_s: _Optional[float] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ("serving",)
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    serving: str
+    def __init__(self, serving: _Optional[str] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("name", "peer_address", "cache_bytes", "last_seen_s", "serving")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    peer_address: str
+    cache_bytes: int
+    last_seen_s: float
+    serving: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., peer_address: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., last_seen_s: _Optional[float] = ..., serving: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes", "timeout_s")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    timeout_s: float
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -84,6 +84,11 @@ class MasterStub:
                 request_serializer=master__pb2.RegisterNodeRequest.SerializeToString,
                 response_deserializer=master__pb2.RegisterNodeResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/cachefs.master.v1.Master/ListNodes',
+                request_serializer=master__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=master__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/cachefs.master.v1.Master/Status',
                 request_serializer=master__pb2.StatusRequest.SerializeToString,
@@ -165,6 +170,18 @@ class MasterServicer:
 
     def RegisterNode(self, request, context):
         """-- cachefs client nodes ---------------------------------------------------------------------
+        A cachefs node announces itself, and re-sends the same request every few seconds as its
+        heartbeat, to any master: a follower forwards it to the leader (node liveness is the
+        leader's soft state). The record (peer address, cache size, inventory, what it serves) goes
+        through the raft log only when it changed; a heartbeat alone never does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """The live nodes: those heard from within the leader's node timeout (a new leader counts
+        every registered node as heard from when it took over). A follower forwards it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +247,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.RegisterNode,
                     request_deserializer=master__pb2.RegisterNodeRequest.FromString,
                     response_serializer=master__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=master__pb2.ListNodesRequest.FromString,
+                    response_serializer=master__pb2.ListNodesResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -507,6 +529,33 @@ class Master:
             '/cachefs.master.v1.Master/RegisterNode',
             master__pb2.RegisterNodeRequest.SerializeToString,
             master__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachefs.master.v1.Master/ListNodes',
+            master__pb2.ListNodesRequest.SerializeToString,
+            master__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
