@@ -72,12 +72,21 @@ def _register_mount(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
         "peer tier", "ask other nodes' caches before the origin: each chunk has one owner "
         "among the peers (rendezvous hashing), which fetches it from the origin once for "
         "everyone (start one `cachefs peer serve` per node on its --cache-dir)")
-    peers.add_argument("--cache-peers", metavar="HOST:PORT,...",
-                       help="the peer servers of every node, this one's included, as each "
-                            "advertises itself")
+    peers.add_argument("--cache-peers", metavar="SOURCE,...",
+                       help="where the ring's members come from, any of: HOST:PORT (a peer "
+                            "server, as it advertises itself), dns:NAME:PORT (every A/AAAA "
+                            "record of NAME, re-resolved every 10 s: a headless Service), "
+                            "file:PATH (as --cache-peers-file), master:REMOTE (the live nodes "
+                            "of the node registry of the haystack cluster behind the "
+                            "configured remote REMOTE)")
     peers.add_argument("--cache-peers-file", metavar="FILE",
                        help="a file listing them (comma-, space- or line-separated; # "
                             "comments), re-read when it changes")
+    peers.add_argument("--peer-scope", choices=("all", "dataset"), default="all",
+                       help="dataset: only the nodes registered (`cachefs peer serve "
+                            "--register`) as serving this very version form the ring of the "
+                            "master: sources, so jobs on other datasets do not evict its "
+                            "chunks from their owners (default: all)")
     peers.add_argument("--token-file", metavar="FILE",
                        help="file holding the cluster token for peer calls (default: the "
                             "CACHEFS_TOKEN environment variable)")
@@ -174,17 +183,26 @@ def mount(args: argparse.Namespace) -> int:
         None)
     cache_peers = None
     if args.cache_peers is not None:
-        from cachefs.peer.ring import parse_members
+        from cachefs.peer.sources import parse_specs
 
-        cache_peers = parse_members(args.cache_peers, "--cache-peers member")
+        cache_peers = parse_specs(args.cache_peers)
         if not cache_peers:
             raise UsageError("--cache-peers: no member given")
+    if args.peer_scope == "dataset" and cache_peers is None:
+        raise UsageError("--peer-scope dataset: needs --cache-peers with a master:REMOTE source")
     if args.token_file:
         from cachefs.grpc_auth import load_token
 
         load_token(args.token_file)  # readable and not empty, before anything starts
     repo = Repository(open_remote_url(remote_url))
     resolved = repo.resolve(address.dataset, address.ref)
+    if cache_peers is not None:
+        from cachefs.peer.sources import build_sources, scoped
+
+        if args.peer_scope == "dataset":
+            cache_peers = scoped(cache_peers, address.dataset, resolved.commit)
+        for source in build_sources(cache_peers):  # a master: remote must be configured
+            source.close()
     uid, gid = MountConfig.user_ids()
     config = MountConfig(
         remote_url=remote_url,

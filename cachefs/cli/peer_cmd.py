@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ from cachefs.names import parse_size
 
 TOKEN_HELP = "file holding the cluster token (default: the CACHEFS_TOKEN environment variable)"
 STATUS_TIMEOUT_S = 2.0
+REGISTER_TIMEOUT_S = 5.0  # one registration, retries across the masters included
 SHARE_SAMPLE = 20_000  # chunk names sampled to show each member's share of the ring
 
 SERVE_EXAMPLES = """examples:
@@ -30,11 +33,19 @@ Each chunk has one owner among the peers (rendezvous hashing of its name over th
 answer); a mount that misses a chunk asks its owner, and the owner reads it from the origin once
 for every node, keeps it in its cache and serves it. A peer fetches for others only from the
 remotes configured on its own node (`cachefs remote add`), named in the request: never a URL.
---advertise must be the address the mounts list (it is the member's identity in the ring)."""
+--advertise must be the address the mounts list (it is the member's identity in the ring).
+
+With a haystack cluster, --register REMOTE (a configured haystack remote) registers the node in
+the masters' node registry and heartbeats it every 3 s: mounts with --cache-peers master:REMOTE
+find it there, and lose it within the masters' --down-after (10 s) once it stops. It registers
+the dataset versions its mounts serve (the mounts of this machine on the same --cache-dir, plus
+--serving), for mounts with --peer-scope dataset."""
 
 STATUS_EXAMPLES = """examples:
   cachefs peer status --cache-peers 10.0.0.1:7470,10.0.0.2:7470 --token-file /etc/cachefs/token
   cachefs peer status --cache-peers-file /etc/cachefs/peers --json
+  cachefs peer status --cache-peers dns:peers.cachefs.svc.cluster.local:7470
+  cachefs peer status --cache-peers master:hay
 
 Asks every member for its Status (2 s each): live members, each one's share of the chunks, and
 its server's counters (chunks served from its cache and from the origin, origin bytes fetched
@@ -70,6 +81,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="serve chunks only for these datasets (shell patterns; default: all)")
     s.add_argument("--cache-size", type=parse_size, metavar="SIZE",
                    help="SSD cache bound, as for `cachefs mount` (default: the cache's)")
+    s.add_argument("--register", metavar="REMOTE",
+                   help="register this node, and heartbeat it, in the node registry of the "
+                        "haystack cluster behind the configured remote REMOTE (for mounts "
+                        "using --cache-peers master:REMOTE)")
+    s.add_argument("--node-name", metavar="NAME",
+                   help="this node's name in the registry (default: the host name)")
+    s.add_argument("--serving", metavar="DATASET@COMMIT,...",
+                   help="versions to register as served, besides those of this machine's "
+                        "mounts on --cache-dir (found by themselves)")
+    s.add_argument("--heartbeat-interval", type=float, default=3.0, metavar="SECONDS",
+                   help="seconds between heartbeats with --register (default 3; keep it "
+                        "well under the masters' --down-after)")
     s.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (-vv for debug)")
     s.set_defaults(func=serve)
@@ -79,7 +102,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                          description="Ask every member of the ring for its status.",
                          epilog=STATUS_EXAMPLES)
     members = t.add_mutually_exclusive_group(required=True)
-    members.add_argument("--cache-peers", metavar="HOST:PORT,...", help="the members")
+    members.add_argument("--cache-peers", metavar="SOURCE,...",
+                         help="the members, or where they come from, as for `cachefs mount`: "
+                              "HOST:PORT, dns:NAME:PORT, file:PATH, master:REMOTE")
     members.add_argument("--cache-peers-file", metavar="FILE", help="a file listing them")
     t.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
     t.set_defaults(func=status)
@@ -117,39 +142,139 @@ def serve(args: argparse.Namespace) -> int:
                              f"(configured: {', '.join(sorted(configured))})")
         remotes = {name: configured[name] for name in wanted}
     datasets = [p.strip() for p in (args.datasets or "").split(",") if p.strip()]
+    registry = _registry(args)  # checked before the cache is opened
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else default_cache_dir()
     cache = DiskCache(cache_dir, capacity_bytes=args.cache_size, verify=object_is_intact)
     service = PeerService(cache, remotes, datasets, advertise)
+    heartbeat = None
 
     def ready(address: str) -> None:
+        nonlocal heartbeat
+        if registry is not None:
+            from cachefs.peer.register import NodeHeartbeat
+
+            extra = _serving(args.serving)
+            versions = LocalVersions(str(cache.directory))
+            heartbeat = NodeHeartbeat(registry, args.node_name or socket.gethostname(),
+                                      service.address, cache.capacity_bytes,
+                                      lambda: [*extra, *versions()], args.heartbeat_interval)
+            heartbeat.start()
         print(f"serving {cache.directory} to peers on {address} as {service.address}; "
               f"remotes: {', '.join(sorted(remotes))}", flush=True)
 
     try:
         serve_peer(service, args.listen, token, ready=ready)
     finally:
+        if heartbeat is not None:
+            heartbeat.close()
+        elif registry is not None:
+            registry.close()
         cache.close()
     print("stopped", flush=True)
     return 0
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    """The node registry of --register's cluster (a NodeRegistry), or None."""
+    from cachefs.errors import UsageError
+
+    if args.register is None:
+        for flag, value in (("--node-name", args.node_name), ("--serving", args.serving)):
+            if value:
+                raise UsageError(f"{flag} needs --register REMOTE")
+        return None
+    from cachefs.peer.register import NODE_NAME_RE
+    from cachefs.peer.sources import remote_url
+    from cachefs.remotes.haystack import NodeRegistry
+
+    if args.node_name is not None and not NODE_NAME_RE.fullmatch(args.node_name):
+        raise UsageError(f"--node-name {args.node_name!r}: 1 to 253 of A-Z a-z 0-9 . _ -")
+    if not 0.1 <= args.heartbeat_interval <= 600:
+        raise UsageError("--heartbeat-interval: between 0.1 and 600 seconds")
+    _serving(args.serving)
+    return NodeRegistry.from_url(remote_url(args.register), timeout=REGISTER_TIMEOUT_S)
+
+
+def _serving(text: str | None) -> list[str]:
+    from cachefs.errors import UsageError
+    from cachefs.peer.sources import SERVING_RE
+
+    versions = [v for v in (text or "").replace(",", " ").split()]
+    for version in versions:
+        if not SERVING_RE.fullmatch(version):
+            raise UsageError(f"--serving {version!r}: expected DATASET@COMMIT (the commit's "
+                             "64 hex digits)")
+    return versions
+
+
+class LocalVersions:
+    """The versions ("DATASET@COMMIT") of this machine's cachefs mounts on one cache
+    directory: asked of each mount once (its version never changes), by mount point and
+    FUSE connection, so a remount is asked again. A mount that does not answer (starting,
+    hung, dead) is asked again at most every `RETRY_S`, so it cannot slow every heartbeat
+    down; one on another cache directory is never asked again ("" below)."""
+
+    RETRY_S = 10.0
+
+    def __init__(self, cache_dir: str) -> None:
+        self.cache_dir = cache_dir
+        self._known: dict[tuple[str, str], tuple[str | None, float]] = {}
+
+    def __call__(self) -> list[str]:
+        import time
+
+        from cachefs.errors import CachefsError
+        from cachefs.fuse.mount import FSTYPE, mount_info, mount_table
+
+        try:
+            mounts = [(e.mountpoint, e.device) for e in mount_table() if e.fstype == FSTYPE]
+        except OSError:
+            return []
+        now = time.monotonic()
+        known: dict[tuple[str, str], tuple[str | None, float]] = {}
+        for key in mounts:
+            version, asked = self._known.get(key, (None, -math.inf))
+            if version is None and now - asked >= self.RETRY_S:
+                version = self._ask(key[0], mount_info, CachefsError)
+                asked = now
+            known[key] = (version, asked)
+        self._known = known
+        return sorted({version for version, _ in known.values() if version})  # not None, ""
+
+    def _ask(self, mountpoint: str, mount_info: Any, errors: type[Exception]) -> str | None:
+        try:
+            info = mount_info(mountpoint, STATUS_TIMEOUT_S)
+        except errors:
+            return None
+        if info.get("state") != "serving":
+            return None
+        if os.path.abspath(str(info.get("cache_dir", ""))) != self.cache_dir:
+            return ""
+        return f"{info['dataset']}@{info['commit']}"
 
 
 def status(args: argparse.Namespace) -> int:
     from cachefs.errors import UsageError
     from cachefs.grpc_auth import load_token
     from cachefs.peer.client import PeerCallError, PeerClient
-    from cachefs.peer.ring import parse_members, shares
+    from cachefs.peer.members import Membership
+    from cachefs.peer.ring import shares
+    from cachefs.peer.sources import parse_specs
 
-    if args.cache_peers is not None:
-        members = parse_members(args.cache_peers, "--cache-peers member")
-    else:
-        try:
-            with open(args.cache_peers_file) as f:
-                members = parse_members(f.read(), f"peer in {args.cache_peers_file}")
-        except OSError as e:
-            raise UsageError(f"--cache-peers-file {args.cache_peers_file}: {e.strerror}") from e
-    if not members:
-        raise UsageError("no peer given")
     token = load_token(args.token_file)
+    if args.cache_peers is not None:
+        membership = Membership(parse_specs(args.cache_peers), token=token)
+    else:
+        membership = Membership(members_file=os.path.abspath(args.cache_peers_file),
+                                token=token)
+    try:
+        members = membership.members()
+        sources = membership.state()["sources"]
+    finally:
+        membership.close()
+    if not members:
+        raise UsageError("no peer given" if args.cache_peers_file is None and not sources
+                         else "no member found: " + ", ".join(s["source"] for s in sources))
 
     def ask(member: str) -> dict[str, Any]:
         client = PeerClient(member, token)
@@ -173,6 +298,7 @@ def status(args: argparse.Namespace) -> int:
         "live": live,
         "down": [m for m in members if m not in live],
         "quarantined": sorted(m for m in members if quarantined.get(m)),
+        "sources": [{"source": s["source"], "members": s["members"]} for s in sources],
     }
     if args.json:
         print_json(doc)
@@ -222,3 +348,4 @@ def _print_status(doc: dict[str, Any]) -> None:
     for m in doc["members"]:
         if not m["live"]:
             print(f"{m['address']}: {m['error']}", file=sys.stderr)
+    print("from: " + "; ".join(f"{s['source']} ({len(s['members'])})" for s in doc["sources"]))

@@ -1,8 +1,14 @@
-"""Who is in the peer ring, as one node sees it: the configured members minus the unhealthy ones.
+"""Who is in the peer ring, as one node sees it: the members its sources give, minus the
+unhealthy ones.
 
-The members come from a static list (`--cache-peers`) or a file (`--cache-peers-file`, re-read
-when its modification time or size changes, checked every `probe_interval_s`); a member is its
-address, HOST:PORT, the same string on every node (`cachefs.peer.ring.parse_member`).
+The members come from one or more sources (`cachefs/peer/sources.py`: a static list, a watched
+file, DNS records, a haystack cluster's node registry), each refreshed every `refresh_s` seconds
+by the prober thread; the member list is the union of the sources' lists, sorted. A member is
+its address, HOST:PORT, the same string on every node (`cachefs.peer.ring.parse_member`).
+
+A source that fails at start is a UsageError naming it; one that fails later keeps the members
+it gave last (logged when the error starts or changes, then at most once a minute, and shown
+by `state()`), so a DNS or master outage never empties a ring that works.
 
 Health, per member, from the calls the tier makes (no traffic while all is well):
 - a call that cannot reach it (UNAVAILABLE) puts it **down** at once; three deadline misses in
@@ -18,16 +24,16 @@ A call that answers (even NOT_FOUND) resets the deadline-miss count.
 from __future__ import annotations
 
 import logging
-import os
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachefs.errors import UsageError
 from cachefs.peer.client import PeerCallError, PeerClient
-from cachefs.peer.ring import parse_members
+from cachefs.peer.sources import FileSource, MemberSource, build_sources
 
 log = logging.getLogger("cachefs.peer.members")
 
@@ -35,6 +41,7 @@ DEFAULT_PROBE_INTERVAL_S = 1.0
 DEFAULT_QUARANTINE_S = 60.0
 PROBE_TIMEOUT_S = 1.0
 MISSES_TO_DOWN = 3
+ERROR_LOG_INTERVAL_S = 60.0  # a source failing the same way is logged again this often
 
 
 @dataclass
@@ -45,17 +52,36 @@ class MemberHealth:
     quarantines: int = 0
 
 
+@dataclass
+class SourceState:
+    """A source, the members it gave last, and how its last refresh went."""
+
+    source: MemberSource
+    members: list[str] = field(default_factory=list)
+    refreshed_at: float | None = None  # time.time() of the last successful refresh
+    due: float = 0.0                   # the prober's clock: when to refresh it next
+    error: str | None = None           # the last refresh's error (None: it worked)
+    error_logged: float | None = None
+
+
 class Membership:
     """The ring's members and their health; thread-safe. `start` runs the background prober
-    (file reloads, probes of down and quarantined members); `close` stops it."""
+    (source refreshes, probes of down and quarantined members); `close` stops it.
+
+    `members` is a list of --cache-peers items (`cachefs.peer.sources` syntax: plain
+    HOST:PORT members, dns:, file:, master:), `members_file` a file of members
+    (--cache-peers-file); one of the two, or `sources` made by the caller."""
 
     def __init__(self, members: list[str] | None = None, members_file: str | None = None,
-                 token: str | None = None, *,
+                 token: str | None = None, *, sources: list[MemberSource] | None = None,
                  probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
                  quarantine_s: float = DEFAULT_QUARANTINE_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if (members is None) == (members_file is None):
-            raise UsageError("peers: give either a list of members or a members file")
+        if sources is None:
+            if (members is None) == (members_file is None):
+                raise UsageError("peers: give either a list of members or a members file")
+            sources = (build_sources(members) if members is not None
+                       else [FileSource(members_file, refresh_s=probe_interval_s)])  # type: ignore[arg-type]
         self.members_file = members_file
         self._token = token
         self.probe_interval_s = probe_interval_s
@@ -65,40 +91,68 @@ class Membership:
         self._members: list[str] = []
         self._health: dict[str, MemberHealth] = {}
         self._clients: dict[str, PeerClient] = {}
-        self._file_stamp: tuple[int, int] | None = None
+        self._sources = [SourceState(source) for source in sources]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reloads = 0
-        if members is not None:
-            self._set_members(members)
-        else:
-            self.reload()
+        try:
+            for state in self._sources:
+                self._start_source(state)
+        except BaseException:
+            self._close_sources()
+            raise
+        self._set_members(self._union())
+
+    def _start_source(self, state: SourceState) -> None:
+        try:
+            state.members = state.source.resolve()
+        except Exception as e:
+            what = (f"--cache-peers-file {self.members_file}" if self.members_file
+                    else f"peers {state.source.describe()}")
+            raise UsageError(f"{what}: {e}") from e
+        state.refreshed_at = time.time()
+        state.due = self._clock() + state.source.refresh_s
 
     # -- the list -------------------------------------------------------------------------------
-    def reload(self) -> bool:
-        """Re-read the members file if it changed; True if the member list changed. A file that
-        cannot be read or parsed keeps the previous list (logged); at start it is an error."""
-        if self.members_file is None:
-            return False
-        try:
-            st = os.stat(self.members_file)
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp == self._file_stamp:
-                return False
-            with open(self.members_file) as f:
-                members = parse_members(f.read(), f"peer in {self.members_file}")
-        except (OSError, UsageError) as e:
-            if self._file_stamp is None and not self._members:
-                raise UsageError(f"--cache-peers-file {self.members_file}: {e}") from e
-            log.warning("peers file %s: %s (keeping the previous %d members)",
-                        self.members_file, e, len(self._members))
-            return False
-        self._file_stamp = stamp
-        changed = self._set_members(members)
+    def reload(self, force: bool = True) -> bool:
+        """Refresh the sources (every one with `force`, else those due); True if the member
+        list changed. A source that fails keeps its previous members (logged); this never
+        raises for a source's failure."""
+        now = self._clock()
+        for state in self._sources:
+            if force or state.due <= now:
+                self._refresh(state, now)
+        changed = self._set_members(self._union())
         if changed:
             self.reloads += 1
-            log.info("peers file %s: %d members", self.members_file, len(members))
         return changed
+
+    def _refresh(self, state: SourceState, now: float) -> None:
+        source = state.source
+        state.due = now + source.refresh_s
+        try:
+            members = source.resolve()
+        except Exception as e:  # any failure of any source: keep what it gave last
+            error = str(e) or type(e).__name__
+            loud = (error != state.error or state.error_logged is None
+                    or now - state.error_logged >= ERROR_LOG_INTERVAL_S)
+            state.error = error
+            if loud:
+                state.error_logged = now
+                log.warning("peers %s: %s (keeping its previous %d members)",
+                            source.describe(), error, len(state.members))
+            return
+        if state.error is not None:
+            log.info("peers %s: answers again", source.describe())
+        state.error = None
+        state.error_logged = None
+        state.refreshed_at = time.time()
+        if members != state.members:
+            log.info("peers %s: %d members", source.describe(), len(members))
+            state.members = members
+
+    def _union(self) -> list[str]:
+        return sorted({m for state in self._sources for m in state.members})
 
     def _set_members(self, members: list[str]) -> bool:
         with self._lock:
@@ -182,16 +236,23 @@ class Membership:
                     if (self._health[m].quarantined_until or 0) > now]
 
     def state(self) -> dict[str, Any]:
-        """Members, live, down and quarantined ones (seconds left), for status documents."""
+        """Members, live, down and quarantined ones (seconds left), and each source (its
+        description, members, refresh interval, last successful refresh as a Unix time,
+        last error), for status documents."""
         now = self._clock()
         with self._lock:
             members = list(self._members)
             down = [m for m in members if self._health[m].down_since is not None]
             quarantined = {m: round(self._health[m].quarantined_until - now, 1)  # type: ignore[operator]
                            for m in members if (self._health[m].quarantined_until or 0) > now}
+        sources = [{"source": s.source.describe(), "members": list(s.members),
+                    "refresh_s": None if s.source.refresh_s == math.inf else s.source.refresh_s,
+                    "last_refresh": None if s.refreshed_at is None else round(s.refreshed_at, 3),
+                    "last_error": s.error}
+                   for s in self._sources]
         return {"members": members,
                 "live": [m for m in members if m not in down and m not in quarantined],
-                "down": down, "quarantined": quarantined}
+                "down": down, "quarantined": quarantined, "sources": sources}
 
     # -- the prober ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,7 +263,7 @@ class Membership:
     def _run(self) -> None:
         while not self._stop.wait(self.probe_interval_s):
             try:
-                self.reload()
+                self.reload(force=False)
                 self.probe_unhealthy()
             except Exception:  # the prober must outlive any one bad round
                 log.exception("peer prober round failed")
@@ -240,3 +301,11 @@ class Membership:
             self._clients.clear()
         for client in clients:
             client.close()
+        self._close_sources()
+
+    def _close_sources(self) -> None:
+        for state in self._sources:
+            try:
+                state.source.close()
+            except Exception:  # closing must not stop the others
+                log.exception("closing peers source %s failed", state.source.describe())
