@@ -115,7 +115,7 @@ from cachefs.fuse.config import MountConfig, default_cache_dir
 from cachefs.fuse.mount import mount_table, top_mount
 from cachefs.grpc_auth import load_token
 from cachefs.names import check_hash, check_name
-from cachefs.peer.ring import parse_members
+from cachefs.peer.sources import build_sources, parse_specs
 
 log = logging.getLogger("cachefs.csi.mounter")
 
@@ -496,13 +496,18 @@ class StateStore:
 
 
 def peer_members(spec: str | None) -> list[str] | None:
-    """The members `--cache-peers SPEC` names, parsed as `cachefs mount --cache-peers` parses
-    them; None for no peer tier (no SPEC, or only blanks). UsageError for a bad SPEC."""
+    """The sources `--cache-peers SPEC` names (HOST:PORT, dns:NAME:PORT, file:PATH,
+    master:REMOTE), checked and canonical as `cachefs mount --cache-peers` makes them, and
+    their configuration checked (a master: remote must be a configured haystack remote)
+    without resolving anything: the mount daemons resolve them. None for no peer tier (no SPEC,
+    or only blanks). UsageError or ConfigError for a bad SPEC."""
     if spec is None or not spec.strip():
         return None
-    members = parse_members(spec, "--cache-peers member")
+    members = parse_specs(spec)
     if not members:
         raise UsageError(f"--cache-peers {spec!r}: no member given")
+    for source in build_sources(members):
+        source.close()
     return members
 
 

@@ -481,3 +481,21 @@ def test_peer_settings_of_a_mount() -> None:
         PeerSettings.parse("10.0.0.1", None)
     with pytest.raises(UsageError, match="cannot read it"):
         PeerSettings.parse("10.0.0.1:7470", "/nonexistent/token")
+
+
+def test_a_dns_ring_reaches_the_mounts_as_written(node: Node, dataset: Dataset,
+                                                  peer_servers: PeerSet) -> None:
+    """What the DaemonSet passes, dns:NAME:PORT (here localhost, the system's resolver), goes
+    to every mount unchanged, and the mount's ring is what the name resolves to."""
+    server = peer_servers.start("other-node")  # no token: loopback, as the mounts are here
+    port = server.address.rsplit(":", 1)[1]
+    client = node.spawn(cache_peers=f"dns:localhost:{port}")
+    staging = node.path("staging")
+    mount_v1(client, staging, dataset)
+    assert shows(staging, dataset)
+    assert client.status()["mounts"][str(staging)]["cache_peers"] == [f"dns:localhost:{port}"]
+    ring = mount_stats(str(staging))["peer_ring"]
+    (source,) = ring["sources"]
+    assert source["source"] == f"dns:localhost:{port}"
+    assert server.address in source["members"] and server.address in ring["members"]
+    assert server.status()["served_from_origin"] >= 1
