@@ -27,6 +27,7 @@ from csi import labels
 from csi.controller import PARAMETERS
 from csi.mounter import PEERS_ENV
 from csi.rpc import DRIVER_NAME
+from tests.helpers import run_cli
 from tests.peers import PeerSet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -556,6 +557,17 @@ def test_the_probe_command_passes_only_when_the_server_answers_with_the_token(
         assert probe("the-cluster-token") == 0
         assert probe("another-token") != 0
         assert probe(None) != 0
+        # draining: not ready (out of the Service's answer), still alive (not restarted)
+        liveness = container(node_spec(), "cachefs-peer")["livenessProbe"]["exec"]["command"]
+        alive = [sys.executable, "-m", "cachefs.cli.main",
+                 *[a.replace(f"127.0.0.1:{DEFAULT_PORT}", server.address) for a in liveness][1:]]
+        run_cli("peer", "drain", server.address, env={"CACHEFS_TOKEN": "the-cluster-token"})
+        assert probe("the-cluster-token") != 0
+        assert subprocess.run(alive, env={**env, "CACHEFS_TOKEN": "the-cluster-token"},
+                              capture_output=True, timeout=60, check=False).returncode == 0
+        run_cli("peer", "drain", server.address, "--resume",
+                env={"CACHEFS_TOKEN": "the-cluster-token"})
+        assert probe("the-cluster-token") == 0
         server.kill()
         assert probe("the-cluster-token") != 0
     finally:

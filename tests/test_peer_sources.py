@@ -79,10 +79,7 @@ def test_sources_are_checked_and_written_canonically(tmp_path: Path) -> None:
         scoped(["dns:peers.svc:7470"], "ds", commit)
 
 
-def test_a_source_that_fails_at_start_is_a_usage_error(tmp_path: Path) -> None:
-    with DnsServer() as dns, pytest.raises(UsageError,
-                                           match=r"peers dns:nowhere\.test:7470.*no such name"):
-        Membership([f"dns:nowhere.test:7470?nameserver={dns.nameserver}"])
+def test_a_source_that_cannot_be_used_at_start_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="cannot read it"):
         Membership([f"file:{tmp_path / 'missing'}"])
     with pytest.raises(UsageError, match=r"--cache-peers-file .*missing"):
@@ -92,6 +89,25 @@ def test_a_source_that_fails_at_start_is_a_usage_error(tmp_path: Path) -> None:
     run_cli("remote", "add", "s3ish", "s3://bucket/prefix")
     with pytest.raises(ConfigError, match="not a haystack cluster"):
         Membership(["master:s3ish"])
+
+
+def test_a_name_without_records_at_start_joins_when_it_gets_them() -> None:
+    """DNS that cannot answer yet (a headless Service before its first pod is ready) does not
+    stop a mount: the ring starts without those members, says why, and fills when they come."""
+    with DnsServer() as dns:
+        membership = Membership([f"dns:later.test:7470?nameserver={dns.nameserver}&refresh=0.2",
+                                 "10.0.0.9:7470"], probe_interval_s=0.05)
+        try:
+            assert membership.members() == ["10.0.0.9:7470"]
+            (source,) = [s for s in membership.state()["sources"]
+                         if s["source"].startswith("dns:")]
+            assert "no such name" in source["last_error"]
+            membership.start()
+            dns.set("later.test", ["192.0.2.5"])
+            wait_until(lambda: membership.members() == ["10.0.0.9:7470", "192.0.2.5:7470"], 10,
+                       "the new records")
+        finally:
+            membership.close()
 
 
 def test_the_system_resolver_and_the_union_of_sources(tmp_path: Path) -> None:
@@ -226,6 +242,13 @@ def test_master_membership_follows_node_heartbeats(
         gone.start()
         wait_until(lambda: ring.members() == everyone, 15, "the node to come back")
         wait_until(lambda: gone.address in job.members(), 15, "... to the job's ring too")
+
+        # a drained node stops heartbeating: it leaves the registry's list; resumed, returns
+        drained = nodes[0]
+        run_cli("peer", "drain", drained.address)
+        wait_until(lambda: drained.address not in ring.members(), 15, "the drained node")
+        run_cli("peer", "drain", drained.address, "--resume")
+        wait_until(lambda: ring.members() == everyone, 15, "the resumed node")
 
         # a leader failover keeps the ring (the new leader counts every node as just seen)
         leader.kill()

@@ -448,3 +448,54 @@ def test_peer_status_shows_the_ring(tmp_path: Path, peer_servers: PeerSet) -> No
     first.kill()
     proc = run_cli("peer", "status", "--cache-peers", members, check=False)
     assert proc.returncode == 1
+
+
+# --- draining ----------------------------------------------------------------------------------
+
+
+def test_a_drained_peer_leaves_the_rings_without_a_reader_waiting(
+        tmp_path: Path, peer_servers: PeerSet, mounts: MountSet) -> None:
+    """`cachefs peer drain` takes a member out of every ring while it stays up: its chunk
+    requests are refused at once (no reader waits a deadline for it, none sees an error),
+    probes keep it out, `peer status` shows it draining (a readiness probe fails); `--resume`
+    brings it back within a probe interval. SIGTERM drains the same way before the server
+    stops."""
+    url = "file://" + str(tmp_path / "repo")
+    run_cli("remote", "add", "origin", url)
+    files = commit_dataset("origin", tmp_path)
+    names = chunk_names(url)
+    servers = [peer_servers.start(f"node{i}") for i in range(3)]
+    members = [s.address for s in servers]
+    drained, stopped = servers[0], servers[1]
+    assert [n for n in names if owner(members, n) == drained.address], "it owns chunks"
+    point = mount_node(mounts, "reader", tmp_path / "reader-cache", ",".join(members))
+
+    out = run_cli("peer", "drain", drained.address, "--json").stdout
+    assert json.loads(out) == {"address": drained.address, "draining": True}
+    assert drained.status()["draining"] is True
+    status = run_cli("peer", "status", "--cache-peers", drained.address, check=False)
+    assert status.returncode == 1 and "draining" in status.stdout  # not ready
+    assert read_all(point, files, seed=3) == []
+    stats = mount_stats(str(point))
+    assert stats["peer_timeouts"] == 0 and stats["hedged_requests"] == 0
+    assert drained.address not in stats["peer_ring"]["live"]
+    assert drained.status()["refused_draining"] >= 1  # asked once, then out of the ring
+    until = time.monotonic() + 2.5  # the mount probes down members every second: still out
+    while time.monotonic() < until:
+        assert mount_stats(str(point))["peer_ring"]["live"] == sorted(members[1:])
+        time.sleep(0.25)
+
+    run_cli("peer", "drain", drained.address, "--resume")
+    wait_for(lambda: drained.address in mount_stats(str(point))["peer_ring"]["live"],
+             timeout=10, what="the resumed member back in the ring")
+
+    assert stopped.proc is not None
+    stopped.proc.terminate()  # SIGTERM: drains for --drain-seconds, then stops
+    wait_for(lambda: stopped.proc.poll() is not None or stopped.status()["draining"],
+             timeout=5, what="the terminated server draining")
+    run_cli("umount", str(point))
+    point = mount_node(mounts, "reader", tmp_path / "reader-cache-2", ",".join(members))
+    assert read_all(point, files, seed=4) == []
+    stats = mount_stats(str(point))
+    assert stats["peer_timeouts"] == 0 and stats["hedged_requests"] == 0
+    assert stopped.proc.wait(timeout=30) == 0

@@ -53,6 +53,14 @@ on behalf of others); and this machine's mounts, for the members they hold in qu
 member that served a corrupt chunk is skipped by that mount for a minute)."""
 
 
+DRAIN_EXAMPLES = """examples:
+  cachefs peer drain 10.0.0.1:7470 --token-file /etc/cachefs/token     # before maintenance
+  cachefs peer drain 10.0.0.1:7470 --token-file /etc/cachefs/token --resume
+
+SIGTERM drains too (for --drain-seconds) before the server stops: a Kubernetes pod's peer
+container leaves the rings, and its readiness probe fails, before it goes."""
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("peer", formatter_class=HelpFormatter,
                        help="serve this node's cache to its peers, or show the peer ring",
@@ -93,9 +101,27 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--heartbeat-interval", type=float, default=3.0, metavar="SECONDS",
                    help="seconds between heartbeats with --register (default 3; keep it "
                         "well under the masters' --down-after)")
+    s.add_argument("--drain-seconds", type=float, default=2.0, metavar="SECONDS",
+                   help="on SIGTERM, seconds to stay up draining (chunk requests refused at "
+                        "once, status 'draining') before stopping, so the rings and a "
+                        "readiness probe see the node leave (default 2)")
     s.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (-vv for debug)")
     s.set_defaults(func=serve)
+
+    d = roles.add_parser("drain", parents=[common], formatter_class=HelpFormatter,
+                         help="take a peer server out of the rings without stopping it",
+                         description="Ask a peer server to drain: it refuses chunk requests "
+                                     "at once (askers go to each chunk's next member instead "
+                                     "of waiting a deadline), says 'draining' in its status "
+                                     "(probers keep it out of their rings), and stops "
+                                     "heartbeating to the node registry; calls in flight "
+                                     "finish. --resume undoes it.",
+                         epilog=DRAIN_EXAMPLES)
+    d.add_argument("address", metavar="HOST:PORT", help="the peer server, as the rings know it")
+    d.add_argument("--resume", action="store_true", help="serve again")
+    d.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
+    d.set_defaults(func=drain)
 
     t = roles.add_parser("status", parents=[common], formatter_class=HelpFormatter,
                          help="the ring as this node sees it",
@@ -107,6 +133,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                               "HOST:PORT, dns:NAME:PORT, file:PATH, master:REMOTE")
     members.add_argument("--cache-peers-file", metavar="FILE", help="a file listing them")
     t.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
+    t.add_argument("--alive", action="store_true",
+                   help="exit 0 when every member answers, draining ones included (a liveness "
+                        "check); without it, exit 0 when at least one member is live, i.e. "
+                        "answers and is not draining (a readiness check)")
     t.set_defaults(func=status)
 
 
@@ -157,13 +187,14 @@ def serve(args: argparse.Namespace) -> int:
             versions = LocalVersions(str(cache.directory))
             heartbeat = NodeHeartbeat(registry, args.node_name or socket.gethostname(),
                                       service.address, cache.capacity_bytes,
-                                      lambda: [*extra, *versions()], args.heartbeat_interval)
+                                      lambda: [*extra, *versions()], args.heartbeat_interval,
+                                      paused=service.draining.is_set)
             heartbeat.start()
         print(f"serving {cache.directory} to peers on {address} as {service.address}; "
               f"remotes: {', '.join(sorted(remotes))}", flush=True)
 
     try:
-        serve_peer(service, args.listen, token, ready=ready)
+        serve_peer(service, args.listen, token, ready=ready, drain_s=args.drain_seconds)
     finally:
         if heartbeat is not None:
             heartbeat.close()
@@ -279,11 +310,14 @@ def status(args: argparse.Namespace) -> int:
     def ask(member: str) -> dict[str, Any]:
         client = PeerClient(member, token)
         try:
-            return {"live": True, "server": client.status(STATUS_TIMEOUT_S)}
+            server = client.status(STATUS_TIMEOUT_S)
         except PeerCallError as e:
             return {"live": False, "error": str(e)}
         finally:
             client.close()
+        if server.get("draining"):  # up, but out of every ring
+            return {"live": False, "draining": True, "server": server, "error": "draining"}
+        return {"live": True, "server": server}
 
     with ThreadPoolExecutor(max_workers=min(32, len(members))) as pool:
         answers = dict(zip(members, pool.map(ask, members), strict=True))
@@ -304,7 +338,27 @@ def status(args: argparse.Namespace) -> int:
         print_json(doc)
     else:
         _print_status(doc)
+    if args.alive:
+        return 0 if all(answers[m]["live"] or answers[m].get("draining") for m in members) else 1
     return 0 if live else 1
+
+
+def drain(args: argparse.Namespace) -> int:
+    from cachefs.grpc_auth import load_token
+    from cachefs.peer.client import PeerClient
+    from cachefs.peer.ring import parse_member
+
+    address = parse_member(args.address, "address")
+    client = PeerClient(address, load_token(args.token_file))
+    try:
+        draining = client.drain(resume=args.resume, timeout=STATUS_TIMEOUT_S)
+    finally:
+        client.close()
+    if args.json:
+        print_json({"address": address, "draining": draining})
+    else:
+        print(f"{address}: {'draining (out of the rings)' if draining else 'serving'}")
+    return 0
 
 
 def _quarantined_by_local_mounts() -> dict[str, list[str]]:
@@ -337,7 +391,8 @@ def _print_status(doc: dict[str, Any]) -> None:
     rows = [("MEMBER", "STATE", "SHARE", "FROM CACHE", "FROM ORIGIN", "ORIGIN BYTES")]
     for m in doc["members"]:
         server = m.get("server", {})
-        state = ("quarantined" if m["quarantined_by"] else "live") if m["live"] else "down"
+        state = (("quarantined" if m["quarantined_by"] else "live") if m["live"]
+                 else "draining" if m.get("draining") else "down")
         rows.append((m["address"], state, f"{m['share']:.1%}",
                      str(server.get("served_from_cache", "-")),
                      str(server.get("served_from_origin", "-")),

@@ -69,6 +69,11 @@ class PeerClient:
                                 grpc.StatusCode.INTERNAL)
         return doc
 
+    def drain(self, resume: bool, timeout: float) -> bool:
+        """Ask the member to drain (or, `resume`, to serve again); whether it drains now."""
+        reply = self._call(self._stub.Drain, pb.DrainRequest(resume=resume), timeout, "Drain")
+        return bool(reply.draining)
+
     def _call(self, method: Any, request: Any, timeout: float, what: str) -> Any:
         try:
             return method(request, timeout=timeout, metadata=self._metadata)

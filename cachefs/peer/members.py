@@ -6,15 +6,20 @@ file, DNS records, a haystack cluster's node registry), each refreshed every `re
 by the prober thread; the member list is the union of the sources' lists, sorted. A member is
 its address, HOST:PORT, the same string on every node (`cachefs.peer.ring.parse_member`).
 
-A source that fails at start is a UsageError naming it; one that fails later keeps the members
-it gave last (logged when the error starts or changes, then at most once a minute, and shown
-by `state()`), so a DNS or master outage never empties a ring that works.
+A source that cannot be used at start (a malformed or unreadable list, an unknown remote) is a
+UsageError naming it; one whose service cannot answer now (DNS, the masters: RemoteError) starts
+without members and is asked again, so a mount never waits on its peers' discovery; one that
+fails later keeps the members it gave last (logged when the error starts or changes, then at
+most once a minute, and shown by `state()`), so a DNS or master outage never empties a ring
+that works.
 
 Health, per member, from the calls the tier makes (no traffic while all is well):
 - a call that cannot reach it (UNAVAILABLE) puts it **down** at once; three deadline misses in
   a row do too. A down member leaves the ring (its chunks go to their next-ranked member) and is
-  probed with `Status` every `probe_interval_s`: it rejoins as soon as it answers. So a member
-  that stops answering leaves within seconds, and comes back within a second of answering.
+  probed with `Status` every `probe_interval_s`: it rejoins as soon as it answers, unless it
+  says it is draining (`cachefs peer drain`, or SIGTERM: it refuses chunk requests with
+  UNAVAILABLE meanwhile, so askers take it out at their first call). So a member that stops
+  answering leaves within seconds, and comes back within a second of answering.
 - a member that served bytes that do not match the chunk's name is **quarantined** for
   `quarantine_s` (logged with the member and the chunk, and counted); then probed like a down
   one.
@@ -31,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachefs.errors import UsageError
+from cachefs.errors import RemoteError, UsageError
 from cachefs.peer.client import PeerCallError, PeerClient
 from cachefs.peer.sources import FileSource, MemberSource, build_sources
 
@@ -106,6 +111,16 @@ class Membership:
     def _start_source(self, state: SourceState) -> None:
         try:
             state.members = state.source.resolve()
+        except RemoteError as e:
+            # DNS or the masters cannot answer now (a headless Service before its first pod
+            # is ready, a master election): the peer tier is a cache, so the mount starts
+            # without this source's members and the prober keeps asking.
+            state.error = str(e)
+            state.error_logged = self._clock()
+            state.due = self._clock() + min(state.source.refresh_s, self.probe_interval_s)
+            log.warning("peers %s: %s (starting without its members; asking again every "
+                        "%g s)", state.source.describe(), e, state.source.refresh_s)
+            return
         except Exception as e:
             what = (f"--cache-peers-file {self.members_file}" if self.members_file
                     else f"peers {state.source.describe()}")
@@ -270,7 +285,7 @@ class Membership:
 
     def probe_unhealthy(self) -> None:
         """Ask every down member, and every quarantined one whose time is up, for its Status;
-        one that answers rejoins the ring."""
+        one that answers, and does not say it is draining, rejoins the ring."""
         now = self._clock()
         with self._lock:
             due = [m for m in self._members
@@ -279,7 +294,8 @@ class Membership:
                        and self._health[m].quarantined_until <= now)]
         for member in due:
             try:
-                self.client(member).status(PROBE_TIMEOUT_S)
+                if self.client(member).status(PROBE_TIMEOUT_S).get("draining"):
+                    continue
             except PeerCallError:
                 continue
             with self._lock:

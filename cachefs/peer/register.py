@@ -40,16 +40,18 @@ class Registry(Protocol):
 
 class NodeHeartbeat:
     """Registers one node, then re-registers it every `interval_s` from a thread. `serving`
-    gives the versions served now (asked at every beat)."""
+    gives the versions served now (asked at every beat); while `paused()` (the node drains),
+    no beat is sent, so the masters drop the node from the registry's live list."""
 
     def __init__(self, registry: Registry, name: str, peer_address: str, cache_bytes: int,
-                 serving: Callable[[], list[str]], interval_s: float = DEFAULT_INTERVAL_S
-                 ) -> None:
+                 serving: Callable[[], list[str]], interval_s: float = DEFAULT_INTERVAL_S,
+                 paused: Callable[[], bool] = lambda: False) -> None:
         self.registry = registry
         self.name = name
         self.peer_address = peer_address
         self.cache_bytes = cache_bytes
         self.serving = serving
+        self.paused = paused
         self.interval_s = interval_s
         self.beats = 0
         self.last_error: str | None = None
@@ -85,6 +87,8 @@ class NodeHeartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if self.paused():
+                continue
             try:
                 self.beat()
             except Exception as e:  # the heartbeat must outlive any one failure

@@ -36,7 +36,13 @@ from cachefs.cache.base import Blob
 from cachefs.cache.disk import DiskCache
 from cachefs.dataset.objects import hash_bytes
 from cachefs.dataset.repo import chunk_key
-from cachefs.errors import CachefsError, CorruptObject, ObjectNotFound, PermissionDenied
+from cachefs.errors import (
+    CachefsError,
+    CorruptObject,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+)
 from cachefs.grpc_auth import listening_server, serve_until_signalled
 from cachefs.grpc_errors import invalid, rpc
 from cachefs.peer.proto import peer_pb2 as pb
@@ -111,11 +117,13 @@ class PeerService(pb_grpc.PeerServicer):
         self._open_lock = threading.Lock()
         self._flights = _Flights()
         self._started = time.time()
+        # Draining: out of every ring while still up (Drain, or SIGTERM before stopping).
+        self.draining = threading.Event()
         self._counters_lock = threading.Lock()
         self.counters = {
             "get_requests": 0, "served_from_cache": 0, "served_from_origin": 0,
             "served_bytes": 0, "origin_fetches": 0, "origin_bytes": 0, "origin_errors": 0,
-            "not_found": 0, "refused": 0, "has_requests": 0,
+            "not_found": 0, "refused": 0, "has_requests": 0, "refused_draining": 0,
         }
 
     def _count(self, **deltas: int) -> None:
@@ -151,6 +159,7 @@ class PeerService(pb_grpc.PeerServicer):
                  context: grpc.ServicerContext) -> pb.GetChunkResponse:
         name = check_hash(request.hash, "hash")
         self._check_request(request.remote, request.dataset)
+        self._check_serving()
         self._count(get_requests=1)
         key = chunk_key(name)
         data = self.cache.get(key)
@@ -193,6 +202,7 @@ class PeerService(pb_grpc.PeerServicer):
             raise invalid(f"hashes: {len(request.hashes)} entries, at most "
                           f"{MAX_HASHES_PER_CALL} per call")
         hashes = [check_hash(h, f"hashes[{i}]") for i, h in enumerate(request.hashes)]
+        self._check_serving()
         self._count(has_requests=1)
         return pb.HasChunksResponse(present=[self.cache.contains(chunk_key(h)) for h in hashes])
 
@@ -201,6 +211,33 @@ class PeerService(pb_grpc.PeerServicer):
                context: grpc.ServicerContext) -> pb.StatusResponse:
         return pb.StatusResponse(json=json.dumps(self.status()))
 
+    @rpc
+    def Drain(self, request: pb.DrainRequest,
+              context: grpc.ServicerContext) -> pb.DrainResponse:
+        if request.resume:
+            self.resume()
+        else:
+            self.drain()
+        return pb.DrainResponse(draining=self.draining.is_set())
+
+    def drain(self) -> None:
+        """Leave the rings without stopping: chunk requests are refused at once (UNAVAILABLE:
+        the asker turns to the chunk's next member, and counts this one down), Status says
+        draining (probers keep it out); calls already running finish."""
+        if not self.draining.is_set():
+            self.draining.set()
+            log.info("peer server %s draining: refusing chunk requests", self.address)
+
+    def resume(self) -> None:
+        if self.draining.is_set():
+            self.draining.clear()
+            log.info("peer server %s serving again", self.address)
+
+    def _check_serving(self) -> None:
+        if self.draining.is_set():
+            self._count(refused_draining=1)
+            raise RemoteError(f"peer {self.address} is draining: ask the chunk's next member")
+
     def status(self) -> dict[str, Any]:
         """The document `Status` returns (docs/design.md, "peer status")."""
         with self._counters_lock:
@@ -208,6 +245,7 @@ class PeerService(pb_grpc.PeerServicer):
         disk = self.cache.stats()
         return {
             "address": self.address,
+            "draining": self.draining.is_set(),
             "uptime_s": round(time.time() - self._started, 1),
             "remotes": sorted(self.remotes),
             "datasets": self.datasets or ["*"],
@@ -227,13 +265,21 @@ def build_server(service: PeerService, listen: str,
 
 
 def serve(service: PeerService, listen: str, token: str | None, grace: float = 10.0,
-          ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then let calls in flight finish (up to `grace` seconds).
+          ready: Callable[[str], None] | None = None, drain_s: float = 2.0) -> None:
+    """Serve until SIGTERM or SIGINT; then drain for `drain_s` seconds (chunk requests refused
+    at once, Status "draining": askers and probers take the member out of their rings, and a
+    Kubernetes readiness probe fails) and let calls in flight finish (up to `grace` seconds).
     `ready(address)` is called once the server accepts calls."""
     server, address = build_server(service, listen, token)
     if not service.address:
         service.address = address
     remotes = ", ".join(sorted(service.remotes)) or "none"
+
+    def stopping() -> None:
+        service.drain()
+        time.sleep(drain_s)
+
     serve_until_signalled(server, address, token,
                           f"peer server of {service.cache.directory} (advertised as "
-                          f"{service.address}, remotes: {remotes})", ready, grace)
+                          f"{service.address}, remotes: {remotes})", ready, grace,
+                          stopping=stopping)

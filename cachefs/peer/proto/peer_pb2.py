@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x0f\x63\x61\x63hefs.peer.v1\"U\n\x0fGetChunkRequest\x12\x0e\n\x06remote\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61\x63hed_only\x18\x04 \x01(\x08\"5\n\x10GetChunkResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rom_origin\x18\x02 \x01(\x08\"\"\n\x10HasChunksRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\t\"$\n\x11HasChunksResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xf6\x01\n\x04Peer\x12O\n\x08GetChunk\x12 .cachefs.peer.v1.GetChunkRequest\x1a!.cachefs.peer.v1.GetChunkResponse\x12R\n\tHasChunks\x12!.cachefs.peer.v1.HasChunksRequest\x1a\".cachefs.peer.v1.HasChunksResponse\x12I\n\x06Status\x12\x1e.cachefs.peer.v1.StatusRequest\x1a\x1f.cachefs.peer.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x0f\x63\x61\x63hefs.peer.v1\"U\n\x0fGetChunkRequest\x12\x0e\n\x06remote\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61\x63hed_only\x18\x04 \x01(\x08\"5\n\x10GetChunkResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rom_origin\x18\x02 \x01(\x08\"\"\n\x10HasChunksRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\t\"$\n\x11HasChunksResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x1e\n\x0c\x44rainRequest\x12\x0e\n\x06resume\x18\x01 \x01(\x08\"!\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x32\xbe\x02\n\x04Peer\x12O\n\x08GetChunk\x12 .cachefs.peer.v1.GetChunkRequest\x1a!.cachefs.peer.v1.GetChunkResponse\x12R\n\tHasChunks\x12!.cachefs.peer.v1.HasChunksRequest\x1a\".cachefs.peer.v1.HasChunksResponse\x12I\n\x06Status\x12\x1e.cachefs.peer.v1.StatusRequest\x1a\x1f.cachefs.peer.v1.StatusResponse\x12\x46\n\x05\x44rain\x12\x1d.cachefs.peer.v1.DrainRequest\x1a\x1e.cachefs.peer.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_end=262
   _globals['_STATUSRESPONSE']._serialized_start=264
   _globals['_STATUSRESPONSE']._serialized_end=294
-  _globals['_PEER']._serialized_start=297
-  _globals['_PEER']._serialized_end=543
+  _globals['_DRAINREQUEST']._serialized_start=296
+  _globals['_DRAINREQUEST']._serialized_end=326
+  _globals['_DRAINRESPONSE']._serialized_start=328
+  _globals['_DRAINRESPONSE']._serialized_end=361
+  _globals['_PEER']._serialized_start=364
+  _globals['_PEER']._serialized_end=682
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class PeerStub:
                 request_serializer=peer__pb2.StatusRequest.SerializeToString,
                 response_deserializer=peer__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/cachefs.peer.v1.Peer/Drain',
+                request_serializer=peer__pb2.DrainRequest.SerializeToString,
+                response_deserializer=peer__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -79,6 +84,16 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Leave the rings (or, with `resume`, come back) without stopping: while draining, GetChunk
+        and HasChunks answer UNAVAILABLE at once, so an asker goes to the chunk's next member
+        instead of waiting a deadline, and Status says "draining" (a prober keeps the member out).
+        SIGTERM drains too, before the server stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +111,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=peer__pb2.StatusRequest.FromString,
                     response_serializer=peer__pb2.StatusResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=peer__pb2.DrainRequest.FromString,
+                    response_serializer=peer__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +200,33 @@ class Peer:
             '/cachefs.peer.v1.Peer/Status',
             peer__pb2.StatusRequest.SerializeToString,
             peer__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachefs.peer.v1.Peer/Drain',
+            peer__pb2.DrainRequest.SerializeToString,
+            peer__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
