@@ -8,7 +8,9 @@ memory follows what the kernel holds, not the size of the dataset; directory tre
 lazily, one directory at a time, through the tiered store (a million-file dataset mounts as fast
 as a ten-file one).
 
-Reads: the extents covering a request come from the file's `FileLayout` (the Cython hot path);
+Reads (`read` with a file handle from `open`, or `read_inode` when the kernel sends no OPEN:
+see `cachefs.fuse.operations`): the extents covering a request come from the file's
+`FileLayout` (the Cython hot path);
 each needed piece comes from the tiered store, and the reply is a slice (memoryview) of the
 cached chunk, not a copy. A chunk that is on the SSD but not in memory is not pulled into memory
 by a read: only the sub-blocks covering the piece are read (`TieredStore.chunk_range`). Chunks of

@@ -411,12 +411,12 @@ def test_the_tiered_store_refetches_a_chunk_whose_range_fails(
         assert old in stats
 
 
-def test_the_file_system_reads_a_range_from_the_ssd_and_refetches_a_damaged_one(
-        tmp_path: Path) -> None:
-    chunk = 4 * MiB
+def one_big_file(tmp_path: Path, content: bytes, chunk: int,
+                 memory: int) -> Callable[[], DatasetFS]:
+    """Commit `content` as big.bin in `chunk`-sized chunks; a factory of file systems over
+    the commit, each with an empty memory tier and the same SSD tier (a remount)."""
     src = tmp_path / "src"
     src.mkdir()
-    content = random.Random(6).randbytes(chunk * 2)
     (src / "big.bin").write_bytes(content)
     repo = Repository(LocalRemote(tmp_path / "repo"))
     repo.create_dataset("ds", chunk_size=chunk)
@@ -424,11 +424,20 @@ def test_the_file_system_reads_a_range_from_the_ssd_and_refetches_a_damaged_one(
     c = repo.get_commit(commit)
 
     def make_fs() -> DatasetFS:
-        store = TieredStore(repo, MemoryCache(64 * MiB),
+        store = TieredStore(repo, MemoryCache(memory),
                             DiskCache(tmp_path / "cache", 256 * MiB, verify=object_is_intact,
                                       free_space_floor=0))
         return DatasetFS(store, commit, c.tree, c.time_ns, chunk,
                          MountOptions(uid=os.getuid(), gid=os.getgid()), {"dataset": "ds"})
+
+    return make_fs
+
+
+def test_the_file_system_reads_a_range_from_the_ssd_and_refetches_a_damaged_one(
+        tmp_path: Path) -> None:
+    chunk = 4 * MiB
+    content = random.Random(6).randbytes(chunk * 2)
+    make_fs = one_big_file(tmp_path, content, chunk, 64 * MiB)
 
     async def read(fs: DatasetFS, offset: int, size: int) -> bytes:
         node = await fs.lookup(ROOT_INODE, "big.bin")
@@ -488,21 +497,8 @@ def test_a_sequential_read_from_the_ssd_reads_each_chunk_whole_once(tmp_path: Pa
     requests arriving out of order by one included (the kernel keeps several in flight): no
     range reads of the same chunk beside it, and the origin is never asked."""
     chunk = 4 * MiB
-    src = tmp_path / "src"
-    src.mkdir()
     content = random.Random(7).randbytes(chunk * 6)
-    (src / "big.bin").write_bytes(content)
-    repo = Repository(LocalRemote(tmp_path / "repo"))
-    repo.create_dataset("ds", chunk_size=chunk)
-    commit = commit_directory(repo, "ds", "main", src, "v1").commit
-    c = repo.get_commit(commit)
-
-    def make_fs() -> DatasetFS:
-        store = TieredStore(repo, MemoryCache(256 * MiB),
-                            DiskCache(tmp_path / "cache", 256 * MiB, verify=object_is_intact,
-                                      free_space_floor=0))
-        return DatasetFS(store, commit, c.tree, c.time_ns, chunk,
-                         MountOptions(uid=os.getuid(), gid=os.getgid()), {"dataset": "ds"})
+    make_fs = one_big_file(tmp_path, content, chunk, 256 * MiB)
 
     async def main() -> None:
         first = make_fs()

@@ -42,13 +42,17 @@ entry corrupt: it is deleted and the read is a miss, never a short or wrong answ
 guard against the disk (bit rot, torn files), not against someone who may write the directory:
 whoever can do that could as well write a matching sum.
 
-Around the page cache (`cachefs.directio`): entries of `DIRECT_WRITE_MIN` bytes or more are
-written with O_DIRECT (zero-padded to whole blocks, then cut to their length, before the sums and
-the link), and sub-blocks not all in the page cache (cachestat(2)) are read with O_DIRECT into a
-reused aligned buffer and checked there. What the tier serves is cached again above it (the
-mount's pages of the file, the memory tier), and a chunk streaming through it would otherwise
-cost a page-cache fill on the way in and on the way out. Sub-blocks that are cached are read
-from the page cache; a file system that refuses O_DIRECT turns it off for the cache.
+Around the page cache, and through it (`cachefs.directio`): entries of `DIRECT_WRITE_MIN` bytes
+or more are written with O_DIRECT (zero-padded to whole blocks, then cut to their length, before
+the sums and the link), and reads of `DIRECT_READ_MIN` bytes or more not all in the page cache
+(cachestat(2)) are read with O_DIRECT into a fresh buffer that is checked there and handed on as
+a read-only view (no copy). What the tier serves is cached again above it (the mount's pages of
+the file, the memory tier), and a chunk streaming through it would otherwise cost a page-cache
+fill on the way in and on the way out. Smaller reads (a small file inside a pack) go through the
+page cache, which is faster for them on this kind of machine; `get_range(prefetch_entry=True)`
+also asks for the whole entry (POSIX_FADV_WILLNEED), whose neighbours are wanted soon, and
+`get_range_if_cached` reads only what the page cache holds, for callers on an event loop. A file
+system that refuses O_DIRECT turns it off for the cache.
 """
 
 from __future__ import annotations
