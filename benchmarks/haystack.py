@@ -33,6 +33,21 @@ own fsync), under fresh keys.
 
 Reproduce (root, from the repository root; the full run writes ~19 GB and takes minutes):
 
+The **server memory cache** (`cachefs storage serve --memory-cache`, storage_server/
+needle_cache.py) is measured last, on two fresh servers holding the same 4 MiB needles (16;
+`--quick`: 4), one with the cache and one without: 32 concurrent readers (a client each) read
+every needle, each in its own random order, cold (the volume files' pages dropped first).
+`server_cache_disk_read_ratio` = the bytes the cached server read from the disk (`read_bytes`
+of its /proc/PID/io) / the unique bytes (target <= 1.05: each needle read once, the other 31
+readers served from memory or by the single flight). `server_cache_speedup` = the readers'
+throughput with / without the cache, both servers in a blkio cgroup (v1
+`blkio.throttle.read_bps_device`, or v2 `io.max`) limiting the disk's reads to
+`THROTTLE_BPS` (200 MB/s, an HDD array or network disk; this VM's disk is faster than a Python
+gRPC server, so unthrottled the cache would show little): target >= 2. Where no cgroup can be
+set, `server_cache_speedup` is null and `server_cache.throttle` says why.
+
+Reproduce (root, from the repository root; the full run writes ~19 GB and takes minutes):
+
     .venv/bin/python -m benchmarks.haystack --quick      # smoke run
     .venv/bin/python -m benchmarks.haystack --json > out.json
 """
@@ -40,6 +55,7 @@ Reproduce (root, from the repository root; the full run writes ~19 GB and takes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import subprocess
@@ -80,7 +96,13 @@ TARGETS = {
     "grpc_small_write_vs_files": ">= 1",
     "preads_per_read": "<= 1",
     "grpc_large_mb_s": ">= 500",
+    "server_cache_disk_read_ratio": "<= 1.05",
+    "server_cache_speedup": ">= 2",
 }
+CACHE_READERS = 32
+CACHE_NEEDLES = (16, 4)  # 4 MiB needles of the memory-cache phase: full, --quick
+CACHE_SIZE = "256MiB"
+THROTTLE_BPS = 200_000_000
 
 
 class Objects:
@@ -217,10 +239,11 @@ class GrpcWay:
         from storage_server.client import StorageClient
 
         self.objects = objects
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"  # subclasses may set `extra` serve options
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cachefs.cli.main", "storage", "serve",
-             "--data-dir", str(root / "grpc-store"), "--listen", self.address],
+             "--data-dir", str(root / "grpc-store"), "--listen", self.address,
+             *getattr(self, "extra", ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.client = StorageClient(self.address)
         deadline = time.monotonic() + 60
@@ -256,6 +279,179 @@ class GrpcWay:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(30)
+
+
+# -- the server's memory cache ---------------------------------------------------------------
+def disk_read_bytes(pid: int) -> int:
+    """Bytes the process made the block layer read (/proc/PID/io; page-cache hits do not
+    count)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no read_bytes in /proc/{pid}/io")
+
+
+def drop_pages(root: Path) -> None:
+    """Write back and drop from the page cache every file under `root`."""
+    sync()
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def whole_disk(path: Path) -> str:
+    """MAJ:MIN of the block device (the whole disk, not a partition) holding `path`."""
+    dev = os.stat(path).st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sys_dev.exists():
+        raise OSError(f"{path} is on device {os.major(dev)}:{os.minor(dev)}, not a block device")
+    if (sys_dev / "partition").exists():
+        return (sys_dev.resolve().parent / "dev").read_text().strip()
+    return (sys_dev / "dev").read_text().strip()
+
+
+class ReadThrottle:
+    """A cgroup whose processes read the disk under `path` at most `bps` bytes/s: v1 blkio
+    (`blkio.throttle.read_bps_device`) or v2 (`io.max`). `open` returns None and `reason` says
+    why where neither can be set."""
+
+    def __init__(self, directory: Path, device: str, v2: bool) -> None:
+        self.directory, self.device, self.v2 = directory, device, v2
+
+    reason = ""
+
+    @classmethod
+    def open(cls, path: Path, bps: int) -> ReadThrottle | None:
+        name = f"cachefs-bench-{os.getpid()}"
+        try:
+            device = whole_disk(path)
+        except OSError as e:
+            cls.reason = str(e)
+            return None
+        v1 = Path("/sys/fs/cgroup/blkio")
+        v2 = Path("/sys/fs/cgroup")
+        tried = []
+        if (v1 / "blkio.throttle.read_bps_device").exists():
+            directory = v1 / name
+            try:
+                directory.mkdir()
+                (directory / "blkio.throttle.read_bps_device").write_text(f"{device} {bps}\n")
+                return cls(directory, device, v2=False)
+            except OSError as e:
+                tried.append(f"cgroup v1 blkio: {e}")
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "io" in controllers.read_text().split():
+            directory = v2 / name
+            try:
+                with contextlib.suppress(OSError):
+                    (v2 / "cgroup.subtree_control").write_text("+io\n")
+                directory.mkdir()
+                (directory / "io.max").write_text(f"{device} rbps={bps}\n")
+                return cls(directory, device, v2=True)
+            except OSError as e:
+                tried.append(f"cgroup v2 io.max: {e}")
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        elif not tried:
+            tried.append("neither cgroup v1 blkio throttling nor a cgroup v2 io controller "
+                         "is offered here")
+        cls.reason = "; ".join(tried)
+        return None
+
+    def add(self, pid: int) -> None:
+        (self.directory / "cgroup.procs").write_text(f"{pid}\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
+
+
+class CachedServer(GrpcWay):
+    """A storage server for the memory-cache phase: `--memory-cache SIZE` (0: off)."""
+
+    name = "cache"
+
+    def __init__(self, root: Path, objects: Objects, memory_cache: str) -> None:
+        self.extra = ("--memory-cache", memory_cache)
+        super().__init__(root, objects)
+
+
+def concurrent_reads(address: str, items: Sequence[tuple[bytes, int, int]]) -> float:
+    """CACHE_READERS clients, each reading every item in its own random order, all starting
+    together; wall seconds."""
+    import threading
+
+    from storage_server.client import StorageClient
+
+    clients = [StorageClient(address) for _ in range(CACHE_READERS)]
+    barrier = threading.Barrier(CACHE_READERS + 1)
+
+    def reader(i: int) -> None:
+        order = list(items)
+        random.Random(i).shuffle(order)
+        barrier.wait()
+        for key, _, size in order:
+            assert len(clients[i].get(key)) == size
+
+    try:
+        with ThreadPoolExecutor(CACHE_READERS) as pool:
+            futures = [pool.submit(reader, i) for i in range(CACHE_READERS)]
+            barrier.wait()
+            start = time.perf_counter()
+            for future in futures:
+                future.result()
+            return time.perf_counter() - start
+    finally:
+        for client in clients:
+            client.close()
+
+
+def measure_server_cache(work: Path, objects: Objects, needles: int) -> dict[str, Any]:
+    """The memory-cache phase (module docstring): disk-read ratio and speedup."""
+    items = objects.large[:needles]
+    unique = Objects.nbytes(items)
+    throttle = ReadThrottle.open(work, THROTTLE_BPS)
+    result: dict[str, Any] = {
+        "readers": CACHE_READERS, "needles": len(items), "unique_bytes": unique,
+        "memory_cache": CACHE_SIZE,
+        "throttle": ({"device": throttle.device, "read_bps": THROTTLE_BPS,
+                      "cgroup": "v2 io.max" if throttle.v2 else "v1 blkio"}
+                     if throttle else {"unavailable": ReadThrottle.reason})}
+    try:
+        for label, size in (("with", CACHE_SIZE), ("without", "0")):
+            root = work / f"cache-{label}"
+            root.mkdir()
+            server = CachedServer(root, objects, size)
+            try:
+                for item in items:
+                    server.write(item)
+                if throttle:
+                    throttle.add(server.process.pid)
+                drop_pages(root)
+                log(f"server cache: {CACHE_READERS} readers of {len(items)} needles of 4 MiB, "
+                    f"cold, {label} the cache{' (disk reads throttled)' if throttle else ''}")
+                before = disk_read_bytes(server.process.pid)
+                seconds = concurrent_reads(server.address, items)
+                disk = disk_read_bytes(server.process.pid) - before
+                result[label] = {"seconds": seconds, "disk_read_bytes": disk,
+                                 "mb_s": rate(unique * CACHE_READERS, seconds) / 1e6,
+                                 "stat": server.client.stat().get("memory_cache")}
+            finally:
+                server.close()
+    finally:
+        if throttle:
+            throttle.close()
+    result["disk_read_ratio"] = result["with"]["disk_read_bytes"] / unique
+    speedup = result["with"]["mb_s"] / result["without"]["mb_s"]
+    result["speedup"] = speedup if throttle else None
+    result["speedup_unthrottled"] = None if throttle else speedup
+    return result
 
 
 def measure(way: Any, objects: Objects) -> dict[str, Any]:
@@ -327,6 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if hasattr(way, "close"):
                     way.close()
             sync()
+        server_cache = measure_server_cache(work, objects, CACHE_NEEDLES[bool(args.quick)])
     files, store, grpc = raw["files"], raw["store"], raw["grpc"]
     ratios = {
         "small_write_vs_files": store["small_writes_s"] / files["small_writes_s"],
@@ -341,7 +538,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             grpc["small_writes_batched_s"] / files["small_writes_s"],
     }
     figures = {**ratios, "preads_per_read": store["preads_per_read"],
-               "grpc_large_mb_s": grpc["large_read_mb_s"]}
+               "grpc_large_mb_s": grpc["large_read_mb_s"],
+               "server_cache_disk_read_ratio": server_cache["disk_read_ratio"]}
+    if server_cache["speedup"] is not None:
+        figures["server_cache_speedup"] = server_cache["speedup"]
     return {
         "quick": bool(args.quick),
         "objects": {"small": small, "large": large, "threads": THREADS},
@@ -349,6 +549,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batched_ratios": batched,
         "preads_per_read": store["preads_per_read"],
         "grpc_large_mb_s": grpc["large_read_mb_s"],
+        "server_cache_disk_read_ratio": server_cache["disk_read_ratio"],
+        "server_cache_speedup": server_cache["speedup"],
+        "server_cache": server_cache,
         "targets": TARGETS,
         "met": {k: meets(v, TARGETS[k]) for k, v in figures.items()},
         "raw": raw,
@@ -368,13 +571,25 @@ def print_report(report: dict[str, Any]) -> None:
                  "large r MB/s"], rows,
                 notes=[f"cold reads after dropping the page cache: {raw['store']['cold']}"])
     figures = {**report["ratios"], "preads_per_read": report["preads_per_read"],
-               "grpc_large_mb_s": report["grpc_large_mb_s"]}
+               "grpc_large_mb_s": report["grpc_large_mb_s"],
+               "server_cache_disk_read_ratio": report["server_cache_disk_read_ratio"]}
+    if report["server_cache_speedup"] is not None:
+        figures["server_cache_speedup"] = report["server_cache_speedup"]
+    cache = report["server_cache"]
+    throttle = cache["throttle"]
     print_table("\nFigures", ["figure", "value", "target", "met"],
                 [[k, f"{v:.2f}", TARGETS[k], "yes" if report["met"][k] else "NO"]
                  for k, v in figures.items()],
                 notes=[f"large transfer through gRPC: {fmt_rate(report['grpc_large_mb_s'] * 1e6)}",
                        *(f"{k}: {v:.2f} ({BATCH} objects per Put, 16 writers)"
-                         for k, v in report["batched_ratios"].items())])
+                         for k, v in report["batched_ratios"].items()),
+                       f"server memory cache: {cache['readers']} readers x {cache['needles']} "
+                       f"needles of 4 MiB, cold: {cache['with']['mb_s']:,.0f} MB/s with, "
+                       f"{cache['without']['mb_s']:,.0f} MB/s without; disk reads "
+                       + (f"throttled to {throttle['read_bps'] / 1e6:.0f} MB/s "
+                          f"({throttle['cgroup']}, device {throttle['device']})"
+                          if "read_bps" in throttle else
+                          f"NOT throttled ({throttle['unavailable']}): no speedup figure")])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -30,13 +31,14 @@ from cachefs.errors import (
     UsageError,
 )
 from cachefs.fsutil import fsync_dir
-from storage_server.index import DEFAULT_CACHE_ENTRIES, DEFAULT_MAP_SIZE, Index
+from storage_server.index import DEFAULT_CACHE_ENTRIES, DEFAULT_MAP_SIZE, Index, NeedleLocation
 from storage_server.needle import (
     FLAG_TOMBSTONE,
     HEADER_BYTES,
     MAX_DATA_BYTES,
     verified_data_end,
 )
+from storage_server.needle_cache import NeedleCache
 from storage_server.volume import (
     DEFAULT_SEGMENT_BYTES,
     Counters,
@@ -60,7 +62,8 @@ class VolumeStore:
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync_interval_ms: float = 0.0,
                  map_size: int = DEFAULT_MAP_SIZE, index_interval_ms: float = 50.0,
                  direct_io: bool = True,
-                 index_cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+                 index_cache_entries: int = DEFAULT_CACHE_ENTRIES,
+                 memory_cache_bytes: int = 0) -> None:
         if volumes is not None and not 1 <= volumes <= MAX_VOLUMES:
             raise UsageError(f"--volumes {volumes}: must be between 1 and {MAX_VOLUMES}")
         if segment_bytes < 4096:
@@ -69,6 +72,9 @@ class VolumeStore:
             raise UsageError(f"--index-cache {index_cache_entries}: must not be negative")
         if fsync_interval_ms < 0:
             raise UsageError(f"--fsync-interval-ms {fsync_interval_ms}: must not be negative")
+        if memory_cache_bytes < 0:
+            raise UsageError(f"--memory-cache {memory_cache_bytes}: must not be negative")
+        self.memory_cache = NeedleCache(memory_cache_bytes) if memory_cache_bytes else None
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -198,28 +204,42 @@ class VolumeStore:
             entry = self.index.get(vid, key)
             if entry is None or entry.deleted:
                 raise ObjectNotFound(f"needle {key.hex()}: not stored here")
-            got = vol.read(entry, key, self.cookie)
-            if got is None:
+            if self.memory_cache is None:
+                read = self._read(vol, entry, key)
+                data = None if read is None else read[0]
+            else:
+                data = self.memory_cache.get(key, entry.sequence,
+                                             functools.partial(self._read, vol, entry, key))
+            if data is None:
                 continue  # compaction moved it between the lookup and the read
-            buf, end = got
-            try:
-                if end < 0:
-                    verified_data_end(buf, key, self.cookie)  # raises, naming the field
-            except CorruptObject as e:
-                self.counters.add("corrupt_reads")
-                log.error("volume %d segment %08x offset %d: %s", vid, entry.segment,
-                          entry.offset, e)
-                raise CorruptObject(f"needle {key.hex()} (volume {vid}, segment "
-                                    f"{entry.segment:08x}, offset {entry.offset}): {e}",
-                                    key.hex()) from e
-            view = memoryview(buf)  # of bytes: read-only
             if not start and length is None:
-                return view[HEADER_BYTES:end]
-            stop = end if length is None else min(end, HEADER_BYTES + start + length)
-            if HEADER_BYTES + start >= stop:
+                return data
+            stop = len(data) if length is None else min(len(data), start + length)
+            if start >= stop:
                 return b""
-            return view[HEADER_BYTES + start:stop]
+            return data[start:stop]
         raise ObjectNotFound(f"needle {key.hex()}: kept moving while being read; try again")
+
+    def _read(self, vol: Volume, entry: NeedleLocation,
+              key: bytes) -> tuple[memoryview, int] | None:
+        """(the verified data of the needle `entry` points at, as a read-only view into the
+        buffer it was read into; that buffer's size), or None if compaction moved it. Raises
+        CorruptObject (and counts it) if a check fails."""
+        got = vol.read(entry, key, self.cookie)
+        if got is None:
+            return None
+        buf, end = got
+        try:
+            if end < 0:
+                verified_data_end(buf, key, self.cookie)  # raises, naming the field
+        except CorruptObject as e:
+            self.counters.add("corrupt_reads")
+            log.error("volume %d segment %08x offset %d: %s", vol.vid, entry.segment,
+                      entry.offset, e)
+            raise CorruptObject(f"needle {key.hex()} (volume {vol.vid}, segment "
+                                f"{entry.segment:08x}, offset {entry.offset}): {e}",
+                                key.hex()) from e
+        return memoryview(buf)[HEADER_BYTES:end], len(buf)  # of bytes: read-only
 
     def has_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether each key is stored live (one index lookup each, no data read)."""
@@ -239,6 +259,8 @@ class VolumeStore:
             return False
         self.commit.make_durable([self._volumes[vid].append(key, b"", FLAG_TOMBSTONE,
                                                             self.commit)])
+        if self.memory_cache is not None:
+            self.memory_cache.discard(key)
         return True
 
     def list_keys(self, vid: int, start_after: bytes | None = None,
@@ -282,6 +304,8 @@ class VolumeStore:
                 "needles_committed": counters.get("needles_committed", 0),
                 "index_cache": {"entries": self.index.cached,
                                 "capacity": self.index.cache_entries},
+                "memory_cache": (self.memory_cache.stats() if self.memory_cache is not None
+                                 else {"capacity_bytes": 0}),
                 "recovered": self.recovered}
 
     def compact(self, vid: int | None = None) -> dict[str, Any]:

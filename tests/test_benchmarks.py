@@ -70,6 +70,15 @@ def test_haystack_benchmark_quick_json(tmp_path: Path) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["ratios"].values())
     assert result["preads_per_read"] == 1.0  # one index lookup and one pread per read
     assert result["grpc_large_mb_s"] > 0 and result["quick"] is True
+    # the storage server's memory cache: 32 cold readers of the same needles, one disk read each
+    cache = result["server_cache"]
+    assert result["server_cache_disk_read_ratio"] <= 1.05, cache
+    assert cache["with"]["stat"]["misses"] == cache["needles"]
+    assert cache["without"]["stat"] == {"capacity_bytes": 0}
+    if "unavailable" in cache["throttle"]:  # no cgroup here: said why, no speedup figure
+        assert cache["throttle"]["unavailable"] and result["server_cache_speedup"] is None
+    else:
+        assert result["server_cache_speedup"] > 1, cache
 
 
 def test_cluster_benchmark_quick_json(tmp_path: Path) -> None:

@@ -78,6 +78,11 @@ def _register_serve(roles: argparse._SubParsersAction, common: argparse.Argument
                    help="keep the index entries of up to N recently read needles in memory "
                         "(~300 bytes each; default: the store's), so that a warm read needs no "
                         "index transaction; 0 turns it off")
+    s.add_argument("--memory-cache", type=parse_size, default=0, metavar="SIZE",
+                   help="keep the data of hot needles in memory, up to SIZE (e.g. 2GiB): "
+                        "repeated reads skip the disk and the checksum, concurrent reads of one "
+                        "needle make one disk read, and a scan does not flush what is hot "
+                        "(TinyLFU admission). Default 0: off")
     s.add_argument("--volumes", type=int, metavar="N",
                    help="logical volumes of a new data directory (an existing one keeps its own)")
     s.add_argument("--segment-size", type=parse_size, metavar="SIZE",
@@ -140,6 +145,7 @@ def serve(args: argparse.Namespace) -> int:
         options["segment_bytes"] = args.segment_size
     if args.index_cache is not None:
         options["index_cache_entries"] = args.index_cache
+    options["memory_cache_bytes"] = args.memory_cache
     store = VolumeStore(args.data_dir, **options)
     try:
         print(recovery_line(store.stat()), flush=True)
@@ -249,9 +255,21 @@ def describe_stat(doc: dict[str, Any]) -> str:
         f"segment files {format_size(totals['bytes'])}, free {format_size(doc['free_bytes'])}",
         f"corrupt reads {doc['corrupt_reads']}, fsyncs {doc['fsyncs']} for "
         f"{doc['needles_committed']} needles",
+        memory_cache_line(doc.get("memory_cache") or {}),
         recovery_line(doc).replace("recovery:", "last start's recovery:", 1),
     ]
     return "\n".join(lines)
+
+
+def memory_cache_line(cache: dict[str, Any]) -> str:
+    """The memory cache's figures (from the stat() document), for people."""
+    if not cache.get("capacity_bytes"):
+        return "memory cache: off"
+    return (f"memory cache: {format_size(cache['used_bytes'])} of "
+            f"{format_size(cache['capacity_bytes'])} in {cache['entries']} needles; "
+            f"{cache['hits']} hits ({format_size(cache['hit_bytes'])}), {cache['misses']} "
+            f"misses, {cache['evictions']} evictions, {cache['admissions_refused']} "
+            f"admissions refused")
 
 
 def describe_compact(doc: dict[str, Any]) -> str:
