@@ -391,10 +391,9 @@ def test_opens_reach_the_daemon_at_most_once_and_pages_stay_cached(
         dataset: Path, mounts: MountSet) -> None:
     """With cachefs's pyfuse3 patch the kernel sends no OPEN (after the first, answered
     ENOSYS) and no RELEASE, and keeps each file's pages across opens: re-reading files costs
-    no request. Without the patch every open is an OPEN."""
-    import pyfuse3
+    no request. Without the patch (or on a kernel before 5.1) every open is an OPEN."""
+    from cachefs.fuse.operations import NO_OPEN as patched
 
-    patched = bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
     mnt = mounts.mount("ds", mounts.mountpoint())
     files = sorted((dataset / "small").iterdir())[:40]
     for _ in range(3):
@@ -411,6 +410,15 @@ def test_opens_reach_the_daemon_at_most_once_and_pages_stay_cached(
         assert f.read() == data[len(data) // 2 :]
         f.seek(0)
         assert f.read(len(data) // 2) == data[: len(data) // 2]
+
+
+def test_no_open_is_used_only_on_kernels_that_take_it() -> None:
+    from cachefs.fuse.operations import kernel_takes_no_open
+
+    assert kernel_takes_no_open("6.18.0-1-cloud-amd64")
+    assert kernel_takes_no_open("5.1.0") and kernel_takes_no_open("5.10.0-28-amd64")
+    assert not kernel_takes_no_open("4.18.0-553.el8_10.x86_64")  # RHEL 8
+    assert not kernel_takes_no_open("not a release")
 
 
 def test_two_versions_mounted_in_turn_at_one_path(dataset: Path, mounts: MountSet) -> None:

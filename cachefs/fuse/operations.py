@@ -28,9 +28,25 @@ from cachefs.fs import Attributes, Caller, DatasetFS, FsError, Inode
 
 log = logging.getLogger("cachefs.fuse")
 
-# pyfuse3 with cachefs's patch (patches/): `open` may answer ENOSYS, after which the kernel sends
-# no OPEN or RELEASE (and keeps each file's page cache across opens), and `read` gets the inode.
-NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
+# Linux learnt to take ENOSYS for OPEN as "no OPEN needed" in 4.19 (fs/fuse/file.c, no_open);
+# an older kernel would return ENOSYS to open(2) itself. 5.1 leaves a margin for backports.
+NO_OPEN_KERNEL = (5, 1)
+
+
+def kernel_takes_no_open(release: str) -> bool:
+    """Whether a kernel of this `uname -r` release handles OPEN answered with ENOSYS."""
+    try:
+        major, minor = (int(part) for part in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= NO_OPEN_KERNEL
+
+
+# pyfuse3 with cachefs's patch (patches/), on a kernel that takes it: `open` answers ENOSYS, after
+# which the kernel sends no OPEN or RELEASE (and keeps each file's page cache across opens), and
+# `read` gets the inode.
+NO_OPEN = (bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
+           and kernel_takes_no_open(os.uname().release))
 CACHE_TIMEOUT_S = 86400.0  # immutable content: entries and attributes never go stale
 T = TypeVar("T")
 
