@@ -15,7 +15,9 @@ without sums). A failing cache tier is a logged miss, never an error. A read of 
 not pull the whole chunk into memory.
 
 Runs inside the FUSE daemon's trio loop; the memory tier is touched directly (it is an
-in-process dict), the disk tier, the peer tier and the origin on worker threads.
+in-process dict), and so is a range of the disk tier that the page cache holds (a worker thread
+would cost more than reading it); the rest of the disk tier, the peer tier and the origin run
+on worker threads.
 """
 
 from __future__ import annotations
