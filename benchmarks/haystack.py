@@ -79,6 +79,7 @@ from benchmarks.common import (
     timed,
     work_dir,
 )
+from benchmarks.read import evict_tree
 from cachefs.dataset.objects import hash_bytes
 from tests.servers import free_port
 
@@ -291,18 +292,6 @@ def disk_read_bytes(pid: int) -> int:
     raise RuntimeError(f"no read_bytes in /proc/{pid}/io")
 
 
-def drop_pages(root: Path) -> None:
-    """Write back and drop from the page cache every file under `root`."""
-    sync()
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def whole_disk(path: Path) -> str:
     """MAJ:MIN of the block device (the whole disk, not a partition) holding `path`."""
     dev = os.stat(path).st_dev
@@ -433,7 +422,7 @@ def measure_server_cache(work: Path, objects: Objects, needles: int) -> dict[str
                     server.write(item)
                 if throttle:
                     throttle.add(server.process.pid)
-                drop_pages(root)
+                evict_tree(root)
                 log(f"server cache: {CACHE_READERS} readers of {len(items)} needles of 4 MiB, "
                     f"cold, {label} the cache{' (disk reads throttled)' if throttle else ''}")
                 before = disk_read_bytes(server.process.pid)

@@ -21,6 +21,19 @@ START_TIMEOUT_S = 30.0
 MIB = 1 << 20
 
 
+def flip_a_byte_of_the_segment(server: StorageServer, at_least: int) -> None:
+    """Flip one byte in the middle of the server's only segment file of `at_least` bytes or
+    more (the one holding the needle just written), in place."""
+    segments = [p for p in (server.data_dir / "volumes").rglob("*")
+                if p.is_file() and p.stat().st_size >= at_least]
+    assert len(segments) == 1, segments
+    with open(segments[0], "r+b") as f:
+        f.seek(segments[0].stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def key_of(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.read import evict_tree
 from cachefs.errors import CorruptObject
 from storage_server.needle_cache import FrequencySketch, Loaded, NeedleCache
 from tests.helpers import run_cli
-from tests.storage_servers import MIB, StorageServer, key_of, needles
+from tests.storage_servers import MIB, StorageServer, flip_a_byte_of_the_segment, key_of, needles
 
 KIB = 1 << 10
 
@@ -154,14 +155,7 @@ def _disk_read_bytes(pid: int) -> int:
 
 def _drop_volume_pages(server: StorageServer) -> None:
     """Write back and drop from the page cache every segment file of `server`."""
-    os.sync()
-    for path in (server.data_dir / "volumes").rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    evict_tree(server.data_dir / "volumes")
 
 
 def _start(tmp_path: Path, storage_servers: list[StorageServer], size: str) -> StorageServer:
@@ -211,14 +205,7 @@ def test_a_corrupt_needle_is_never_admitted(tmp_path: Path,
     data = os.urandom(1536 * KIB)
     with server.client() as client:
         client.put_many([(key_of(data), data)])
-    segments = [p for p in (server.data_dir / "volumes").rglob("*")
-                if p.is_file() and p.stat().st_size >= len(data)]
-    assert len(segments) == 1, segments
-    with open(segments[0], "r+b") as f:
-        f.seek(segments[0].stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_a_byte_of_the_segment(server, len(data))
     _drop_volume_pages(server)
     barrier = threading.Barrier(8)
 

@@ -27,7 +27,14 @@ from storage_server.proto import storage_pb2_grpc as pb_grpc
 from storage_server.repair import repair_volume
 from tests.helpers import run_cli
 from tests.servers import free_port
-from tests.storage_servers import MIB, VOLUMES, StorageServer, key_of, needles
+from tests.storage_servers import (
+    MIB,
+    VOLUMES,
+    StorageServer,
+    flip_a_byte_of_the_segment,
+    key_of,
+    needles,
+)
 
 
 @pytest.fixture
@@ -159,14 +166,7 @@ def test_verify_exits_6_after_a_flipped_byte(server: StorageServer) -> None:
     data = os.urandom(256 * 1024)
     with server.client() as client:
         client.put_many([(key_of(data), data)])
-    segments = [p for p in (server.data_dir / "volumes").rglob("*")
-                if p.is_file() and p.stat().st_size >= len(data)]
-    assert len(segments) == 1, segments
-    with open(segments[0], "r+b") as f:
-        f.seek(segments[0].stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_a_byte_of_the_segment(server, len(data))
     result = run_cli("storage", "verify", server.address, "--json", check=False)
     assert result.returncode == 6, result.stderr
     assert json.loads(result.stdout)["corrupt"] == [key_of(data).hex()]
