@@ -267,6 +267,8 @@ def test_a_range_is_read_on_the_caller_s_thread_only_when_the_page_cache_holds_i
     drop_cached(path)
     assert resident_pages(path) == 0  # (skips without cachestat(2))
     assert cache.get_range_if_cached(key, 1_000_000, 110_000) is None
+    assert cache.get_range_if_cached(key, 0, 2 * MiB) is None  # large: no O_DIRECT read either
+    assert cache.stats().direct_reads == 0 and resident_pages(path) == 0
     assert cache.get_range_if_cached("chunks/ab/" + "ab" * 32, 0, 10) is None
     assert cache.stats().misses == 0 and cache.stats().hits == 0
     assert cache.get_range(key, 1_000_000, 110_000) == data[1_000_000:1_110_000]  # fills it

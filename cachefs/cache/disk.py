@@ -415,7 +415,7 @@ class DiskCache:
 
     def get(self, key: str) -> Blob | None:
         """The verified bytes of `key`, or None (a miss, a corrupt entry, an I/O error): a
-        bytes object, or, for an entry of `KEPT_READ_MIN` or more read around the page cache, a
+        bytes object, or, for an entry of `DIRECT_READ_MIN` or more read around the page cache, a
         read-only memoryview of a buffer nobody else holds (as immutable as bytes).
 
         An entry with valid sums is checked against them (it was verified with `verify` when
@@ -776,16 +776,19 @@ class DiskCache:
             return b""
         start = (offset >> shift) << shift
         want = min((((end - 1) >> shift) + 1) << shift, st.st_size) - start
-        if self._direct and want >= DIRECT_READ_MIN and fully_cached(fd, start, want) is False:
+        # cachestat(2) once, and only where the answer decides something (None: cannot tell)
+        cached = (fully_cached(fd, start, want)
+                  if cached_only or (self._direct and want >= DIRECT_READ_MIN)
+                  or (prefetch_entry and want < st.st_size) else None)
+        if cached_only and cached is not True:
+            return _NOT_CACHED
+        if self._direct and want >= DIRECT_READ_MIN and cached is False:
             view = memoryview(result_buffer(want))  # handed on as it is: no copy
             got = self._read_direct(path, view, start, want)
             if got is not None:
                 return self._checked(key, path, st, sums, view[:got], start, want,
                                      offset, end, whole, direct=True)
-        if cached_only:
-            if fully_cached(fd, start, want) is not True:
-                return _NOT_CACHED
-        elif prefetch_entry and want < st.st_size and fully_cached(fd, start, want) is False:
+        elif prefetch_entry and want < st.st_size and cached is False:
             os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
         data = _pread_exactly(fd, want, start)
         return self._checked(key, path, st, sums, memoryview(data), start, want, offset, end,
@@ -795,7 +798,7 @@ class DiskCache:
                  sums: tuple[int, tuple[int, ...]], view: memoryview, start: int, want: int,
                  offset: int, end: int, whole: bool, direct: bool) -> Blob | None:
         """Bytes [offset, end) out of `view` (the sub-blocks read from `start`), or None (the
-        entry dropped) if `view` is short or a sub-block fails its sum. `kept`: `view` is a
+        entry dropped) if `view` is short or a sub-block fails its sum. `direct`: `view` is a
         buffer of this read's own, returned as a read-only slice instead of copied."""
         shift, crcs = sums
         got = len(view)

@@ -100,8 +100,9 @@ class CachefsOperations(pyfuse3.Operations):
         self.fs = fs
         fs.status["fuse_no_open"] = NO_OPEN
         if not NO_OPEN:
-            log.info("pyfuse3 without cachefs's patch (scripts/build_pyfuse3.sh): every open of "
-                     "a file costs an OPEN and a RELEASE request")
+            log.info("every open of a file costs an OPEN and a RELEASE request: %s",
+                     "a kernel before 5.1" if getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False)
+                     else "pyfuse3 without cachefs's patch (scripts/build_pyfuse3.sh)")
 
     @_errors_to_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
