@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch)
+# bindfs: the C FUSE passthrough that benchmarks.fuse_floor measures (its --quick run is a test)
+DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch bindfs)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
