@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -297,6 +298,81 @@ def test_prefetch_entry_brings_the_whole_entry_into_the_page_cache(
     # WILLNEED does not wait for the read it starts
     trio.run(_until, lambda: cache.get_range_if_cached(key, 3 * MiB, 110_000) is not None)
     assert cache.get_range_if_cached(key, 3 * MiB, 110_000) == data[3 * MiB : 3 * MiB + 110_000]
+
+
+def evicted_pages(path: Path) -> int:
+    """Pages of the file that reclaim evicted (their shadows, as cachestat(2) counts them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = cachestat(fd, 0, max(1, path.stat().st_size))
+    finally:
+        os.close(fd)
+    if stat is None:
+        pytest.skip("no cachestat(2) on this kernel")
+    return stat.nr_evicted
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A fresh memory cgroup (v1 or v2) limited to `limit` bytes; yields its cgroup.procs."""
+    name = f"cachefs-test-{os.getpid()}-{random.randrange(1 << 30)}"
+    v1 = Path("/sys/fs/cgroup/memory")
+    v2 = Path("/sys/fs/cgroup")
+    if (v1 / "memory.limit_in_bytes").exists():
+        group, limit_file = v1 / name, "memory.limit_in_bytes"
+    elif "memory" in (v2 / "cgroup.subtree_control").read_text(errors="replace") \
+            if (v2 / "cgroup.subtree_control").exists() else False:
+        group, limit_file = v2 / name, "memory.max"
+    else:
+        pytest.skip("no memory cgroup controller on this machine")
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup here: {e}")
+    try:
+        (group / limit_file).write_text(str(limit))
+        yield group / "cgroup.procs"
+    finally:
+        group.rmdir()
+
+
+def test_whole_entries_are_not_asked_for_while_the_page_cache_evicts_them(
+        open_cache: OpenCache, cache_dir: Path) -> None:
+    """A data set larger than the page cache: entries whose pages reclaim evicted (read through
+    a memory cgroup far smaller than they are) are read by range only, the rest of each entry
+    left on the disk; entries without evictions met next are read by range too while the share
+    of evicting entries is high, and are asked for whole again once it has fallen."""
+    cache = open_cache(capacity=256 * MiB)
+    read_in_cgroup = [make_object(200 + i, 1 * MiB) for i in range(64)]
+    clean = [make_object(300 + i, 256 << 10) for i in range(60)]
+    for key, data in read_in_cgroup + clean:
+        cache.put(key, data)
+    paths = [entry(cache_dir, key) for key, _ in read_in_cgroup]
+    with memory_cgroup(16 * MiB) as procs:
+        def join() -> None:
+            procs.write_text(str(os.getpid()))
+
+        subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True,
+                       preexec_fn=join, timeout=PROCESS_TIMEOUT_S)
+    # Reclaim evicted all but the last 16 MiB read (dropping pages with POSIX_FADV_DONTNEED
+    # would drop the shadows too: only reclaim leaves them).
+    evicting = [(obj, path) for obj, path in zip(read_in_cgroup, paths, strict=True)
+                if evicted_pages(path) > 0 and resident_pages(path) == 0]
+    assert len(evicting) >= 40
+
+    for (key, data), path in evicting:
+        assert cache.get_range(key, 0, 100_000, prefetch_entry=True) == data[:100_000]
+        assert resident_pages(path) * os.sysconf("SC_PAGE_SIZE") < 256 << 10  # the range only
+    stats = cache.stats()
+    assert (stats.entry_prefetches, stats.entry_prefetches_skipped) == (0, len(evicting))
+
+    asked = []
+    for key, data in clean:
+        before = cache.stats().entry_prefetches
+        assert cache.get_range(key, 0, 16 << 10, prefetch_entry=True) == data[: 16 << 10]
+        asked.append(cache.stats().entry_prefetches > before)
+    assert not asked[0] and asked[-1]  # skipped while evictions were recent, then asked again
+    assert asked.index(True) > 10 and all(asked[asked.index(True):])
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -47,6 +47,8 @@ class TierStats:
     direct_reads: int = 0  # reads that went around the page cache (O_DIRECT)
     bytes_read: int = 0  # bytes read from the tier's storage (the disk tier: from its files)
     upgrades: int = 0  # the disk tier: entries without sub-block sums verified and given them
+    entry_prefetches: int = 0  # the disk tier: whole entries asked for (a pack of small files)
+    entry_prefetches_skipped: int = 0  # ... not asked for: the page cache had evicted them
     used_bytes: int = 0
     capacity_bytes: int = 0
 

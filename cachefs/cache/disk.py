@@ -50,7 +50,9 @@ a read-only view (no copy). What the tier serves is cached again above it (the m
 the file, the memory tier), and a chunk streaming through it would otherwise cost a page-cache
 fill on the way in and on the way out. Smaller reads (a small file inside a pack) go through the
 page cache, which is faster for them on this kind of machine; `get_range(prefetch_entry=True)`
-also asks for the whole entry (POSIX_FADV_WILLNEED), whose neighbours are wanted soon, and
+also asks for the whole entry (POSIX_FADV_WILLNEED), whose neighbours are wanted soon, unless
+the page cache has evicted pages of it before (then it is too small to keep whole entries until
+their neighbours are read, and only the range is read), and
 `get_range_if_cached` reads only what the page cache holds, for callers on an event loop. A file
 system that refuses O_DIRECT turns it off for the cache.
 """
@@ -81,6 +83,7 @@ from cachefs.directio import (
     BUFFERS,
     DIRECT_READ_MIN,
     align_up,
+    cachestat,
     fully_cached,
     open_direct,
     result_buffer,
@@ -109,6 +112,10 @@ _COUNTER = struct.Struct("<Q")
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
+# Whole packs are asked for while fewer than this share of the entries recently met had pages
+# evicted by reclaim (a moving average with this weight per entry; see _prefetch_entry).
+EVICTION_RATE_LIMIT = 0.25
+EVICTION_RATE_WEIGHT = 1 / 32
 DIRECT_WRITE_MIN = 64 << 10  # smaller entries (trees, commits) go through the page cache
 _NOT_CACHED = object()  # get_range_if_cached: the range is not (all) in the page cache
 SUMS_XATTR = "user.cachefs.sums"
@@ -344,6 +351,7 @@ class DiskCache:
         self._low_space_logged = False
         self._xattrs = True  # False once the file system refused a user xattr
         self._direct = True  # False once the file system refused O_DIRECT
+        self._eviction_rate = 0.0  # share of entries recently met with evicted pages
         self._last_logged: dict[str, float] = {}
         self._closed = False
 
@@ -451,7 +459,9 @@ class DiskCache:
         `prefetch_entry`: the caller expects the rest of the entry to be read soon (a pack of
         small files): when the range is not in the page cache, the whole entry is asked for
         (POSIX_FADV_WILLNEED, which does not wait), so that its neighbours come from the disk
-        in one large read with it instead of one small read each.
+        in one large read with it instead of one small read each; unless the page cache has
+        already evicted pages of it, a sign that it cannot keep a whole entry until the
+        neighbours are read (see `_prefetch_entry`).
         """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range: {offset}+{length}")
@@ -789,10 +799,39 @@ class DiskCache:
                 return self._checked(key, path, st, sums, view[:got], start, want,
                                      offset, end, whole, direct=True)
         elif prefetch_entry and want < st.st_size and cached is False:
-            os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
+            self._prefetch_entry(fd, st.st_size)
         data = _pread_exactly(fd, want, start)
         return self._checked(key, path, st, sums, memoryview(data), start, want, offset, end,
                              whole, direct=False)
+
+    def _prefetch_entry(self, fd: int, size: int) -> None:
+        """Ask for a whole entry whose neighbours of the range are wanted soon (a pack of small
+        files), unless the page cache cannot keep it that long.
+
+        The sign is eviction: the kernel keeps a shadow of each page reclaim evicted, which
+        cachestat(2) counts (`nr_evicted`). Where entries met here had pages evicted, the data
+        set is larger than the page cache, and a whole entry read for one file is evicted before
+        its neighbours are read (measured here, 400 MiB of memory for 660 MB of small files:
+        18-23x the data read from the disk, and 2.7-3.8x slower than reading ranges alone).
+        One entry's own shadows are not enough (on a first pass no entry has any, and shadows
+        are reclaimed too), so the decision follows the share of recent entries found with
+        evicted pages (a moving average); where that is high, no entry is asked for whole and
+        only the range is read, without the kernel's readahead around it (POSIX_FADV_RANDOM
+        on this descriptor). The share falls again once the page cache stops evicting."""
+        stat = cachestat(fd, 0, size)
+        evicted = stat is not None and stat.nr_evicted > 0
+        with self._stats_lock:
+            rate = self._eviction_rate = (
+                self._eviction_rate * (1 - EVICTION_RATE_WEIGHT) + EVICTION_RATE_WEIGHT * evicted)
+            prefetch = not evicted and rate < EVICTION_RATE_LIMIT
+            if prefetch:
+                self._stats.entry_prefetches += 1
+            else:
+                self._stats.entry_prefetches_skipped += 1
+        if prefetch:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        else:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def _checked(self, key: str, path: str, st: os.stat_result,
                  sums: tuple[int, tuple[int, ...]], view: memoryview, start: int, want: int,

@@ -284,6 +284,8 @@ class TieredStore:
             "ssd_range_reads": disk.range_reads if disk else 0,
             "ssd_bytes_read": disk.bytes_read if disk else 0,
             "ssd_direct_reads": disk.direct_reads if disk else 0,
+            "ssd_pack_prefetches": disk.entry_prefetches if disk else 0,
+            "ssd_pack_prefetches_skipped": disk.entry_prefetches_skipped if disk else 0,
             "origin_requests": self.origin.requests,
             "origin_bytes": self.origin.bytes,
             "origin_errors": self.origin.errors,
