@@ -25,7 +25,8 @@ What it measures, in one run (everything on 127.0.0.1 and the work dir's disk):
      cache dir's objects dropped, a fresh mount on it, first pass);
    - large files, one thread, 1 MiB reads: the disk's sequential read (4 MiB O_DIRECT reads,
      `benchmarks.read.disk_sequential_read`), bindfs cold, the cachefs SSD tier (as above).
-   Figures are the best pass of each; every pass checks the bytes it read.
+   Figures are the best pass of each; every pass checks the bytes it read, and each SSD-tier
+   pass records the mount's counters over it (`counters`: SSD hits, origin requests, ...).
 3. Ratios: `bindfs_small_vs_local_cold`, `bindfs_large_vs_disk` (the FUSE floor),
    `ssd_small_vs_bindfs`, `ssd_large_vs_bindfs` (cachefs against it), and this run's
    `warm_ssd_small_vs_local_cold`, `warm_ssd_large_vs_disk` (the same figures as
@@ -63,6 +64,8 @@ from benchmarks.read import (
     Processes,
     checked,
     commit_to,
+    counters,
+    delta,
     disk_sequential_read,
     drop_pages,
     evict_tree,
@@ -110,6 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {"dataset": describe_spec(spec), "cpus": os.cpu_count(),
                            "readers": readers, "passes": rounds, "memory_cache": memory_cache,
                            "bindfs_options": " ".join(BINDFS_OPTIONS)}
+    tier_counters: dict[str, list[dict[str, int]]] = {"ssd_small": [], "ssd_large": []}
     passes: dict[str, list[Pass]] = {name: [] for name in (
         "local_small_cold", "bindfs_small_cold", "ssd_small",
         "disk_sequential_read", "bindfs_large_cold", "ssd_large")}
@@ -144,7 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sync()
                 procs.mount_cachefs("local", mnt, cache, memory_cache)
                 try:
-                    return checked(read(data.paths(mnt, kind)), expected, f"ssd {kind}")
+                    before = counters(mnt)
+                    result = checked(read(data.paths(mnt, kind)), expected, f"ssd {kind}")
+                    tier_counters[f"ssd_{kind}"].append(delta(before, counters(mnt)))
+                    return result
                 finally:
                     procs.unmount_cachefs(mnt)
 
@@ -172,6 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.close()
     results = {name: pass_doc(_best(got), [p.seconds for p in got])
                for name, got in passes.items()}
+    for name, seen in tier_counters.items():  # the daemon's counters over the best pass
+        results[name]["counters"] = seen[passes[name].index(_best(passes[name]))]
     raw["results"] = results
     fps = {name: _best(got).files_per_s for name, got in passes.items()}
     bps = {name: _best(got).bytes_per_s for name, got in passes.items()}
