@@ -5,11 +5,11 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
 
 1. Data and origin. A synthetic dataset (`cachefs.sample.make_sample`; full: 3,000
    incompressible files of ~110 KB in 30 class directories plus two 64 MiB shards, ~460 MB;
-   `--quick`: 150 files plus two 4 MiB shards, ~25 MB) is committed to an S3 bucket of a moto
+   `--quick`: 100 files plus two 2 MiB shards, ~15 MB) is committed to an S3 bucket of a moto
    server started for the run (`tests.servers.MotoServer`), *directly* to moto's endpoint, so
    that the commit neither waits on the throttle nor counts as origin traffic. Reading goes
    through a `tests.fault_proxy.FaultProxy` in front of moto with `rate` (`--rate`; full 50 MB/s,
-   quick 20 MB/s): every GET answer of every client shares one link of that speed, like an object
+   quick 40 MB/s): every GET answer of every client shares one link of that speed, like an object
    store's egress, and the proxy counts the bytes it relays (`proxy.get_bytes`): the *origin
    bytes* of every figure below. The remote `origin` is configured (`cachefs remote add`) with the
    proxy's endpoint, so the mounts and the peer servers all read through it.
@@ -18,7 +18,8 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    costs (trees and commits, a few KB, come on top). The N=1 runs without peers read it from the
    proxy once each; their origin bytes are in raw (`n1_alone_origin_bytes`) for comparison.
 2. Nodes. A node = its own fresh cache dir + its own `cachefs peer serve --cache-dir DIR --listen
-   127.0.0.1:PORT` (`tests.peers.PeerServer`; only in runs with peers) + its own
+   127.0.0.1:PORT --drain-seconds 0` (`tests.peers.PeerServer`; only in runs with peers; no
+   drain: a server is stopped only after its run's mounts are gone) + its own
    `cachefs mount bench@main MNT --remote origin --cache-dir DIR --memory-cache 256MiB`, with
    `--cache-peers` listing every node's server in runs with peers. Every run starts from fresh
    cache dirs (removed afterwards), fresh servers and fresh mounts.
@@ -64,7 +65,7 @@ unless `--keep`.
 
 Reproduce (from the repository root, with the project's virtualenv; needs FUSE):
 
-    .venv/bin/python -m benchmarks.p2p --quick           # smoke run, ~1 minute
+    .venv/bin/python -m benchmarks.p2p --quick           # smoke run, ~45 s
     .venv/bin/python -m benchmarks.p2p --json > out.json # full run, ~4-5 minutes
 
 Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it,
@@ -126,10 +127,10 @@ VALID_THROTTLE_USE = 0.9
 
 FULL_SPEC = SampleSpec(small_files=3_000, small_mean=110 * 1024, classes=30,
                        large_files=2, large_size=64 << 20, seed=1)
-QUICK_SPEC = SampleSpec(small_files=150, small_mean=110 * 1024, classes=10,
-                        large_files=2, large_size=4 << 20, seed=1)
+QUICK_SPEC = SampleSpec(small_files=100, small_mean=110 * 1024, classes=10,
+                        large_files=2, large_size=2 << 20, seed=1)
 FULL_RATE = 50e6
-QUICK_RATE = 20e6
+QUICK_RATE = 40e6
 N1_ORDER = (True, False, False, True, True, False)  # tier on/off for N=1: three ABBA pairs
 QUICK_N1_ORDER = (True, False)  # --quick: one pair (a smoke run, not a figure to compare)
 
@@ -214,7 +215,9 @@ class Processes(read_bench.Processes):
         self.servers: list[PeerServer] = []
 
     def peer_server(self, cache_dir: Path) -> PeerServer:
-        server = PeerServer(cache_dir)
+        # No drain on SIGTERM: a server is stopped only after its run's mounts are unmounted
+        # and its figures taken, so the default 2 s drain would only add to every run.
+        server = PeerServer(cache_dir, extra=("--drain-seconds", "0"))
         self.servers.append(server)
         return server.start()
 

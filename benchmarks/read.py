@@ -7,7 +7,7 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    reference; its `cython_vs_python` ratio.
 2. Data. A synthetic ImageNet-like dataset is written with `cachefs.sample.make_sample`
    (full: 20,000 incompressible files of ~110 KB in 100 class directories, 2.1 GiB, plus four
-   256 MiB shards; `--quick`: 2,000 files in 20 classes plus two 32 MiB shards). It is committed
+   256 MiB shards; `--quick`: 500 files in 5 classes plus two 32 MiB shards). It is committed
    once to the built-in `local` remote (a `file://` repository under the private XDG_DATA_HOME)
    and once to an S3 bucket of a moto server started for the run (`tests.servers.MotoServer`, a
    real `python -m moto.server` on a loopback port). For rclone and s3fs the *raw files* (not
@@ -22,11 +22,11 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    once first): PAGE_CACHE_PASSES passes of each kind at the start, plus one local pass before
    each of cachefs's page-cache passes (epoch 2, small warm), interleaved so that drift in the
    machine's memory bandwidth hits both alike. The baseline is the best of all local passes.
-   Cold local disk (`large_cold`, `small_cold`; WARM_PASSES passes): the same files, in the same
-   order, by the same readers, each file dropped from the page cache first with
+   Cold local disk (`large_cold`, `small_cold`; WARM_PASSES passes, see below): the same files,
+   in the same order, by the same readers, each file dropped from the page cache first with
    `posix_fadvise(DONTNEED)` (no root needed); and the disk's sequential read speed
-   (`disk_sequential_read`: the large files in 4 MiB O_DIRECT reads), the disk the cache dir is
-   on. `*_vs_local_cold` ratios compare cold and SSD-tier passes with it.
+   (`disk_sequential_read`: the large files in 4 MiB O_DIRECT reads), the disk the cache dir
+   is on. `*_vs_local_cold` ratios compare cold and SSD-tier passes with it.
 5. cachefs (`cachefs mount` through the CLI with its defaults except `--cache-dir` and
    `--memory-cache`), once from the file:// remote and once from S3:
    - large, cold: fresh cache dir, fresh mount, first read (the file:// repository dropped from
@@ -61,7 +61,8 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
 
 Warm figures are the best of several passes: PAGE_CACHE_PASSES (5) for page-cache states (local
 disk, epoch 2, cachefs small warm), WARM_PASSES (2) for the memory and SSD tiers (each SSD pass on
-its own fresh mount, each memory pass after its own page drop) and the other tools' warm passes.
+its own fresh mount, each memory pass after its own page drop) and the other tools' warm passes
+(`--quick`: QUICK_WARM_PASSES, one pass each, also for the cold local disk: a smoke run).
 Ratios are throughputs divided by the baseline's (higher is better): `*_vs_local` against local
 disk, `*_vs_rclone` / `*_vs_s3fs` cachefs *from S3* against the other tool in the same state; `s3_*`
 keys are the S3-origin variants of the file:// ones. `sync` runs before every cold or remounted
@@ -141,6 +142,7 @@ AUTHOR = "benchmark@localhost"
 BLOCK = 1 << 20  # every read() asks for 1 MiB
 SHUFFLE_SEED = 7
 WARM_PASSES = 2  # memory and SSD tiers, other tools' warm passes
+QUICK_WARM_PASSES = 1  # --quick: each of those once (every SSD pass is a mount and an unmount)
 PAGE_CACHE_PASSES = 5  # local disk, epoch 2, cachefs warm small: short passes, noisier
 DEFAULT_READERS = 8
 DEFAULT_MEMORY_CACHE = "1536MiB"
@@ -150,7 +152,7 @@ OTHER_TOOLS = ("rclone", "s3fs")
 MOUNT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
-QUICK_SPEC = SampleSpec(small_files=2_000, small_mean=110 * 1024, classes=20,
+QUICK_SPEC = SampleSpec(small_files=500, small_mean=110 * 1024, classes=5,
                         large_files=2, large_size=32 << 20, seed=1)
 
 TARGETS = {
@@ -574,12 +576,14 @@ class LocalBaseline:
 
     Cold local disk, for the cold and SSD-tier passes: the same files in the same order by the
     same readers after dropping them from the page cache (POSIX_FADV_DONTNEED per file, no root
-    needed), WARM_PASSES times; and the disk's sequential read speed (the large files with
-    O_DIRECT), since the cache dir is on the same disk."""
+    needed), `warm_passes` times (WARM_PASSES; --quick: QUICK_WARM_PASSES); and the disk's
+    sequential read speed (the large files with O_DIRECT), since the cache dir is on the same
+    disk."""
 
-    def __init__(self, data: Data, readers: int) -> None:
+    def __init__(self, data: Data, readers: int, warm_passes: int = WARM_PASSES) -> None:
         self.data = data
         self.readers = readers
+        self.warm_passes = warm_passes
         self.large_paths = data.paths(data.src, "large")
         self.small_paths = data.paths(data.src, "small")
         self.large: list[Pass] = []
@@ -614,7 +618,7 @@ class LocalBaseline:
 
     def measure_cold(self) -> None:
         log("local disk, cold (each file dropped from the page cache with POSIX_FADV_DONTNEED)")
-        for _ in range(WARM_PASSES):
+        for _ in range(self.warm_passes):
             sync()
             self.disk_seq.append(checked(disk_sequential_read(self.large_paths),
                                          self.data.large_bytes, "disk sequential"))
@@ -658,7 +662,8 @@ def interleaved(passes: int, baseline: Callable[[], Pass],
 
 def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data: Data,
                     readers: int, memory_cache: int, local: LocalBaseline,
-                    origin_dir: Path | None = None) -> dict[str, Any]:
+                    origin_dir: Path | None = None,
+                    tier_passes: int = WARM_PASSES) -> dict[str, Any]:
     """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files.
 
     `origin_dir`: a file:// repository, dropped from the page cache before each cold pass so
@@ -702,13 +707,13 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     log(f"{label}: large files, memory tier (page cache dropped with POSIX_FADV_DONTNEED)")
     mem_passes: list[Pass] = []
     mem_counters: list[dict[str, Any]] = []
-    for _ in range(WARM_PASSES):
+    for _ in range(tier_passes):
         drop_pages(large)
         sync()
         before = counters(mnt)
         mem_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} memory"))
         mem_counters.append(delta(before, counters(mnt)))
-    pick = min(range(WARM_PASSES), key=lambda i: mem_passes[i].seconds)
+    pick = min(range(tier_passes), key=lambda i: mem_passes[i].seconds)
     c = mem_counters[pick]
     out["large_memory"] = pass_doc(mem_passes[pick], [p.seconds for p in mem_passes], counters=c,
                                    all_through_fuse=c["read_bytes"] >= data.large_bytes,
@@ -721,7 +726,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     log(f"{label}: large files, SSD tier (remount, same cache dir)")
     ssd_passes: list[Pass] = []
     ssd_counters: list[dict[str, Any]] = []
-    for _ in range(WARM_PASSES):
+    for _ in range(tier_passes):
         evict_tree(cache, within="objects")
         sync()
         mount()
@@ -729,7 +734,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
         ssd_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} ssd"))
         ssd_counters.append(delta(before, counters(mnt)))
         procs.unmount_cachefs(mnt)
-    pick = min(range(WARM_PASSES), key=lambda i: ssd_passes[i].seconds)
+    pick = min(range(tier_passes), key=lambda i: ssd_passes[i].seconds)
     out["large_ssd"] = pass_doc(ssd_passes[pick], [p.seconds for p in ssd_passes],
                                 counters=ssd_counters[pick])
     log(f"  {ssd_passes[pick].bytes_per_s / 1e6:,.0f} MB/s")
@@ -761,7 +766,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     ssd_counters = []
     cached_passes: list[Pass] = []
     cached_counters: list[dict[str, Any]] = []
-    for _ in range(WARM_PASSES):
+    for _ in range(tier_passes):
         evict_tree(cache, within="objects")
         sync()
         mount()
@@ -778,10 +783,10 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
                                      f"{label} ssd small, page-cached"))
         cached_counters.append(delta(before, counters(mnt)))
         procs.unmount_cachefs(mnt)
-    pick = min(range(WARM_PASSES), key=lambda i: ssd_passes[i].seconds)
+    pick = min(range(tier_passes), key=lambda i: ssd_passes[i].seconds)
     out["small_ssd"] = pass_doc(ssd_passes[pick], [p.seconds for p in ssd_passes],
                                 counters=ssd_counters[pick])
-    pick = min(range(WARM_PASSES), key=lambda i: cached_passes[i].seconds)
+    pick = min(range(tier_passes), key=lambda i: cached_passes[i].seconds)
     out["small_ssd_page_cached"] = pass_doc(cached_passes[pick],
                                             [p.seconds for p in cached_passes],
                                             counters=cached_counters[pick])
@@ -814,7 +819,7 @@ def tool_argv(name: str, server: MotoServer, work: Path, mountpoint: Path,
 
 
 def measure_other_tool(procs: Processes, work: Path, name: str, server: MotoServer, data: Data,
-                 readers: int) -> dict[str, Any]:
+                       readers: int, warm_passes: int = WARM_PASSES) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cache = work / "caches" / name
     cache.mkdir(parents=True, exist_ok=True)
@@ -830,7 +835,7 @@ def measure_other_tool(procs: Processes, work: Path, name: str, server: MotoServ
         log(f"  {cold.files_per_s:,.0f} files/s")
         sync()
         log(f"{name}: small files, warm (next passes)")
-        warm, passes = best_of(WARM_PASSES, lambda: checked(
+        warm, passes = best_of(warm_passes, lambda: checked(
             read_parallel(small, readers), data.small_bytes, f"{name} warm small"))
         out["small_warm"] = pass_doc(warm, passes)
         log(f"  {warm.files_per_s:,.0f} files/s")
@@ -841,7 +846,7 @@ def measure_other_tool(procs: Processes, work: Path, name: str, server: MotoServ
         log(f"  {cold.bytes_per_s / 1e6:,.0f} MB/s")
         sync()
         log(f"{name}: large files, warm (next passes)")
-        warm, passes = best_of(WARM_PASSES, lambda: checked(
+        warm, passes = best_of(warm_passes, lambda: checked(
             read_sequential(large), data.large_bytes, f"{name} warm large"))
         out["large_warm"] = pass_doc(warm, passes)
         log(f"  {warm.bytes_per_s / 1e6:,.0f} MB/s")
@@ -959,6 +964,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK_SPEC if args.quick else FULL_DATASET
+    warm_passes = QUICK_WARM_PASSES if args.quick else WARM_PASSES
     OWN_PIDS.clear()
     memory_cache = parse_size(args.memory_cache)
     tools_problem = "--skip-other-tools" if args.skip_other_tools else ensure_other_tools()
@@ -968,7 +974,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("benchmarks.read: needs FUSE (/dev/fuse and fusermount3, Debian fuse3)")
     raw: dict[str, Any] = {
         "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
-        "read_block": BLOCK, "warm_passes": WARM_PASSES,
+        "read_block": BLOCK, "warm_passes": warm_passes,
         "page_cache_passes": PAGE_CACHE_PASSES, "memory_cache": memory_cache,
         "root": os.geteuid() == 0, "damon_pageout": damon_pageout(),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
@@ -1007,18 +1013,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raw["upload_raw_s"] = upload_raw(server, data)
                 log(f"uploaded in {raw['upload_raw_s']:.1f}s")
 
-            local = LocalBaseline(data, args.readers)
+            local = LocalBaseline(data, args.readers, warm_passes)
             local.measure()
             results["cachefs_local"] = measure_cachefs(procs, work, "cachefs_local", "local",
                                                        data, args.readers, memory_cache, local,
-                                                       origin_dir=local_repo)
+                                                       origin_dir=local_repo,
+                                                       tier_passes=warm_passes)
             results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
-                                                    args.readers, memory_cache, local)
+                                                    args.readers, memory_cache, local,
+                                                    tier_passes=warm_passes)
             results["local_disk"] = local.doc()
             if not args.skip_other_tools:
                 for tool in OTHER_TOOLS:
                     results[tool] = measure_other_tool(procs, work, tool, server, data,
-                                                       args.readers)
+                                                       args.readers, warm_passes)
         finally:
             procs.close()
             server.stop()

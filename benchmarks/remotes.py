@@ -7,8 +7,10 @@ in the work dir (same disk):
 
 1. Data. The commit benchmark's dataset (`cachefs.sample.make_sample` with
    `benchmarks.common.dataset_spec`: full, 20,000 files of ~110 KB in 100 class directories plus
-   four 256 MiB shards, ~3.3 GB; `--quick`: 2,000 files plus two 16 MiB shards) is written,
-   synced, read once (page cache warm) and committed to a `file://` repository (not a figure).
+   four 256 MiB shards, ~3.3 GB; `--quick`: a smaller one than the commit benchmark's quick
+   dataset, 400 files in 4 class directories plus two 16 MiB shards, ~75 MB, since every S3 part
+   costs about one moto request per small file) is written, synced, read once (page cache warm)
+   and committed to a `file://` repository (not a figure).
    Every S3 part uses the whole dataset: moto answers ~250-300 small requests/s on the 2-vCPU VM
    the README's figures come from, so the full run stays within ~10 minutes.
 2. `push_vs_upload`. Baseline: every source file uploaded with boto3 `put_object` (key = its
@@ -61,7 +63,7 @@ unless `--keep`.
 
 Reproduce (from the repository root, with the project's virtualenv):
 
-    .venv/bin/python -m benchmarks.remotes --quick           # smoke run, ~40 s
+    .venv/bin/python -m benchmarks.remotes --quick           # smoke run, ~15 s
     .venv/bin/python -m benchmarks.remotes --json > out.json # full run, ~8 minutes, ~17 GB
 
 Options: `--dir PATH` puts the work dir under PATH (default /var/tmp), `--keep` keeps it.
@@ -117,6 +119,10 @@ BUCKET = "cachefs-remotes-bench"
 REPO_PREFIX = "repo"  # the S3 repository
 RAW_PREFIX = "raw"  # the source files as plain objects (baseline upload, import source)
 REGION = AWS_TEST_ENV["AWS_DEFAULT_REGION"]
+
+# --quick: the commit benchmark's quick dataset with a fifth of its small files (every S3 part
+# costs about one moto request per small file, ~250-300/s).
+QUICK_SPEC = replace(dataset_spec(True), small_files=400, classes=4)
 
 # direction of each ratio, for the table
 BETTER = {
@@ -213,7 +219,7 @@ def record_push(raw: dict[str, Any], name: str, result: TransferResult, seconds:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    spec = dataset_spec(args.quick)
+    spec = QUICK_SPEC if args.quick else dataset_spec(False)
     # The second dataset (deleted before gc): a tenth of the small files, one shard, new bytes.
     gc_spec = replace(spec, small_files=spec.small_files // 10,
                       classes=max(1, spec.classes // 10), large_files=1, seed=spec.seed + 100)

@@ -4,7 +4,7 @@ What it measures, in one run, with a private XDG environment (config, data, stat
 under the work dir) and a `file://` repository in the work dir:
 
 1. Three synthetic datasets are built directly through the library API (no files on disk):
-   `scale` with 1,000,000 files in 1,000 directories of 1,000 (`--quick`: 100,000 in 100),
+   `scale` with 1,000,000 files in 1,000 directories of 1,000 (`--quick`: 50,000 in 50),
    `tiny` with 10 files, and `wide` with one directory of 100,000 files (`--quick`: 10,000).
    Every file is an extent (its own offset and size, 1 B .. 4 KiB) into one shared 64 KiB
    chunk, with a correct content hash; names are globally unique, so every directory is its own
@@ -12,8 +12,9 @@ under the work dir) and a `file://` repository in the work dir:
    moved by compare-and-swap, as `commit_directory` does.
 2. Mount time: wall time of `cachefs mount` (the CLI process: resolve the ref, start the daemon,
    return once the mount serves) of `scale` and of `tiny`, alternated, `MOUNT_RUNS` times each
-   with a fresh cache dir every time; the medians are compared: `mount_1m_vs_10` = scale / tiny
-   (target <= 2: trees load lazily, one directory at a time, so it should be about 1).
+   (`--quick`: once each) with a fresh cache dir every time; the medians are compared:
+   `mount_1m_vs_10` = scale / tiny (target <= 2: trees load lazily, one directory at a time, so
+   it should be about 1).
 3. Memory: `scale` is mounted with `--memory-cache 64MiB` and a fresh cache dir. The daemon's
    VmRSS (/proc/PID/status; the pid comes from `cachefs mounts --json`) and the `inodes` and
    `trees_cached` figures of `cachefs stats --json` are sampled right after mounting; after a
@@ -45,7 +46,7 @@ SIGKILL of a daemon still serving a benchmark mount point), also when a phase fa
 Reproduce (from the repository root, with the project's virtualenv; needs /dev/fuse, and root
 for the drop_caches phase):
 
-    .venv/bin/python -m benchmarks.scale --quick          # 100k files, 10k-entry dir: ~1 min
+    .venv/bin/python -m benchmarks.scale --quick          # 50k files, 10k-entry dir: ~20 s
     .venv/bin/python -m benchmarks.scale --json > out.json # 1M files, 100k-entry dir: ~8 min
 
 The full run needs about 1.2 GB for the mount daemon and as much for the kernel's inodes. On a
@@ -109,6 +110,7 @@ TINY_FILES = 10
 FILES_PER_DIR = 1_000
 MEMORY_CACHE = 64 << 20
 MOUNT_RUNS = 3
+QUICK_MOUNT_RUNS = 1  # --quick: a smoke run, each mount timed once
 LS_RUNS = 3
 CHUNK_BYTES = 64 << 10
 MAX_FILE = 4096
@@ -137,7 +139,7 @@ class Sizes:
 
     @classmethod
     def of(cls, quick: bool) -> Sizes:
-        files = 100_000 if quick else 1_000_000
+        files = 50_000 if quick else 1_000_000
         return cls(files, files // FILES_PER_DIR, 10_000 if quick else 100_000)
 
 
@@ -657,9 +659,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         mounts = Mounts(work, remote_url)
         try:
-            log(f"mount time: {BIG} vs {TINY}, {MOUNT_RUNS} runs each")
+            mount_runs = QUICK_MOUNT_RUNS if args.quick else MOUNT_RUNS
+            log(f"mount time: {BIG} vs {TINY}, {mount_runs} runs each")
             big_runs, tiny_runs = [], []
-            for i in range(MOUNT_RUNS):
+            for i in range(mount_runs):
                 for dataset, runs in ((TINY, tiny_runs), (BIG, big_runs)):
                     point, seconds = mounts.mount(dataset, f"time-{dataset}-{i}")
                     runs.append(seconds)
@@ -734,8 +737,8 @@ def print_report(report: dict[str, Any]) -> None:
              f"{raw['files']:,} files in {raw['dirs']:,} dirs, one dir of "
              f"{raw['wide_entries']:,}; --memory-cache {fmt_bytes(raw['memory_cache'])}")
     notes = [
-        f"Mount: median of {MOUNT_RUNS} `cachefs mount` runs each (CLI process until the mount "
-        "serves), fresh cache dir each time.",
+        f"Mount: median of {len(raw['mount_big_runs_s'])} `cachefs mount` runs each (CLI "
+        "process until the mount serves), fresh cache dir each time.",
         f"Decoded tree entry: {raw['tree_entry_bytes']:,.0f} B (tracemalloc); trees cached after "
         f"the walk: {raw.get('trees_cached_after_walk', 'n/a')}, est. "
         f"{fmt_bytes(raw.get('tree_cache_bytes_est') or 0)}; tree cache bound "

@@ -373,7 +373,9 @@ def test_full_cluster_restart_keeps_state(tmp_path: Path, masters: list[MasterPr
 
 def test_minority_refuses_writes_and_status_says_no_leader(
         tmp_path: Path, masters: list[MasterProcess]) -> None:
-    group = start_group(tmp_path, 3, masters, token=TOKEN)
+    # A 1 s commit timeout (default 5): the survivor says "no raft leader" after 1 s, and its
+    # status's read barrier (min(3 s, the commit timeout)) gives up as soon.
+    group = start_group(tmp_path, 3, masters, token=TOKEN, extra=["--commit-timeout", "1"])
     leader = wait_leader(group)
     with client_of(group) as client:
         client.dir_put(DirEntry("kept", inline=b"1"))
@@ -384,7 +386,7 @@ def test_minority_refuses_writes_and_status_says_no_leader(
         assert "stopped" in m.output(since_start=True)
     survivor = followers[1]
     started = time.monotonic()
-    with client_of(group, timeout=12) as client, pytest.raises(RemoteError) as refused:
+    with client_of(group, timeout=4) as client, pytest.raises(RemoteError) as refused:
         client.dir_put(DirEntry("lost", inline=b"2"))
     elapsed = time.monotonic() - started
     assert elapsed < 25
