@@ -52,7 +52,7 @@ from cachefs.cache.tiered import TieredStore, object_is_intact
 from cachefs.dataset.commit import commit_directory
 from cachefs.dataset.objects import MIN_CHUNK_SIZE, Extent
 from cachefs.dataset.repo import Repository
-from cachefs.directio import DIRECT_READ_MIN, cachestat
+from cachefs.directio import DIRECT_READ_MIN, Cachestat, cachestat
 from cachefs.fs import ROOT_INODE, DatasetFS, FsError, MountOptions
 from cachefs.remotes.local import LocalRemote
 from tests.contract.cache_suite import chunk_is_intact, make_object
@@ -213,7 +213,8 @@ def drop_cached(path: Path) -> None:
         os.close(fd)
 
 
-def resident_pages(path: Path) -> int:
+def page_cache_state(path: Path) -> Cachestat:
+    """cachestat(2) of the whole file (skips the test on a kernel without it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         stat = cachestat(fd, 0, max(1, path.stat().st_size))
@@ -221,7 +222,11 @@ def resident_pages(path: Path) -> int:
         os.close(fd)
     if stat is None:
         pytest.skip("no cachestat(2) on this kernel")
-    return stat.nr_cache
+    return stat
+
+
+def resident_pages(path: Path) -> int:
+    return page_cache_state(path).nr_cache
 
 
 def test_entries_are_written_and_read_around_the_page_cache(open_cache: OpenCache,
@@ -302,14 +307,7 @@ def test_prefetch_entry_brings_the_whole_entry_into_the_page_cache(
 
 def evicted_pages(path: Path) -> int:
     """Pages of the file that reclaim evicted (their shadows, as cachestat(2) counts them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        stat = cachestat(fd, 0, max(1, path.stat().st_size))
-    finally:
-        os.close(fd)
-    if stat is None:
-        pytest.skip("no cachestat(2) on this kernel")
-    return stat.nr_evicted
+    return page_cache_state(path).nr_evicted
 
 
 @contextlib.contextmanager
