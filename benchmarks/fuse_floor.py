@@ -39,7 +39,6 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,7 @@ from benchmarks.read import (
     QUICK_SPEC,
     Pass,
     Processes,
+    best,
     checked,
     commit_to,
     counters,
@@ -70,6 +70,7 @@ from benchmarks.read import (
     drop_pages,
     evict_tree,
     generate,
+    install_missing,
     pass_doc,
     read_parallel,
     read_sequential,
@@ -86,20 +87,9 @@ TARGETS: dict[str, str] = {}  # figures that explain others (benchmarks.read's),
 
 def ensure_bindfs() -> None:
     """Install bindfs with apt-get when missing (as root), or exit saying how."""
-    if shutil.which("bindfs"):
-        return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log("installing bindfs with apt-get")
-        subprocess.run(["apt-get", "install", "-y", "bindfs"], stdout=sys.stderr,
-                       stderr=sys.stderr, timeout=600, check=False,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if not shutil.which("bindfs"):
+    if install_missing(("bindfs",)):
         raise SystemExit("benchmarks.fuse_floor: needs bindfs: `apt-get install -y bindfs` "
                          "(as root)")
-
-
-def _best(passes: list[Pass]) -> Pass:
-    return min(passes, key=lambda p: p.seconds)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,13 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.stop_tool(floor, bindfs)
         finally:
             procs.close()
-    results = {name: pass_doc(_best(got), [p.seconds for p in got])
+    results = {name: pass_doc(best(got), [p.seconds for p in got])
                for name, got in passes.items()}
     for name, seen in tier_counters.items():  # the daemon's counters over the best pass
-        results[name]["counters"] = seen[passes[name].index(_best(passes[name]))]
+        results[name]["counters"] = seen[passes[name].index(best(passes[name]))]
     raw["results"] = results
-    fps = {name: _best(got).files_per_s for name, got in passes.items()}
-    bps = {name: _best(got).bytes_per_s for name, got in passes.items()}
+    fps = {name: best(got).files_per_s for name, got in passes.items()}
+    bps = {name: best(got).bytes_per_s for name, got in passes.items()}
     ratios = {
         "bindfs_small_vs_local_cold": fps["bindfs_small_cold"] / fps["local_small_cold"],
         "ssd_small_vs_bindfs": fps["ssd_small"] / fps["bindfs_small_cold"],

@@ -875,19 +875,24 @@ def damon_pageout() -> str | None:
     return "; ".join(found) or None
 
 
+def install_missing(tools: tuple[str, ...]) -> list[str]:
+    """The Debian tools (package = command) still missing after installing them with apt-get
+    (as root, where apt-get is there)."""
+    missing = [p for p in tools if shutil.which(p) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {' '.join(missing)} with apt-get")
+        subprocess.run(["apt-get", "install", "-y", *missing], stdout=sys.stderr,
+                       stderr=sys.stderr, timeout=600, check=False,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        missing = [p for p in tools if shutil.which(p) is None]
+    return missing
+
+
 def ensure_other_tools() -> str | None:
     """None when rclone and s3fs are installed (installing them as root); else why not."""
-    missing = [p for p in OTHER_TOOLS if shutil.which(p) is None]
+    missing = install_missing(OTHER_TOOLS)
     if not missing:
         return None
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"installing {' '.join(missing)} with apt-get")
-        proc = subprocess.run(["apt-get", "install", "-y", *missing], stdout=sys.stderr,
-                              stderr=sys.stderr, timeout=600, check=False,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        missing = [p for p in OTHER_TOOLS if shutil.which(p) is None]
-        if proc.returncode == 0 and not missing:
-            return None
     return (f"{' and '.join(missing)} missing: install with `apt-get install -y rclone s3fs` "
             "(as root), or run with --skip-other-tools")
 
