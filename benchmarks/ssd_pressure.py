@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -75,38 +77,60 @@ TARGETS = {"ssd_read_amplification_limited": "<= 3"}
 _COUNTERS = ("ssd_hits", "origin_requests", "ssd_pack_prefetches", "ssd_pack_prefetches_skipped")
 
 
-class MemoryLimit:
-    """A memory cgroup this process joins (its children too), with a limit set per pass."""
+def memory_controller() -> tuple[Path, str] | None:
+    """(the hierarchy new memory cgroups go in, their limit file): cgroup v1's memory controller
+    or v2's; None where there is neither."""
+    v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+    if (v1 / "memory.limit_in_bytes").exists():
+        return v1, "memory.limit_in_bytes"
+    controllers = v2 / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        return v2, "memory.max"
+    return None
 
-    def __init__(self, directory: Path, limit_file: str, home: Path) -> None:
-        self.directory, self.limit_file, self.home = directory, limit_file, home
+
+class MemoryLimit:
+    """A memory cgroup of our own, with a limit set per pass. The benchmark joins it itself (its
+    children, the mount daemon among them, follow); tests put a child process in it."""
+
+    def __init__(self, directory: Path, limit_file: str) -> None:
+        self.directory, self.limit_file = directory, limit_file
+        self._home: Path | None = None  # where this process was before `join`
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why no memory cgroup can be created here (None: one can)."""
+        found = memory_controller()
+        if found is None:
+            return "no memory cgroup controller (cgroup v1 memory or v2 memory.max)"
+        if not os.access(found[0], os.W_OK):
+            return f"{found[0]} is not writable: run as root"
+        return None
 
     @classmethod
     def create(cls) -> MemoryLimit:
-        name = f"cachefs-bench-{os.getpid()}"
-        v1 = Path("/sys/fs/cgroup/memory")
-        v2 = Path("/sys/fs/cgroup")
-        if (v1 / "memory.limit_in_bytes").exists():
-            directory, limit_file = v1 / name, "memory.limit_in_bytes"
-            home = v1 / _own_cgroup("memory")
-        elif (v2 / "cgroup.controllers").exists() \
-                and "memory" in (v2 / "cgroup.controllers").read_text().split():
+        """A new group without a limit (OSError where it cannot be made: see `unavailable`)."""
+        found = memory_controller()
+        if found is None:
+            raise OSError(errno.ENOENT, "no memory cgroup controller")
+        root, limit_file = found
+        if limit_file == "memory.max":  # v2: children get the controller only when asked
             with contextlib.suppress(OSError):
-                (v2 / "cgroup.subtree_control").write_text("+memory\n")
-            directory, limit_file = v2 / name, "memory.max"
-            home = v2 / _own_cgroup("")
-        else:
-            raise SystemExit("benchmarks.ssd_pressure: needs a memory cgroup controller "
-                             "(cgroup v1 memory or v2 memory.max)")
-        try:
-            directory.mkdir()
-        except OSError as e:
-            raise SystemExit(f"benchmarks.ssd_pressure: cannot create a memory cgroup "
-                             f"({e}): run it as root") from None
-        return cls(directory, limit_file, home)
+                (root / "cgroup.subtree_control").write_text("+memory\n")
+        directory = root / f"cachefs-bench-{os.getpid()}-{secrets.token_hex(4)}"
+        directory.mkdir()
+        return cls(directory, limit_file)
+
+    @property
+    def procs(self) -> Path:
+        """The group's cgroup.procs: write a pid to it to move that process in."""
+        return self.directory / "cgroup.procs"
 
     def join(self) -> None:
-        (self.directory / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        """Move this process in (its children to come follow it)."""
+        v1 = self.limit_file == "memory.limit_in_bytes"
+        self._home = self.directory.parent / _own_cgroup("memory" if v1 else "")
+        self.procs.write_text(f"{os.getpid()}\n")
 
     def usage(self) -> int:
         name = "memory.usage_in_bytes" if self.limit_file == "memory.limit_in_bytes" \
@@ -121,12 +145,16 @@ class MemoryLimit:
             value = str(size)
         (self.directory / self.limit_file).write_text(value)
 
-    def close(self) -> None:
-        """Leave the group (back where this process was) and remove it; never raises."""
+    def leave(self) -> None:
+        """Move this process back where it was before `join`; never raises."""
+        if self._home is not None:
+            with contextlib.suppress(OSError):
+                (self._home / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+    def remove(self) -> None:
+        """Remove the group, which no process may be in any more; never raises."""
         with contextlib.suppress(OSError):
             self.limit(None)
-        with contextlib.suppress(OSError):
-            (self.home / "cgroup.procs").write_text(f"{os.getpid()}\n")
         with contextlib.suppress(OSError):
             self.directory.rmdir()
 
@@ -180,7 +208,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             checked(read_parallel(data.paths(mnt, "small"), readers), data.small_bytes, "fill")
             procs.unmount_cachefs(mnt)
 
-            group = MemoryLimit.create()
+            reason = MemoryLimit.unavailable()
+            try:
+                group = None if reason else MemoryLimit.create()
+            except OSError as e:
+                reason = f"cannot create one: {e}"
+            if group is None:
+                raise SystemExit(f"benchmarks.ssd_pressure: needs a memory cgroup: {reason}")
             group.join()
             src = data.paths(data.src, "small")
             for i in range(rounds):
@@ -216,7 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"read {ssd_amp[-1]:.2f}x; {ssd_counters[-1]}")
         finally:
             if group is not None:
-                group.close()
+                group.leave()
+                group.remove()
             procs.close()
     best_local = min(range(rounds), key=lambda i: local_passes[i].seconds)
     best_ssd = min(range(rounds), key=lambda i: ssd_passes[i].seconds)

@@ -8,11 +8,11 @@ cgroup (root). Each pass checks the bytes it read inside the benchmark itself.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from benchmarks.ssd_pressure import MemoryLimit, memory_controller
 from tests.test_benchmarks import run_quick
 
 
@@ -29,19 +29,8 @@ def test_fuse_floor_benchmark_quick_json(tmp_path: Path) -> None:
     assert result["quick"] is True
 
 
-def memory_cgroups_writable() -> bool:
-    """Whether this process may create a memory cgroup (v1, or v2 with the controller)."""
-    v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
-    if (v1 / "memory.limit_in_bytes").exists():
-        return os.access(v1, os.W_OK)
-    controllers = v2 / "cgroup.controllers"
-    return (controllers.exists() and "memory" in controllers.read_text().split()
-            and os.access(v2, os.W_OK))
-
-
-@pytest.mark.skipif(not memory_cgroups_writable(),
-                    reason="the benchmark creates a memory cgroup (root and a memory "
-                           "controller), which this machine does not allow")
+@pytest.mark.skipif(MemoryLimit.unavailable() is not None,
+                    reason=f"the benchmark needs a memory cgroup: {MemoryLimit.unavailable()}")
 def test_ssd_pressure_benchmark_quick_json(tmp_path: Path) -> None:
     result = run_quick(tmp_path, "ssd_pressure", 300)
     assert set(result["ratios"]) == {"ssd_small_vs_local_cold_limited",
@@ -52,4 +41,6 @@ def test_ssd_pressure_benchmark_quick_json(tmp_path: Path) -> None:
     assert ssd["counters"]["origin_requests"] == 0
     # the page cache was smaller than the data: the tier stopped asking for whole packs
     assert ssd["counters"]["ssd_pack_prefetches_skipped"] > 0
-    assert not list(Path("/sys/fs/cgroup/memory").glob("cachefs-bench-*"))  # removed
+    controller = memory_controller()
+    assert controller is not None
+    assert not list(controller[0].glob("cachefs-bench-*"))  # removed

@@ -37,6 +37,7 @@ import pytest
 import trio
 import trio.testing
 
+from benchmarks.ssd_pressure import MemoryLimit
 from cachefs.cache.disk import (
     SUMS_XATTR,
     DiskCache,
@@ -312,26 +313,17 @@ def evicted_pages(path: Path) -> int:
 
 @contextlib.contextmanager
 def memory_cgroup(limit: int) -> Iterator[Path]:
-    """A fresh memory cgroup (v1 or v2) limited to `limit` bytes; yields its cgroup.procs."""
-    name = f"cachefs-test-{os.getpid()}-{random.randrange(1 << 30)}"
-    v1 = Path("/sys/fs/cgroup/memory")
-    v2 = Path("/sys/fs/cgroup")
-    if (v1 / "memory.limit_in_bytes").exists():
-        group, limit_file = v1 / name, "memory.limit_in_bytes"
-    elif "memory" in (v2 / "cgroup.subtree_control").read_text(errors="replace") \
-            if (v2 / "cgroup.subtree_control").exists() else False:
-        group, limit_file = v2 / name, "memory.max"
-    else:
-        pytest.skip("no memory cgroup controller on this machine")
+    """A fresh memory cgroup limited to `limit` bytes (the benchmark's `MemoryLimit`); yields
+    its cgroup.procs."""
+    reason = MemoryLimit.unavailable()
+    if reason is not None:
+        pytest.skip(f"no memory cgroup here: {reason}")
+    group = MemoryLimit.create()
     try:
-        group.mkdir()
-    except OSError as e:
-        pytest.skip(f"cannot create a memory cgroup here: {e}")
-    try:
-        (group / limit_file).write_text(str(limit))
-        yield group / "cgroup.procs"
+        group.limit(limit)
+        yield group.procs
     finally:
-        group.rmdir()
+        group.remove()
 
 
 def test_whole_entries_are_not_asked_for_while_the_page_cache_evicts_them(
