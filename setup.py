@@ -1,6 +1,6 @@
 """Build hook for the compiled extensions: cythonizes `cachefs/_lookup.pyx` (the read path's
-extent lookup) and `storage_server/_needle.pyx` (the storage server's needle read) at install
-time.
+extent lookup), `cachefs/cache/_fastread.pyx` (the SSD tier's compiled read path for FUSE) and
+`storage_server/_needle.pyx` (the storage server's needle read) at install time.
 
 Everything else about the distribution (name, version, dependencies, packages) is in
 pyproject.toml; setuptools merges the `ext_modules` given here into it. Cython is a build
@@ -14,6 +14,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=cythonize(
         [Extension("cachefs._lookup", ["cachefs/_lookup.pyx"]),
+         # Optional: without it (no pthreads or dlopen here), mounts read every file in Python.
+         Extension("cachefs.cache._fastread", ["cachefs/cache/_fastread.pyx"], optional=True),
          Extension("storage_server._needle", ["storage_server/_needle.pyx"])],
         compiler_directives={"language_level": "3"},
     ),

@@ -386,12 +386,12 @@ class Processes:
         return proc.stdout
 
     def mount_cachefs(self, remote: str, mountpoint: Path, cache_dir: Path,
-                      memory_cache: int) -> dict[str, Any]:
+                      memory_cache: int, *options: str) -> dict[str, Any]:
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.mountpoints.append(mountpoint)
         info = json.loads(self.cli("mount", f"{DATASET}@main", str(mountpoint), "--remote", remote,
                                    "--cache-dir", str(cache_dir), "--memory-cache",
-                                   str(memory_cache), "--json"))
+                                   str(memory_cache), "--json", *options))
         self.daemons.add(int(info["pid"]))
         OWN_PIDS.add(int(info["pid"]))
         return info

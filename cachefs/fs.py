@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from cachefs.cache.compiled_reads import CompiledReads
 from cachefs.cache.tiered import TieredStore
 from cachefs.dataset.objects import Extent, Kind, TreeEntry, zero_chunk_hash
 from cachefs.errors import CachefsError
@@ -184,6 +185,9 @@ class DatasetFS:
         self.reads = ReadCounters()
         self.nursery: trio.Nursery | None = None  # set by the daemon, for readahead tasks
         self._warmups = trio.CapacityLimiter(options.max_warmups)
+        # The disk tier's compiled read path, when the mount daemon runs one (set before the
+        # first lookup): small files' inodes are registered with it as they are created.
+        self.compiled: CompiledReads | None = None
 
     # -- inodes ---------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -201,7 +205,27 @@ class DatasetFS:
         self._next_ino += 1
         self._inodes[node.ino] = node
         self._by_key[key] = node.ino
+        if self.compiled is not None:
+            self._offer_compiled(node)
         return node
+
+    def _offer_compiled(self, node: Inode) -> None:
+        """Let the compiled read path answer this file's READs: a small file in one piece of
+        one chunk (a packed image), the case where Python's per-READ cost bounds a pass."""
+        entry = node.entry
+        if (entry.kind is Kind.FILE and 0 < entry.size < WHOLE_CHUNK_MIN
+                and len(entry.extents) == 1):
+            extent = entry.extents[0]
+            if extent.length == entry.size and extent.chunk not in self.zero_chunks:
+                assert self.compiled is not None
+                self.compiled.add(node.ino, extent.chunk, extent.offset, extent.length)
+
+    def _drop(self, node: Inode) -> None:
+        del self._inodes[node.ino]
+        self._by_key.pop(node.key, None)
+        self._streams.pop(node.ino, None)
+        if self.compiled is not None:
+            self.compiled.remove(node.ino)
 
     def forget(self, ino: int, count: int) -> None:
         node = self._inodes.get(ino)
@@ -209,9 +233,7 @@ class DatasetFS:
             return
         node.lookups -= count
         if node.lookups <= 0:
-            del self._inodes[ino]
-            self._by_key.pop(node.key, None)
-            self._streams.pop(ino, None)
+            self._drop(node)
 
     @property
     def inode_count(self) -> int:
@@ -275,8 +297,7 @@ class DatasetFS:
         """Forget inodes readdir created that the kernel did not take."""
         for node in nodes:
             if node.lookups <= 0 and node.ino in self._inodes:
-                del self._inodes[node.ino]
-                self._by_key.pop(node.key, None)
+                self._drop(node)
 
     def readlink(self, ino: int) -> bytes:
         node = self.inode(ino)
@@ -470,12 +491,18 @@ class DatasetFS:
 
     def stats(self) -> dict[str, object]:
         elapsed = time.monotonic() - self._started
+        compiled = (self.compiled.counters() if self.compiled is not None
+                    else dict.fromkeys(("reads", "read_bytes", "handed_back", "declined"), 0))
+        read_bytes = self.reads.bytes + compiled["read_bytes"]
         return {
             **self.status,
             **self.store.stats(),
-            "read_requests": self.reads.requests,
-            "read_bytes": self.reads.bytes,
-            "read_throughput_bytes_per_s": self.reads.bytes / elapsed if elapsed > 0 else 0.0,
+            "read_requests": self.reads.requests + compiled["reads"],
+            "read_bytes": read_bytes,
+            "read_throughput_bytes_per_s": read_bytes / elapsed if elapsed > 0 else 0.0,
+            "compiled_reads": compiled["reads"],
+            "compiled_reads_handed_back": compiled["handed_back"],
+            "compiled_reads_declined": compiled["declined"],
             "uptime_s": elapsed,
             "bad_extents": self.reads.bad_extents,
             "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},

@@ -42,11 +42,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
 fi
 
 # pyfuse3 with cachefs's patch (patches/pyfuse3-*.patch: reads without OPEN, one FUSE request per
-# small file instead of three). cachefs works without it, only slower: a failed build warns.
-if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", 0))' \
+# small file instead of three, and the hook of the SSD tier's compiled read path; READ_HOOK is
+# the newest part's flag). cachefs works without it, only slower: a failed build warns.
+if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "READ_HOOK", 0))' \
      2>/dev/null; then
   echo "setup: building pyfuse3 with cachefs's patch" >&2
   log=.venv/pyfuse3-build.log
+  rm -f .venv/wheels/pyfuse3-*.whl
   if PYTHON=.venv/bin/python scripts/build_pyfuse3.sh .venv/wheels >"$log" 2>&1 &&
      .venv/bin/python -m pip install --no-deps --force-reinstall .venv/wheels/pyfuse3-*.whl \
        >>"$log" 2>&1; then

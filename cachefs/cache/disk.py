@@ -78,6 +78,9 @@ from typing import TypeVar
 from isal.isal_zlib import crc32
 
 from cachefs.cache.base import Blob, TierStats, Verifier
+from cachefs.cache.compiled_reads import DEFAULT_THREADS as DEFAULT_READ_THREADS
+from cachefs.cache.compiled_reads import TIER_COUNTERS as COMPILED_COUNTERS
+from cachefs.cache.compiled_reads import CompiledReads
 from cachefs.directio import (
     BLOCK,
     BUFFERS,
@@ -352,6 +355,7 @@ class DiskCache:
         self._xattrs = True  # False once the file system refused a user xattr
         self._direct = True  # False once the file system refused O_DIRECT
         self._eviction_rate = 0.0  # share of entries recently met with evicted pages
+        self._compiled: CompiledReads | None = None  # its counters join ours (compiled_reads)
         self._last_logged: dict[str, float] = {}
         self._closed = False
 
@@ -574,10 +578,28 @@ class DiskCache:
             return False
         return True
 
+    def compiled_reads(self, threads: int = DEFAULT_READ_THREADS) -> CompiledReads:
+        """The compiled read path over this tier's entries (not started; see
+        `cachefs.cache.compiled_reads`), whose counters `stats` then includes. RuntimeError
+        where the engine is not built."""
+        reads = CompiledReads(
+            self._objects, xattr=SUMS_XATTR, sums_version=_SUMS_VERSION,
+            sub_block_shift=SUB_BLOCK_SHIFT, max_sub_blocks=MAX_SUB_BLOCKS,
+            touch_interval_ns=self._touch_interval_ns, eviction_limit=EVICTION_RATE_LIMIT,
+            eviction_weight=EVICTION_RATE_WEIGHT, threads=threads)
+        self._compiled = reads
+        return reads
+
     def stats(self) -> TierStats:
-        """This process's counters; used_bytes is the node-wide total of the shared directory."""
+        """This process's counters (with the compiled read path's); used_bytes is the node-wide
+        total of the shared directory."""
         with self._stats_lock:
             snapshot = replace(self._stats)
+        if self._compiled is not None:
+            for name, value in self._compiled.counters().items():
+                field = COMPILED_COUNTERS.get(name)
+                if field is not None:
+                    setattr(snapshot, field, getattr(snapshot, field) + value)
         used = self._used_estimate
         if not self._closed:
             with suppress(OSError):

@@ -8,6 +8,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from cachefs.cache.compiled_reads import DEFAULT_THREADS as DEFAULT_READ_THREADS
 from cachefs.cli.common import HelpFormatter, print_json, progress_for
 from cachefs.config import Config
 from cachefs.dataset.repo import Repository
@@ -52,6 +53,10 @@ def _register_mount(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
                         "floor)")
     p.add_argument("--memory-cache", type=parse_size, default="512MiB",
                    help="memory cache bound (default 512MiB)")
+    p.add_argument("--read-threads", type=int, default=DEFAULT_READ_THREADS, metavar="N",
+                   help="threads of the compiled read path, which answers reads of small "
+                        "files from the SSD cache without the daemon's Python (0: off, every "
+                        f"read in Python; default {DEFAULT_READ_THREADS})")
     p.add_argument("--uid", type=int, help="owner of every file (default: you)")
     p.add_argument("--gid", type=int, help="group of every file (default: your group)")
     p.add_argument("--umask", type=lambda v: int(v, 8), default=0,
@@ -209,6 +214,7 @@ def mount(args: argparse.Namespace) -> int:
         dataset=address.dataset, ref=address.ref_or_default, commit=resolved.commit,
         mountpoint=mountpoint, cache_dir=os.path.abspath(args.cache_dir or default_cache_dir()),
         cache_size=args.cache_size, memory_cache=args.memory_cache,
+        read_threads=args.read_threads,
         uid=uid if args.uid is None else args.uid, gid=gid if args.gid is None else args.gid,
         umask=args.umask, origin_timeout=args.timeout, metrics=args.metrics,
         allow_other=args.allow_other or os.getuid() == 0, pin=args.pin,

@@ -7,12 +7,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cachefs.cache.compiled_reads import DEFAULT_THREADS as DEFAULT_READ_THREADS
 from cachefs.config import _xdg
 from cachefs.errors import UsageError
 from cachefs.httpserver import parse_listen
 
 DEFAULT_MEMORY_CACHE = 512 << 20
 DEFAULT_ORIGIN_TIMEOUT_S = 30.0
+MAX_READ_THREADS = 256
 
 
 def default_cache_dir() -> Path:
@@ -31,6 +33,7 @@ class MountConfig:
     cache_dir: str
     cache_size: int | None = None  # None: a fraction of the free disk (DiskCache's default)
     memory_cache: int = DEFAULT_MEMORY_CACHE
+    read_threads: int = DEFAULT_READ_THREADS  # the compiled read path's; 0: off
     uid: int = 0
     gid: int = 0
     umask: int = 0
@@ -49,6 +52,8 @@ class MountConfig:
     def __post_init__(self) -> None:
         if self.memory_cache < 0:
             raise UsageError("--memory-cache must not be negative")
+        if self.read_threads < 0 or self.read_threads > MAX_READ_THREADS:
+            raise UsageError(f"--read-threads must be 0 to {MAX_READ_THREADS}")
         if self.cache_size is not None and self.cache_size <= 0:
             raise UsageError("--cache-size must be positive")
         if not 0 <= self.umask <= 0o777:

@@ -47,7 +47,7 @@ from cachefs.dataset.repo import Repository
 from cachefs.errors import CachefsError, PermissionDenied
 from cachefs.fs import DatasetFS, MountOptions
 from cachefs.fuse.config import MountConfig
-from cachefs.fuse.operations import CachefsOperations
+from cachefs.fuse.operations import COMPILED_READS, CachefsOperations
 from cachefs.grpc_auth import load_token
 from cachefs.httpserver import BaseHandler, ServiceHTTPServer, parse_listen
 from cachefs.peer.members import Membership
@@ -236,6 +236,8 @@ async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None
         else:
             nursery.start_soon(keep_pinned, pin, fs, pinned)
         nursery.start_soon(_tune_then_report_ready, config, report, pinned)
+        if fs.compiled is not None:
+            nursery.start_soon(fs.compiled.serve_handed_back, pyfuse3.read_by_inode)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
@@ -300,6 +302,37 @@ def build_fs(config: MountConfig) -> DatasetFS:
                      info)
 
 
+def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
+    """Run the disk tier's compiled read path for this mount, where it can run: its threads
+    answer small files' READs from the SSD tier before Python sees them (see
+    cachefs.cache.compiled_reads). Before the first request, so every inode is registered."""
+    why = ("--read-threads 0" if config.read_threads == 0
+           else None if COMPILED_READS else "pyfuse3 without cachefs's read hook (patches/)")
+    disk = fs.store.disk
+    if why is None and not isinstance(disk, DiskCache):
+        why = "no disk tier"
+    if why is None:
+        assert isinstance(disk, DiskCache)
+        try:
+            compiled = disk.compiled_reads(config.read_threads)
+            compiled.start()
+        except RuntimeError as e:
+            why = str(e)
+        else:
+            fs.compiled = compiled
+            pyfuse3.set_read_hook(compiled.hook)
+    fs.status["compiled_reads"] = why is None
+    if why is not None:
+        log.info("small files are read in Python: no compiled read path (%s)", why)
+
+
+def stop_compiled_reads(fs: DatasetFS) -> None:
+    """Before the session ends: the engine holds requests of it until it has stopped."""
+    if fs.compiled is not None:
+        pyfuse3.set_read_hook(None)
+        fs.compiled.stop()
+
+
 def run(config: MountConfig, ready_fd: int | None) -> int:
     """Mount and serve until unmounted; report readiness on `ready_fd`. Returns an exit code."""
     reported = False
@@ -314,6 +347,7 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
     try:
         fs = build_fs(config)
         pyfuse3.init(CachefsOperations(fs), config.mountpoint, fuse_options(config))
+        start_compiled_reads(fs, config)
     except (CachefsError, OSError, RuntimeError) as e:
         log.error("mount failed: %s", e)
         report(f"error: {e}")
@@ -333,9 +367,11 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
     except BaseException as e:
         log.exception("mount daemon failed")
         report(f"error: {type(e).__name__}: {e}")
+        stop_compiled_reads(fs)
         pyfuse3.close(unmount=True)
         unpin(pin)
         return 1
+    stop_compiled_reads(fs)
     pyfuse3.close(unmount=True)
     unpin(pin)
     log.info("unmounted %s", config.mountpoint)

@@ -47,6 +47,8 @@ def kernel_takes_no_open(release: str) -> bool:
 # `read` gets the inode.
 NO_OPEN = (bool(getattr(pyfuse3, "NO_OPEN_READ_BY_INODE", False))
            and kernel_takes_no_open(os.uname().release))
+# ... and with the read hook (patches/): the disk tier's compiled read path may take READs.
+COMPILED_READS = NO_OPEN and bool(getattr(pyfuse3, "READ_HOOK", False))
 CACHE_TIMEOUT_S = 86400.0  # immutable content: entries and attributes never go stale
 T = TypeVar("T")
 

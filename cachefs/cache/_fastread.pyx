@@ -1,0 +1,576 @@
+# cython: language_level=3
+"""The SSD tier's compiled read path: READs of small files answered from disk-tier entries by C threads.
+
+A FUSE READ of a small file through Python costs about 150 us of the daemon's one event-loop
+thread (a coroutine, the tiers' lookups, the range read and its sums, the reply); measured, that
+thread, not the disk, bounds a shuffled pass over small files in the SSD tier. This engine takes
+such READs before Python sees them, through the read hook of cachefs's pyfuse3 patch
+(`pyfuse3.set_read_hook`): the hook runs on the event loop's thread and only looks the inode up
+and queues the request; worker threads (no GIL, no Python) open the entry file, read and check
+its sub-blocks against the entry's sums, and reply with libfuse's thread-safe
+`fuse_reply_buf`. The kernel work of a READ (the copy out of the page cache, the reply's copy
+into the kernel) thereby runs on every core instead of the one.
+
+It reads the disk tier's layout, which `cachefs.cache.disk` defines and passes to `start`: the
+entry of chunk H is ``<objects>/chunks/<H[:2]>/<H>``, its sums the extended attribute
+``user.cachefs.sums`` (version, log2 of the sub-block size, the object's length, then one
+little-endian CRC-32 per sub-block). Its policy is the tier's too: the sub-blocks covering the
+range are read through the page cache; when they are not all cached, the whole entry is asked
+for (POSIX_FADV_WILLNEED) unless the page cache has been evicting recently met entries (then
+only the range, with POSIX_FADV_RANDOM); a hit refreshes the entry's mtime (its recency) at
+most once per touch interval; an entry whose sub-block fails its sum is deleted (if it is still
+the same file) and counted corrupt.
+
+Whatever the engine cannot answer it hands back, never answers wrong: an entry that is absent
+(not fetched yet, evicted), without valid sums (an older daemon's, read whole and given sums by
+Python), corrupt (deleted here), an extent that does not fit its entry, an I/O error, or a full
+queue (then the hook declines and Python answers at once). Handed-back requests are queued with
+a reason and an eventfd is signalled; the mount's event loop takes them (`take_handed_back`) and
+answers them through the normal path (`pyfuse3.read_by_inode`), which fetches from the origin.
+
+Only inodes registered (`register`, with their chunk, offset and length) are taken; the table
+is touched only with the GIL held (registration and the hook both run on the event loop's
+thread), and a queued request carries its own copy of the file's record. `stop` answers or hands
+back everything queued before it returns, so the FUSE session may end after it. One engine per
+process (a mount daemon serves one mount).
+"""
+
+from libc.stdint cimport uint64_t
+
+cdef extern from *:
+    """
+    #ifndef _GNU_SOURCE
+    #define _GNU_SOURCE
+    #endif
+    #include <dlfcn.h>
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <limits.h>
+    #include <pthread.h>
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <sys/eventfd.h>
+    #include <sys/stat.h>
+    #include <sys/syscall.h>
+    #include <sys/xattr.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    #ifndef SYS_cachestat
+    #define SYS_cachestat 451  /* the same number on every architecture */
+    #endif
+
+    typedef int (*fr_reply_buf_t)(void *req, const char *buf, size_t size);
+    typedef int (*fr_reply_err_t)(void *req, int err);
+    typedef unsigned long (*fr_crc32_t)(unsigned long crc, const unsigned char *buf,
+                                        unsigned int len);
+
+    enum { FR_ABSENT = 1, FR_NO_SUMS = 2, FR_CORRUPT = 3, FR_BAD_EXTENT = 4, FR_IO_ERROR = 5 };
+    #define FR_QUEUE 4096
+    #define FR_SUMS_HEADER 12
+    #define FR_HEX 64
+
+    typedef struct { uint64_t ino, offset, length; char hex[FR_HEX]; } fr_file;
+    typedef struct { void *req; uint64_t ino, offset, length, read_off, size; char hex[FR_HEX]; } fr_job;
+    typedef struct { void *req; uint64_t ino, size, read_off; int reason; } fr_back;
+
+    typedef struct {
+        uint64_t reads, read_bytes, hits, hit_bytes, range_reads, bytes_read, corrupt,
+                 prefetches, prefetches_skipped, handed_back, declined, touches;
+    } fr_counters;
+
+    static struct {
+        int running, stopping;
+        char objects[PATH_MAX];
+        char xattr[64];
+        int sums_version, base_shift, max_sub_blocks;
+        int64_t touch_interval_ns;
+        double eviction_limit, eviction_weight, eviction_rate;
+        int cachestat_works;
+        int efd;
+        fr_reply_buf_t reply_buf;
+        fr_reply_err_t reply_err;
+        fr_crc32_t crc32;
+        /* the inode table: linear probing, ino 0 marks a free slot; GIL-only */
+        fr_file *table;
+        size_t table_cap, table_count;
+        /* the job queue and its workers */
+        pthread_mutex_t lock;
+        pthread_cond_t wake;
+        fr_job queue[FR_QUEUE];
+        size_t q_head, q_len;
+        pthread_t *threads;
+        int nthreads;
+        /* handed back to Python */
+        pthread_mutex_t back_lock;
+        fr_back *back;
+        size_t back_len, back_cap;
+        pthread_mutex_t rate_lock;
+        fr_counters c;
+    } fr = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+             .back_lock = PTHREAD_MUTEX_INITIALIZER, .rate_lock = PTHREAD_MUTEX_INITIALIZER,
+             .efd = -1 };
+
+    #define FR_ADD(field, n) __atomic_fetch_add(&fr.c.field, (uint64_t)(n), __ATOMIC_RELAXED)
+
+    /* ---- the inode table (GIL held) ---- */
+    static size_t fr_slot(uint64_t ino) {
+        return (size_t)((ino * 0x9E3779B97F4A7C15ull) >> 17) & (fr.table_cap - 1);
+    }
+    static fr_file *fr_find(uint64_t ino) {
+        if (!fr.table) return NULL;
+        for (size_t i = fr_slot(ino);; i = (i + 1) & (fr.table_cap - 1)) {
+            if (fr.table[i].ino == ino) return &fr.table[i];
+            if (fr.table[i].ino == 0) return NULL;
+        }
+    }
+    static int fr_grow(void) {
+        size_t cap = fr.table_cap ? fr.table_cap * 2 : 1024;
+        fr_file *old = fr.table, *t = calloc(cap, sizeof(fr_file));
+        size_t oldcap = fr.table_cap;
+        if (!t) return -1;
+        fr.table = t; fr.table_cap = cap;
+        for (size_t i = 0; i < oldcap; i++) {
+            if (!old[i].ino) continue;
+            size_t j = fr_slot(old[i].ino);
+            while (t[j].ino) j = (j + 1) & (cap - 1);
+            t[j] = old[i];
+        }
+        free(old);
+        return 0;
+    }
+    static int fr_register(uint64_t ino, const char *hex, uint64_t offset, uint64_t length) {
+        if (ino == 0) return -1;
+        fr_file *f = fr_find(ino);
+        if (!f) {
+            if ((fr.table_count + 1) * 2 > fr.table_cap && fr_grow()) return -1;
+            size_t i = fr_slot(ino);
+            while (fr.table[i].ino) i = (i + 1) & (fr.table_cap - 1);
+            f = &fr.table[i];
+            fr.table_count++;
+        }
+        f->ino = ino; f->offset = offset; f->length = length;
+        memcpy(f->hex, hex, FR_HEX);
+        return 0;
+    }
+    static void fr_unregister(uint64_t ino) {
+        fr_file *f = fr_find(ino);
+        if (!f) return;
+        /* backward-shift deletion: no tombstones, probes stay short */
+        size_t mask = fr.table_cap - 1, i = (size_t)(f - fr.table), j = i;
+        for (;;) {
+            j = (j + 1) & mask;
+            if (!fr.table[j].ino) break;
+            size_t home = fr_slot(fr.table[j].ino);
+            /* move j back to i unless its home lies cyclically in (i, j] */
+            if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+                fr.table[i] = fr.table[j];
+                i = j;
+            }
+        }
+        fr.table[i].ino = 0;
+        fr.table_count--;
+    }
+    static void fr_clear_table(void) {
+        free(fr.table); fr.table = NULL; fr.table_cap = fr.table_count = 0;
+    }
+
+    /* ---- handing back ---- */
+    static void fr_hand_back(const fr_job *j, int reason) {
+        pthread_mutex_lock(&fr.back_lock);
+        if (fr.back_len == fr.back_cap) {
+            size_t cap = fr.back_cap ? fr.back_cap * 2 : 256;
+            fr_back *b = realloc(fr.back, cap * sizeof(fr_back));
+            if (!b) {  /* no memory even for this: answer EIO rather than never */
+                pthread_mutex_unlock(&fr.back_lock);
+                fr.reply_err(j->req, EIO);
+                return;
+            }
+            fr.back = b; fr.back_cap = cap;
+        }
+        fr_back *b = &fr.back[fr.back_len++];
+        b->req = j->req; b->ino = j->ino; b->size = j->size; b->read_off = j->read_off;
+        b->reason = reason;
+        pthread_mutex_unlock(&fr.back_lock);
+        FR_ADD(handed_back, 1);
+        uint64_t one = 1;
+        ssize_t ignored = write(fr.efd, &one, sizeof one);
+        (void)ignored;
+    }
+
+    /* ---- the page cache ---- */
+    struct fr_cachestat_range { uint64_t off, len; };
+    struct fr_cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted,
+                          nr_recently_evicted; };
+    static int fr_cachestat(int fd, uint64_t off, uint64_t len, struct fr_cachestat *out) {
+        if (!__atomic_load_n(&fr.cachestat_works, __ATOMIC_RELAXED)) return -1;
+        long page = sysconf(_SC_PAGESIZE);
+        uint64_t first = off / page, last = (off + len + page - 1) / page;
+        struct fr_cachestat_range r = { first * page, (last - first) * page };
+        if (syscall(SYS_cachestat, fd, &r, out, 0) == 0) return 0;
+        if (errno == ENOSYS || errno == EPERM)
+            __atomic_store_n(&fr.cachestat_works, 0, __ATOMIC_RELAXED);
+        return -1;
+    }
+    /* 1: every page cached; 0: not; -1: cannot tell */
+    static int fr_fully_cached(int fd, uint64_t off, uint64_t len) {
+        struct fr_cachestat cs;
+        if (fr_cachestat(fd, off, len, &cs)) return -1;
+        long page = sysconf(_SC_PAGESIZE);
+        uint64_t pages = (off + len + page - 1) / page - off / page;
+        return cs.nr_cache >= pages;
+    }
+    /* as DiskCache._prefetch_entry: the whole entry, unless reclaim has been evicting */
+    static void fr_prefetch_entry(int fd, uint64_t size) {
+        struct fr_cachestat cs;
+        int evicted = fr_cachestat(fd, 0, size, &cs) == 0 && cs.nr_evicted > 0;
+        pthread_mutex_lock(&fr.rate_lock);
+        fr.eviction_rate = fr.eviction_rate * (1 - fr.eviction_weight)
+                           + fr.eviction_weight * evicted;
+        int prefetch = !evicted && fr.eviction_rate < fr.eviction_limit;
+        pthread_mutex_unlock(&fr.rate_lock);
+        if (prefetch) {
+            FR_ADD(prefetches, 1);
+            posix_fadvise(fd, 0, (off_t)size, POSIX_FADV_WILLNEED);
+        } else {
+            FR_ADD(prefetches_skipped, 1);
+            posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+        }
+    }
+
+    static int fr_shift_for(uint64_t size) {
+        int shift = fr.base_shift;
+        while (((size + (1ull << shift) - 1) >> shift) > (uint64_t)fr.max_sub_blocks) shift++;
+        return shift;
+    }
+    static uint64_t fr_le(const unsigned char *p, int n) {
+        uint64_t v = 0;
+        for (int i = n - 1; i >= 0; i--) v = (v << 8) | p[i];
+        return v;
+    }
+
+    static void fr_drop_corrupt(const char *path, const struct stat *st) {
+        struct stat now;
+        FR_ADD(corrupt, 1);
+        if (stat(path, &now) == 0 && now.st_dev == st->st_dev && now.st_ino == st->st_ino)
+            unlink(path);  /* not if a fresh copy replaced it since */
+    }
+
+    /* ---- one request, on a worker thread ---- */
+    static void fr_serve(const fr_job *j, unsigned char **bufp, size_t *capp) {
+        char path[PATH_MAX];
+        if (snprintf(path, sizeof path, "%s/chunks/%.2s/%.64s", fr.objects, j->hex, j->hex)
+                >= (int)sizeof path) { fr_hand_back(j, FR_IO_ERROR); return; }
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) { fr_hand_back(j, errno == ENOENT ? FR_ABSENT : FR_IO_ERROR); return; }
+        struct stat st;
+        unsigned char raw[FR_SUMS_HEADER + 4 * 4096];
+        ssize_t n;
+        int reason = 0;
+        if (fstat(fd, &st)) { reason = FR_IO_ERROR; goto out; }
+        n = fgetxattr(fd, fr.xattr, raw, sizeof raw);
+        uint64_t size = (uint64_t)st.st_size;
+        int shift = n >= FR_SUMS_HEADER ? raw[1] : 0;
+        if (n < FR_SUMS_HEADER || raw[0] != fr.sums_version || fr_le(raw + 4, 8) != size
+                || shift != fr_shift_for(size)
+                || (uint64_t)n != FR_SUMS_HEADER + 4 * ((size + (1ull << shift) - 1) >> shift)) {
+            reason = FR_NO_SUMS;  /* Python reads it whole, verifies it and adds its sums */
+            goto out;
+        }
+        if (j->offset + j->length > size) { reason = FR_BAD_EXTENT; goto out; }
+        uint64_t start = j->offset + j->read_off;
+        uint64_t end = j->offset + j->length;
+        if (j->read_off >= j->length) start = end;
+        else if (j->size < end - start) end = start + j->size;
+        if (start == end) {
+            close(fd);
+            FR_ADD(reads, 1);
+            FR_ADD(range_reads, 1);
+            FR_ADD(hits, 1);
+            fr.reply_buf(j->req, "", 0);
+            return;
+        }
+        uint64_t first = (start >> shift) << shift;
+        uint64_t stop = (((end - 1) >> shift) + 1) << shift;
+        if (stop > size) stop = size;
+        uint64_t want = stop - first;
+        if (want < size && fr_fully_cached(fd, first, want) == 0) fr_prefetch_entry(fd, size);
+        if (*capp < want) {
+            unsigned char *b = realloc(*bufp, want);
+            if (!b) { reason = FR_IO_ERROR; goto out; }
+            *bufp = b; *capp = want;
+        }
+        unsigned char *buf = *bufp;
+        uint64_t got = 0;
+        while (got < want) {
+            ssize_t r = pread(fd, buf + got, want - got, (off_t)(first + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r < 0) { reason = FR_IO_ERROR; goto out; }
+            if (r == 0) break;
+            got += (uint64_t)r;
+        }
+        FR_ADD(bytes_read, got);
+        uint64_t step = 1ull << shift;
+        int intact = got == want;
+        for (uint64_t pos = 0; intact && pos < want; pos += step) {
+            uint64_t len = want - pos < step ? want - pos : step;
+            uint64_t index = (first + pos) >> shift;
+            intact = fr.crc32(0, buf + pos, (unsigned int)len)
+                     == (unsigned long)fr_le(raw + FR_SUMS_HEADER + 4 * index, 4);
+        }
+        if (!intact) {
+            fr_drop_corrupt(path, &st);
+            reason = FR_CORRUPT;
+            goto out;
+        }
+        close(fd);
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        int64_t age = (int64_t)(now.tv_sec - st.st_mtim.tv_sec) * 1000000000
+                      + (now.tv_nsec - st.st_mtim.tv_nsec);
+        if (age >= fr.touch_interval_ns) {
+            FR_ADD(touches, 1);
+            utimensat(AT_FDCWD, path, NULL, 0);  /* evicted meanwhile: nothing to do */
+        }
+        FR_ADD(reads, 1);
+        FR_ADD(range_reads, 1);
+        FR_ADD(hits, 1);
+        FR_ADD(hit_bytes, end - start);
+        FR_ADD(read_bytes, end - start);
+        fr.reply_buf(j->req, (const char *)buf + (start - first), end - start);
+        return;
+    out:
+        close(fd);
+        fr_hand_back(j, reason);
+    }
+
+    static void *fr_worker(void *unused) {
+        unsigned char *buf = NULL;
+        size_t cap = 0;
+        (void)unused;
+        for (;;) {
+            pthread_mutex_lock(&fr.lock);
+            while (!fr.stopping && fr.q_len == 0) pthread_cond_wait(&fr.wake, &fr.lock);
+            if (fr.q_len == 0) { pthread_mutex_unlock(&fr.lock); break; }
+            fr_job job = fr.queue[fr.q_head];
+            fr.q_head = (fr.q_head + 1) % FR_QUEUE;
+            fr.q_len--;
+            pthread_mutex_unlock(&fr.lock);
+            fr_serve(&job, &buf, &cap);
+        }
+        free(buf);
+        return NULL;
+    }
+
+    /* pyfuse3's read hook: on the event loop's thread, GIL held; must not block */
+    static int fr_hook(void *req, uint64_t ino, size_t size, off_t off) {
+        if (!fr.running || off < 0) return 0;
+        fr_file *f = fr_find(ino);
+        if (!f) return 0;
+        pthread_mutex_lock(&fr.lock);
+        if (fr.stopping || fr.q_len == FR_QUEUE) {
+            pthread_mutex_unlock(&fr.lock);
+            FR_ADD(declined, 1);
+            return 0;
+        }
+        fr_job *j = &fr.queue[(fr.q_head + fr.q_len) % FR_QUEUE];
+        j->req = req; j->ino = ino; j->offset = f->offset; j->length = f->length;
+        j->read_off = (uint64_t)off; j->size = size;
+        memcpy(j->hex, f->hex, FR_HEX);
+        fr.q_len++;
+        pthread_cond_signal(&fr.wake);
+        pthread_mutex_unlock(&fr.lock);
+        return 1;
+    }
+
+    static const char *fr_start(const char *objects, const char *xattr, int sums_version,
+                                int base_shift, int max_sub_blocks, int64_t touch_interval_ns,
+                                double eviction_limit, double eviction_weight, int nthreads) {
+        if (fr.running) return "already running in this process";
+        void *fuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+        if (!fuse) return "libfuse3 is not loaded (pyfuse3 loads it)";
+        fr.reply_buf = (fr_reply_buf_t)dlsym(fuse, "fuse_reply_buf");
+        fr.reply_err = (fr_reply_err_t)dlsym(fuse, "fuse_reply_err");
+        void *z = dlopen("libz.so.1", RTLD_NOW);
+        fr.crc32 = z ? (fr_crc32_t)dlsym(z, "crc32") : NULL;
+        if (!fr.reply_buf || !fr.reply_err) return "libfuse3 lacks fuse_reply_buf";
+        if (!fr.crc32) return "no zlib (libz.so.1) for CRC-32";
+        if (snprintf(fr.objects, sizeof fr.objects, "%s", objects) >= (int)sizeof fr.objects
+                || snprintf(fr.xattr, sizeof fr.xattr, "%s", xattr) >= (int)sizeof fr.xattr)
+            return "path too long";
+        fr.sums_version = sums_version; fr.base_shift = base_shift;
+        fr.max_sub_blocks = max_sub_blocks; fr.touch_interval_ns = touch_interval_ns;
+        fr.eviction_limit = eviction_limit; fr.eviction_weight = eviction_weight;
+        fr.eviction_rate = 0; fr.cachestat_works = 1;
+        memset(&fr.c, 0, sizeof fr.c);
+        fr.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (fr.efd < 0) return "eventfd failed";
+        fr.threads = calloc((size_t)nthreads, sizeof(pthread_t));
+        if (!fr.threads) { close(fr.efd); fr.efd = -1; return "no memory"; }
+        fr.stopping = 0; fr.q_head = fr.q_len = 0;
+        for (fr.nthreads = 0; fr.nthreads < nthreads; fr.nthreads++) {
+            if (pthread_create(&fr.threads[fr.nthreads], NULL, fr_worker, NULL)) break;
+        }
+        if (fr.nthreads == 0) {
+            free(fr.threads); fr.threads = NULL; close(fr.efd); fr.efd = -1;
+            return "could not start a thread";
+        }
+        fr.running = 1;
+        return NULL;
+    }
+
+    /* every queued request answered or handed back when it returns */
+    static void fr_stop(void) {
+        if (!fr.running) return;
+        pthread_mutex_lock(&fr.lock);
+        fr.stopping = 1;
+        pthread_cond_broadcast(&fr.wake);
+        pthread_mutex_unlock(&fr.lock);
+        for (int i = 0; i < fr.nthreads; i++) pthread_join(fr.threads[i], NULL);
+        free(fr.threads); fr.threads = NULL; fr.nthreads = 0;
+        fr.running = 0;
+        fr_clear_table();
+    }
+    static void fr_close_eventfd(void) {
+        if (fr.efd >= 0) close(fr.efd);
+        fr.efd = -1;
+    }
+    static void *fr_hook_pointer(void) { return (void *)fr_hook; }
+
+    /* the handed-back requests, moved out (GIL held) */
+    static fr_back *fr_take_back(size_t *count) {
+        pthread_mutex_lock(&fr.back_lock);
+        fr_back *b = fr.back;
+        *count = fr.back_len;
+        fr.back = NULL; fr.back_len = fr.back_cap = 0;
+        pthread_mutex_unlock(&fr.back_lock);
+        return b;
+    }
+    static uint64_t fr_counter(int i) {
+        return __atomic_load_n(((uint64_t *)&fr.c) + i, __ATOMIC_RELAXED);
+    }
+    """
+    ctypedef struct fr_back:
+        void *req
+        uint64_t ino
+        uint64_t size
+        uint64_t read_off
+        int reason
+    ctypedef struct fr_file:
+        uint64_t ino
+        uint64_t offset
+        uint64_t length
+        char hex[64]
+    fr_file *fr_find(uint64_t ino)
+    int fr_register(uint64_t ino, const char *hex, uint64_t offset, uint64_t length)
+    void fr_unregister(uint64_t ino)
+    const char *fr_start(const char *objects, const char *xattr, int sums_version,
+                         int base_shift, int max_sub_blocks, long long touch_interval_ns,
+                         double eviction_limit, double eviction_weight, int nthreads)
+    void fr_stop() nogil
+    void fr_close_eventfd()
+    void *fr_hook_pointer()
+    fr_back *fr_take_back(size_t *count)
+    uint64_t fr_counter(int i)
+    int fr_running "fr.running"
+    int fr_efd "fr.efd"
+    size_t fr_table_count "fr.table_count"
+
+cdef extern from "stdlib.h":
+    void free(void *p)
+
+from cpython.pycapsule cimport PyCapsule_New
+
+# Why a request was handed back (the reason in `take_handed_back`).
+ABSENT = 1  # no entry (not fetched yet, or evicted)
+NO_SUMS = 2  # an entry without valid sums (an older daemon's): Python reads it whole
+CORRUPT = 3  # a sub-block failed its sum: the entry was deleted
+BAD_EXTENT = 4  # the file's extent does not fit its chunk's entry
+IO_ERROR = 5
+REASONS = {ABSENT: "absent", NO_SUMS: "no sums", CORRUPT: "corrupt", BAD_EXTENT: "bad extent",
+           IO_ERROR: "I/O error"}
+COUNTERS = ("reads", "read_bytes", "hits", "hit_bytes", "range_reads", "bytes_read", "corrupt",
+            "prefetches", "prefetches_skipped", "handed_back", "declined", "touches")
+
+
+def start(str objects, str xattr, int sums_version, int base_shift, int max_sub_blocks,
+          long long touch_interval_ns, double eviction_limit, double eviction_weight,
+          int threads):
+    """Start the engine's `threads` workers over the entries under `objects`; returns the
+    eventfd that is signalled when requests are handed back. RuntimeError if it cannot run
+    (already running, libfuse3 or zlib missing)."""
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    objects_b = objects.encode()
+    xattr_b = xattr.encode()
+    cdef const char *error = fr_start(objects_b, xattr_b, sums_version, base_shift,
+                                      max_sub_blocks, touch_interval_ns, eviction_limit,
+                                      eviction_weight, threads)
+    if error != NULL:
+        raise RuntimeError(error.decode())
+    return fr_efd
+
+
+def stop():
+    """Stop taking requests, answer or hand back every queued one, join the workers and forget
+    every registered inode. The eventfd stays open until `close_eventfd`."""
+    with nogil:
+        fr_stop()
+
+
+def close_eventfd():
+    fr_close_eventfd()
+
+
+def running():
+    return bool(fr_running)
+
+
+def hook_capsule():
+    """The hook, for `pyfuse3.set_read_hook`."""
+    return PyCapsule_New(fr_hook_pointer(), b"pyfuse3.read_hook", NULL)
+
+
+def register(uint64_t ino, str chunk, uint64_t offset, uint64_t length):
+    """Let the engine answer READs of inode `ino`: `length` bytes at `offset` in chunk `chunk`
+    (64 hex characters). Registering an inode again replaces its record."""
+    if len(chunk) != 64:
+        raise ValueError(f"not a chunk name: {chunk!r}")
+    chunk_b = chunk.encode("ascii")
+    if fr_register(ino, chunk_b, offset, length):
+        raise MemoryError("the inode table cannot grow")
+
+
+def unregister(uint64_t ino):
+    fr_unregister(ino)
+
+
+def registered():
+    """How many inodes are registered."""
+    return fr_table_count
+
+
+def lookup(uint64_t ino):
+    """The record of `ino`: (chunk, offset, length), or None."""
+    cdef fr_file *f = fr_find(ino)
+    if f == NULL:
+        return None
+    return (f.hex[:64].decode("ascii"), f.offset, f.length)
+
+
+def take_handed_back():
+    """The requests handed back since the last call: (request address, inode, size, offset,
+    reason), each to be answered once (pyfuse3.read_by_inode)."""
+    cdef size_t count = 0
+    cdef fr_back *back = fr_take_back(&count)
+    out = [(<size_t> back[i].req, back[i].ino, back[i].size, back[i].read_off, back[i].reason)
+           for i in range(count)]
+    free(back)
+    return out
+
+
+def counters():
+    """The engine's counters since it started (COUNTERS order, as a dict)."""
+    return {name: fr_counter(i) for i, name in enumerate(COUNTERS)}

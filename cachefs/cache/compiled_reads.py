@@ -1,0 +1,118 @@
+"""The disk tier's compiled read path for FUSE mounts: start it, name its files, take back the rest.
+
+The engine (`cachefs.cache._fastread`, Cython and C; its docstring has the why and the how)
+answers READs of small files from the disk tier's entries on its own threads, before Python
+sees them, through the read hook of cachefs's pyfuse3 patch. This wrapper is what the mount
+daemon uses: `DiskCache.compiled_reads` makes one with the tier's layout and policy, the FUSE
+layer installs `hook` and runs `serve_handed_back`, and the file system registers each small
+file's inode (`add`) as the kernel learns it and drops it when the kernel forgets it (`remove`).
+A request the engine cannot answer (the entry absent, without sums, corrupt) comes back to the
+event loop and is answered by the normal path, which fetches from the origin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+import trio
+
+try:
+    from cachefs.cache import _fastread
+except ImportError:  # not built (setup.py builds it as optional): every READ goes to Python
+    _fastread = None  # type: ignore[assignment]
+
+log = logging.getLogger("cachefs.cache.compiled_reads")
+
+DEFAULT_THREADS = 8  # readers wait on the disk in them; more than cores, as for readers
+# What `DiskCache.stats` adds from the engine's counters to its own, engine name -> TierStats
+TIER_COUNTERS = {"hits": "hits", "hit_bytes": "hit_bytes", "range_reads": "range_reads",
+                 "bytes_read": "bytes_read", "corrupt": "corrupt",
+                 "prefetches": "entry_prefetches",
+                 "prefetches_skipped": "entry_prefetches_skipped"}
+
+# answer(request address, inode, size, offset): answers a handed-back READ the normal way
+Answer = Callable[[int, int, int, int], Awaitable[Any]]
+
+
+def unavailable() -> str | None:
+    """Why this build has no compiled read path, or None."""
+    if _fastread is None:
+        return "cachefs.cache._fastread is not built"
+    return None
+
+
+class CompiledReads:
+    """The compiled read path of one mount daemon (one per process)."""
+
+    def __init__(self, objects: str, *, xattr: str, sums_version: int, sub_block_shift: int,
+                 max_sub_blocks: int, touch_interval_ns: int, eviction_limit: float,
+                 eviction_weight: float, threads: int = DEFAULT_THREADS) -> None:
+        why = unavailable()
+        if why is not None:
+            raise RuntimeError(why)
+        self._layout = (objects, xattr, sums_version, sub_block_shift, max_sub_blocks,
+                        touch_interval_ns, eviction_limit, eviction_weight)
+        self.threads = threads
+        self._eventfd: int | None = None
+
+    def start(self) -> None:
+        """Start the worker threads; RuntimeError if the engine cannot run here."""
+        self._eventfd = _fastread.start(*self._layout, self.threads)
+
+    @property
+    def hook(self) -> object:
+        """The capsule for `pyfuse3.set_read_hook`."""
+        return _fastread.hook_capsule()
+
+    @property
+    def running(self) -> bool:
+        return bool(_fastread.running())
+
+    @staticmethod
+    def add(ino: int, chunk: str, offset: int, length: int) -> None:
+        """READs of inode `ino` may be answered from `length` bytes at `offset` of `chunk`."""
+        _fastread.register(ino, chunk, offset, length)
+
+    @staticmethod
+    def remove(ino: int) -> None:
+        _fastread.unregister(ino)
+
+    @staticmethod
+    def lookup(ino: int) -> tuple[str, int, int] | None:
+        """What `add` registered for `ino`: (chunk, offset, length), or None."""
+        return _fastread.lookup(ino)  # type: ignore[no-any-return]
+
+    async def serve_handed_back(self, answer: Answer) -> None:
+        """Answer what the engine hands back, each in a task of its own (forever)."""
+        assert self._eventfd is not None, "start() first"
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(self._eventfd)
+                with suppress(BlockingIOError):  # another wake-up read it first
+                    os.read(self._eventfd, 8)
+                for req, ino, size, off, reason in _fastread.take_handed_back():
+                    if reason == _fastread.CORRUPT:
+                        log.warning("inode %d: its disk-tier entry failed a sub-block sum and "
+                                    "was deleted; fetching it again", ino)
+                    nursery.start_soon(answer, req, ino, size, off)
+
+    def stop(self) -> None:
+        """Answer or hand back everything queued, then stop the threads (before the FUSE
+        session ends: the engine holds its requests). Handed-back requests not yet answered
+        are dropped with the session."""
+        _fastread.stop()
+        leftover = _fastread.take_handed_back()
+        if leftover:
+            log.debug("%d handed-back READs dropped with the session", len(leftover))
+        if self._eventfd is not None:
+            _fastread.close_eventfd()
+            self._eventfd = None
+
+    @staticmethod
+    def counters() -> dict[str, int]:
+        """The engine's counters: reads, read_bytes, hits, ..., handed_back, declined."""
+        return _fastread.counters()  # type: ignore[no-any-return]

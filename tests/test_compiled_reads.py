@@ -1,0 +1,243 @@
+"""The SSD tier's compiled read path: real mounts whose small files are answered by C threads.
+
+What is asserted: the bytes (whole files, shuffled, from many threads, and ranges at random
+offsets), that the path really answered them (its counters), and every case it must hand back
+instead of answering: an entry not fetched yet (the origin), one whose sub-block fails its sum
+(deleted, refetched, never returned), one without sums (verified whole by Python, upgraded, then
+compiled). Also: `--read-threads 0` turns it off, readers killed mid-pass and an unmount during
+a pass leave a daemon that exits cleanly, and the engine's inode table against a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachefs.cache import compiled_reads
+from cachefs.cache.disk import SUMS_XATTR
+from cachefs.fuse.operations import COMPILED_READS
+from tests.helpers import cli_json, run_cli
+from tests.mounting import MountSet, alive, daemon_pids, is_mounted, wait_for
+
+pytestmark = pytest.mark.skipif(
+    not COMPILED_READS or compiled_reads.unavailable() is not None,
+    reason="needs pyfuse3 with cachefs's patch (scripts/setup.sh builds it) and the "
+           "cachefs.cache._fastread extension")
+
+FILES = 240
+CHUNK = "256KiB"  # several small files per pack, several packs
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    rng = random.Random(5)
+    src = tmp_path / "src"
+    for d in range(4):
+        (src / f"class{d}").mkdir(parents=True)
+    for i in range(FILES):
+        size = rng.randrange(1, 40_000)
+        (src / f"class{i % 4}" / f"img_{i:04d}.jpg").write_bytes(rng.randbytes(size))
+    run_cli("init", "ds", "--chunk-size", CHUNK)
+    run_cli("commit", "ds", str(src), "-m", "v1")
+    return src
+
+
+def files_of(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_shuffled(src: Path, mnt: Path, seed: int = 1) -> None:
+    """Every file through the mount, shuffled, 8 threads; each must equal its source."""
+    names = files_of(src)
+    random.Random(seed).shuffle(names)
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(names, pool.map(lambda n: digest(mnt / n), names)))
+    assert got == {n: digest(src / n) for n in names}
+
+
+def stats(mnt: Path) -> dict:
+    return cli_json("stats", str(mnt))
+
+
+def chunk_entries(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "objects" / "chunks").rglob("*") if p.is_file())
+
+
+def mount_warm(mounts: MountSet, source: Path, cache: Path, *args: str) -> Path:
+    """A mount whose SSD tier holds every chunk (a first mount read everything), fresh."""
+    mnt = mounts.mount("ds", mounts.mountpoint(), "--cache-dir", str(cache), *args)
+    read_shuffled(source, mnt)
+    run_cli("umount", str(mnt))
+    return mounts.mount("ds", mnt, "--cache-dir", str(cache), *args)
+
+
+def test_small_files_are_answered_by_the_compiled_path_with_the_right_bytes(
+        source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mounts.mount("ds", mounts.mountpoint(), "--cache-dir", str(cache))
+    first = stats(mnt)
+    assert first["compiled_reads"] == 0 and first["fuse_no_open"] is True
+    read_shuffled(source, mnt)
+    cold = stats(mnt)
+    # Nothing was on the SSD yet: the path handed the first reads back, and Python fetched.
+    assert cold["compiled_reads_handed_back"] >= 1 and cold["origin_requests"] >= 1
+    run_cli("umount", str(mnt))
+
+    mnt = mounts.mount("ds", mnt, "--cache-dir", str(cache))
+    read_shuffled(source, mnt, seed=2)
+    warm = stats(mnt)
+    assert warm["compiled_reads"] == FILES  # one READ per file, all of them compiled
+    assert warm["compiled_reads_handed_back"] == 0 and warm["origin_requests"] == 0
+    assert warm["ssd_range_reads"] >= FILES and warm["ssd_hits"] >= FILES
+    assert warm["ssd_bytes_read"] >= sum((source / n).stat().st_size for n in files_of(source))
+    assert warm["read_requests"] >= FILES and warm["compiled_reads"] <= warm["read_requests"]
+    assert warm["corrupt_chunks"] == 0
+
+
+def test_ranges_at_random_offsets_match_the_source(source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_warm(mounts, source, cache)
+    rng = random.Random(9)
+    names = files_of(source)
+    for _ in range(300):
+        name = rng.choice(names)
+        expected = (source / name).read_bytes()
+        offset = rng.randrange(0, len(expected) + 10)  # past the end too: empty answers
+        length = rng.randrange(1, 70_000)
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECT) if rng.random() < 0.5 else \
+            os.open(mnt / name, os.O_RDONLY)
+        try:
+            assert os.pread(fd, length, offset) == expected[offset : offset + length]
+        finally:
+            os.close(fd)
+    assert stats(mnt)["compiled_reads"] >= 1
+
+
+def test_a_flipped_byte_is_never_returned_and_the_pack_is_refetched(
+        source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_warm(mounts, source, cache)
+    run_cli("umount", str(mnt))
+    entry = max(chunk_entries(cache), key=lambda p: p.stat().st_size)  # a pack of many files
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(entry, "r+b") as f:  # the same inode: its sums stay, and no longer match
+        f.write(data)
+    mnt = mounts.mount("ds", mnt, "--cache-dir", str(cache))
+    read_shuffled(source, mnt, seed=3)
+    figures = stats(mnt)
+    assert figures["corrupt_chunks"] == 1
+    assert figures["compiled_reads_handed_back"] >= 1 and figures["origin_requests"] >= 1
+    assert figures["compiled_reads"] >= FILES // 2  # the other packs stayed compiled
+
+
+def test_an_entry_without_sums_is_verified_whole_upgraded_then_compiled(
+        source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_warm(mounts, source, cache)
+    run_cli("umount", str(mnt))
+    for entry in chunk_entries(cache):  # as an older daemon wrote them
+        os.removexattr(entry, SUMS_XATTR)
+    mnt = mounts.mount("ds", mnt, "--cache-dir", str(cache))
+    read_shuffled(source, mnt, seed=4)
+    figures = stats(mnt)
+    assert figures["compiled_reads_handed_back"] >= 1 and figures["origin_requests"] == 0
+    assert all(os.getxattr(entry, SUMS_XATTR) for entry in chunk_entries(cache))
+    run_cli("umount", str(mnt))
+    mnt = mounts.mount("ds", mnt, "--cache-dir", str(cache))
+    read_shuffled(source, mnt, seed=5)
+    figures = stats(mnt)
+    assert figures["compiled_reads"] == FILES and figures["compiled_reads_handed_back"] == 0
+
+
+def test_read_threads_0_reads_every_file_in_python(source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_warm(mounts, source, cache, "--read-threads", "0")
+    read_shuffled(source, mnt)
+    figures = stats(mnt)
+    assert figures["compiled_reads"] == 0 and figures["compiled_reads"] is not None
+    assert figures["ssd_hits"] >= FILES
+
+
+def test_read_threads_out_of_range_is_a_clear_error(source: Path, mounts: MountSet) -> None:
+    proc = run_cli("mount", "ds", str(mounts.mountpoint()), "--read-threads", "-1", check=False)
+    assert proc.returncode != 0 and "--read-threads" in proc.stderr
+
+
+READER = """
+import os, random, sys
+root, seed = sys.argv[1], int(sys.argv[2])
+names = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+rng = random.Random(seed)
+while True:  # O_DIRECT: every read reaches the daemon, cached pages or not
+    fd = os.open(rng.choice(names), os.O_RDONLY | os.O_DIRECT)
+    while os.read(fd, 1 << 16):
+        pass
+    os.close(fd)
+"""
+
+
+def test_killed_readers_and_an_unmount_mid_pass_leave_a_clean_daemon(
+        source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_warm(mounts, source, cache)
+    [pid] = daemon_pids(mnt)
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(mnt), str(seed)])
+               for seed in range(6)]
+    try:
+        wait_for(lambda: stats(mnt)["compiled_reads"] >= 2 * FILES, timeout=60,
+                 what="the readers to go through the compiled path")
+        for reader in readers[:3]:  # requests of theirs may be queued in the engine
+            reader.send_signal(signal.SIGKILL)
+        survivors = stats(mnt)["compiled_reads"]
+        wait_for(lambda: stats(mnt)["compiled_reads"] >= survivors + FILES, timeout=60,
+                 what="the other readers to go on")
+        read_shuffled(source, mnt, seed=6)  # still right, beside them
+        # Unmount with the other readers still reading: the daemon stops its threads and exits.
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), "the daemon did not exit after the unmount"
+        assert not is_mounted(mnt)
+    finally:
+        for reader in readers:
+            reader.kill()
+            reader.wait(timeout=30)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=400))
+def test_the_engine_s_inode_table_agrees_with_a_model(ops: list[tuple[bool, int]]) -> None:
+    base = 1 << 40  # far from any inode another test registers in this process
+    model: dict[int, tuple[str, int, int]] = {}
+    try:
+        for add, n in ops:
+            ino = base + n
+            if add:
+                record = (f"{n:064x}", n * 3, n * 7)
+                compiled_reads.CompiledReads.add(ino, *record)
+                model[ino] = record
+            else:
+                compiled_reads.CompiledReads.remove(ino)
+                model.pop(ino, None)
+        for n in range(1, 301):
+            assert compiled_reads.CompiledReads.lookup(base + n) == model.get(base + n)
+    finally:
+        for n in range(1, 301):
+            compiled_reads.CompiledReads.remove(base + n)
