@@ -500,7 +500,7 @@ class DatasetFS:
             "read_requests": self.reads.requests + compiled["reads"],
             "read_bytes": read_bytes,
             "read_throughput_bytes_per_s": read_bytes / elapsed if elapsed > 0 else 0.0,
-            "compiled_reads": compiled["reads"],
+            "compiled_reads_answered": compiled["reads"],
             "compiled_reads_handed_back": compiled["handed_back"],
             "compiled_reads_declined": compiled["declined"],
             "uptime_s": elapsed,

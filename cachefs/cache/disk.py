@@ -55,6 +55,10 @@ the page cache has evicted pages of it before (then it is too small to keep whol
 their neighbours are read, and only the range is read), and
 `get_range_if_cached` reads only what the page cache holds, for callers on an event loop. A file
 system that refuses O_DIRECT turns it off for the cache.
+
+A FUSE mount also reads this layout in C (`compiled_reads`: cachefs.cache._fastread, given the
+constants below), for small files' READs; its counters join this tier's `stats`. A change to the
+entry path, the sums or the prefetch policy is a change to both.
 """
 
 from __future__ import annotations

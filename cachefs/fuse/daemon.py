@@ -320,6 +320,7 @@ def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
             why = str(e)
         else:
             fs.compiled = compiled
+            fs.status["compiled_reads_crc"] = compiled.crc_implementation()
             pyfuse3.set_read_hook(compiled.hook)
     fs.status["compiled_reads"] = why is None
     if why is not None:

@@ -2,9 +2,9 @@
 
 mount(8) calls `/sbin/mount.fuse.cachefs SOURCE MOUNTPOINT [-sfnv] -o OPTIONS` (link it to
 this program). SOURCE is `DATASET[@REF]`; OPTIONS carry `cachefs mount` flags as `key=value`
-(`remote`, `cache_dir`, `cache_size`, `memory_cache`, `uid`, `gid`, `umask`, `timeout`,
-`metrics`). Generic mount options (`ro`, `defaults`, `_netdev`, `nofail`, `noauto`, `user`,
-`x-*`, ...) are accepted and ignored: a cachefs mount is always read-only.
+(`remote`, `cache_dir`, `cache_size`, `memory_cache`, `read_threads`, `uid`, `gid`, `umask`,
+`timeout`, `metrics`). Generic mount options (`ro`, `defaults`, `_netdev`, `nofail`, `noauto`,
+`user`, `x-*`, ...) are accepted and ignored: a cachefs mount is always read-only.
 
     imagenet@v1  /mnt/imagenet  fuse.cachefs  remote=team,cache_dir=/nvme/cachefs,_netdev  0 0
 """
@@ -15,8 +15,8 @@ import sys
 
 from cachefs.cli.main import main as cachefs_main
 
-VALUE_OPTIONS = {"remote", "cache_dir", "cache_size", "memory_cache", "uid", "gid", "umask",
-                 "timeout", "metrics"}
+VALUE_OPTIONS = {"remote", "cache_dir", "cache_size", "memory_cache", "read_threads", "uid",
+                 "gid", "umask", "timeout", "metrics"}
 IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
            "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime",
            "relatime", "allow_other"}
