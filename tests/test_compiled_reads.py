@@ -245,3 +245,35 @@ def test_the_engine_s_inode_table_agrees_with_a_model(ops: list[tuple[bool, int]
     finally:
         for n in range(1, 301):
             compiled_reads.CompiledReads.remove(base + n)
+
+
+def test_a_pack_is_written_through_the_page_cache_only_while_the_path_runs(
+        tmp_path: Path) -> None:
+    from cachefs.cache.disk import DiskCache
+    from cachefs.cache.tiered import object_is_intact
+    from cachefs.directio import cachestat
+
+    def resident(key: str) -> int:
+        fd = os.open(tmp_path / "cache" / "objects" / key, os.O_RDONLY)
+        try:
+            state = cachestat(fd, 0, 1 << 20)
+        finally:
+            os.close(fd)
+        assert state is not None
+        return state.nr_cache
+
+    disk = DiskCache(tmp_path / "cache", 64 << 20, verify=object_is_intact)
+    keys = [f"chunks/{n:02x}/{n:02x}{'0' * 62}" for n in (1, 2, 3)]
+    data = os.urandom(1 << 20)
+    reads = disk.compiled_reads(1)
+    disk.put_pack(keys[0], data)  # not started: around the page cache, as put
+    reads.start()
+    try:
+        disk.put_pack(keys[1], data)  # its files are read from the entry next: kept cached
+        disk.put(keys[2], data)  # any other chunk: around the page cache
+    finally:
+        reads.stop()
+        disk.close()
+    assert resident(keys[1]) == 256
+    if resident(keys[0]) or resident(keys[2]):
+        assert not disk._direct, "O_DIRECT works here, yet the entries were cached"

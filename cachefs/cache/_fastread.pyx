@@ -16,8 +16,9 @@ entry of chunk H is ``<objects>/chunks/<H[:2]>/<H>``, its sums the extended attr
 ``user.cachefs.sums`` (version, log2 of the sub-block size, the object's length, then one
 little-endian CRC-32 per sub-block). Its policy is the tier's too: the sub-blocks covering the
 range are read through the page cache; when they are not all cached, the whole entry is asked
-for (POSIX_FADV_WILLNEED) unless the page cache has been evicting recently met entries (then
-only the range, with POSIX_FADV_RANDOM); a hit refreshes the entry's mtime (its recency) at
+for (POSIX_FADV_WILLNEED, once the range is read and answered, so the reader does not wait
+behind the whole pack's I/O) unless the page cache has been evicting recently met entries
+(then only the range, with POSIX_FADV_RANDOM); a hit refreshes the entry's mtime (its recency) at
 most once per touch interval; an entry whose sub-block fails its sum is deleted (if it is still
 the same file) and counted corrupt.
 
@@ -224,8 +225,10 @@ cdef extern from *:
         uint64_t pages = (off + len + page - 1) / page - off / page;
         return cs.nr_cache >= pages;
     }
-    /* as DiskCache._prefetch_entry: the whole entry, unless reclaim has been evicting */
-    static void fr_prefetch_entry(int fd, uint64_t size) {
+    /* as DiskCache._prefetch_decision: whether to ask for the whole entry (the caller does,
+       after its reply), unless reclaim has been evicting: then only the range is read, without
+       the kernel's readahead around it */
+    static int fr_prefetch_decision(int fd, uint64_t size) {
         struct fr_cachestat cs;
         int evicted = fr_cachestat(fd, 0, size, &cs) == 0 && cs.nr_evicted > 0;
         pthread_mutex_lock(&fr.rate_lock);
@@ -235,11 +238,11 @@ cdef extern from *:
         pthread_mutex_unlock(&fr.rate_lock);
         if (prefetch) {
             FR_ADD(prefetches, 1);
-            posix_fadvise(fd, 0, (off_t)size, POSIX_FADV_WILLNEED);
         } else {
             FR_ADD(prefetches_skipped, 1);
             posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
         }
+        return prefetch;
     }
 
     static uint32_t fr_crc(const unsigned char *buf, uint64_t len) {
@@ -303,7 +306,10 @@ cdef extern from *:
         uint64_t stop = (((end - 1) >> shift) + 1) << shift;
         if (stop > size) stop = size;
         uint64_t want = stop - first;
-        if (want < size && fr_fully_cached(fd, first, want) == 0) fr_prefetch_entry(fd, size);
+        /* The whole entry is asked for after the reply: the range first, then the rest,
+           asynchronously, instead of the reader waiting behind the whole pack's I/O. */
+        int prefetch = want < size && fr_fully_cached(fd, first, want) == 0
+                       && fr_prefetch_decision(fd, size);
         if (*capp < want) {
             unsigned char *b = realloc(*bufp, want);
             if (!b) { reason = FR_IO_ERROR; goto out; }
@@ -331,7 +337,6 @@ cdef extern from *:
             reason = FR_CORRUPT;
             goto out;
         }
-        close(fd);
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
         int64_t age = (int64_t)(now.tv_sec - st.st_mtim.tv_sec) * 1000000000
@@ -346,6 +351,8 @@ cdef extern from *:
         FR_ADD(hit_bytes, end - start);
         FR_ADD(read_bytes, end - start);
         fr.reply_buf(j->req, (const char *)buf + (start - first), end - start);
+        if (prefetch) posix_fadvise(fd, 0, (off_t)size, POSIX_FADV_WILLNEED);
+        close(fd);
         return;
     out:
         close(fd);

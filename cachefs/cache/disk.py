@@ -50,7 +50,8 @@ a read-only view (no copy). What the tier serves is cached again above it (the m
 the file, the memory tier), and a chunk streaming through it would otherwise cost a page-cache
 fill on the way in and on the way out. Smaller reads (a small file inside a pack) go through the
 page cache, which is faster for them on this kind of machine; `get_range(prefetch_entry=True)`
-also asks for the whole entry (POSIX_FADV_WILLNEED), whose neighbours are wanted soon, unless
+also asks for the whole entry (POSIX_FADV_WILLNEED, once the range is read), whose neighbours
+are wanted soon, unless
 the page cache has evicted pages of it before (then it is too small to keep whole entries until
 their neighbours are read, and only the range is read), and
 `get_range_if_cached` reads only what the page cache holds, for callers on an event loop. A file
@@ -120,7 +121,7 @@ _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, err
 _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 # Whole packs are asked for while fewer than this share of the entries recently met had pages
-# evicted by reclaim (a moving average with this weight per entry; see _prefetch_entry).
+# evicted by reclaim (a moving average with this weight per entry; see _prefetch_decision).
 EVICTION_RATE_LIMIT = 0.25
 EVICTION_RATE_WEIGHT = 1 / 32
 DIRECT_WRITE_MIN = 64 << 10  # smaller entries (trees, commits) go through the page cache
@@ -466,10 +467,12 @@ class DiskCache:
         is read whole, verified with `verify` and given its sums (then later ranges are cheap).
         `prefetch_entry`: the caller expects the rest of the entry to be read soon (a pack of
         small files): when the range is not in the page cache, the whole entry is asked for
-        (POSIX_FADV_WILLNEED, which does not wait), so that its neighbours come from the disk
+        once the range is read (POSIX_FADV_WILLNEED, which does not wait; after the range, so
+        that the reader does not wait behind the whole entry's I/O), so that its neighbours come
+        from the disk
         in one large read with it instead of one small read each; unless the page cache has
         already evicted pages of it, a sign that it cannot keep a whole entry until the
-        neighbours are read (see `_prefetch_entry`).
+        neighbours are read (see `_prefetch_decision`).
         """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range: {offset}+{length}")
@@ -526,6 +529,16 @@ class DiskCache:
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` (verified by the caller) unless present, too large or the disk is low."""
+        self._put(key, data, direct=True)
+
+    def put_pack(self, key: str, data: bytes) -> None:
+        """`put` a chunk whose small files are being read (a pack), through the page cache
+        where the compiled read path runs: it answers the pack's other files from this entry,
+        which would otherwise be read back from the disk just after being written around the
+        page cache. Without it, Python answers them from the memory tier: as `put`."""
+        self._put(key, data, direct=self._compiled is None or not self._compiled.running)
+
+    def _put(self, key: str, data: bytes, direct: bool) -> None:
         path = self._path(key)
         size = len(data)
         if self._closed:
@@ -550,7 +563,7 @@ class DiskCache:
         # sees this write (as its temporary file) once it is counted, so the shared total can
         # only ever be too high, never too low.
         try:
-            tmp = self._write_temp(path, data)
+            tmp = self._write_temp(path, data, direct)
         except OSError as e:
             self._error("write", key, e)
             return
@@ -713,8 +726,9 @@ class DiskCache:
                   evicted_bytes)
         return total
 
-    def _write_temp(self, path: str, data: bytes) -> str:
-        """Write `data` to a temporary file beside `path` (its name carries the size)."""
+    def _write_temp(self, path: str, data: bytes, direct: bool = True) -> str:
+        """Write `data` to a temporary file beside `path` (its name carries the size), around
+        the page cache if `direct` and it is large enough."""
         tmp = os.path.join(
             os.path.dirname(path), f"{_TMP_PREFIX}{len(data)}-{secrets.token_hex(8)}"
         )
@@ -724,8 +738,8 @@ class DiskCache:
             now = time.time_ns()
             os.utime(fd, ns=(now, now))  # a fine-grained mtime orders evictions exactly
 
-        if self._direct and len(data) >= DIRECT_WRITE_MIN and self._write_direct(tmp, data,
-                                                                                  stamp):
+        if direct and self._direct and len(data) >= DIRECT_WRITE_MIN and self._write_direct(
+                tmp, data, stamp):
             return tmp
         write_new_file(tmp, data, mode=0o666, extra_flags=os.O_CLOEXEC, make_parent=True,
                        before_close=stamp)
@@ -824,15 +838,18 @@ class DiskCache:
             if got is not None:
                 return self._checked(key, path, st, sums, view[:got], start, want,
                                      offset, end, whole, direct=True)
-        elif prefetch_entry and want < st.st_size and cached is False:
-            self._prefetch_entry(fd, st.st_size)
+        prefetch = (prefetch_entry and want < st.st_size and cached is False
+                    and self._prefetch_decision(fd, st.st_size))
         data = _pread_exactly(fd, want, start)
+        if prefetch:  # after the range: the reader does not wait behind the whole pack's I/O
+            os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
         return self._checked(key, path, st, sums, memoryview(data), start, want, offset, end,
                              whole, direct=False)
 
-    def _prefetch_entry(self, fd: int, size: int) -> None:
-        """Ask for a whole entry whose neighbours of the range are wanted soon (a pack of small
-        files), unless the page cache cannot keep it that long.
+    def _prefetch_decision(self, fd: int, size: int) -> bool:
+        """Whether to ask for a whole entry whose neighbours of the range are wanted soon (a
+        pack of small files; the caller asks once it has read the range), or not, because the
+        page cache cannot keep it that long.
 
         The sign is eviction: the kernel keeps a shadow of each page reclaim evicted, which
         cachestat(2) counts (`nr_evicted`). Where entries met here had pages evicted, the data
@@ -854,10 +871,9 @@ class DiskCache:
                 self._stats.entry_prefetches += 1
             else:
                 self._stats.entry_prefetches_skipped += 1
-        if prefetch:
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-        else:
+        if not prefetch:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return prefetch
 
     def _checked(self, key: str, path: str, st: os.stat_result,
                  sums: tuple[int, tuple[int, ...]], view: memoryview, start: int, want: int,

@@ -145,12 +145,18 @@ class TieredStore:
                 data = self.memory.get(key)
                 if data is None:
                     data = await self._flights.run(
-                        key, lambda: self._fetch(key, True, ask_disk=False))
+                        key, lambda: self._fetch(key, True, ask_disk=False,
+                                                 pack=prefetch_entry))
         if data is None:
-            data = await self._flights.run(key, lambda: self._fetch(key, True))
+            data = await self._flights.run(key, lambda: self._fetch(key, True,
+                                                                    pack=prefetch_entry))
         return memoryview(data)[offset : offset + length]
 
-    async def _fetch(self, key: str, into_memory: bool, ask_disk: bool = True) -> Blob:
+    async def _fetch(self, key: str, into_memory: bool, ask_disk: bool = True,
+                     pack: bool = False) -> Blob:
+        """From the disk tier (unless `ask_disk` is False), a peer or the origin, filling the
+        tiers above. `pack`: a small file's chunk, stored with the disk tier's `put_pack`
+        where it has one (its other files are read from the entry soon)."""
         if self.disk is not None and ask_disk:
             data = await self._disk_call(self.disk.get, key)
             if data is not None:
@@ -165,7 +171,8 @@ class TieredStore:
         if into_memory:
             self.memory.put(key, data)
         if self.disk is not None:  # the asker keeps a copy (a peer's chunk too)
-            await self._disk_call(self.disk.put, key, data)
+            put = getattr(self.disk, "put_pack", None) if pack else None
+            await self._disk_call(put or self.disk.put, key, data)
         return data
 
     async def _disk_call(self, fn: Callable, *args: object) -> object:  # type: ignore[type-arg]
