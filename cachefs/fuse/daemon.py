@@ -313,15 +313,20 @@ def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
         why = "no disk tier"
     if why is None:
         assert isinstance(disk, DiskCache)
+        compiled = None
         try:
             compiled = disk.compiled_reads(config.read_threads)
             compiled.start()
-        except RuntimeError as e:
-            why = str(e)
+            pyfuse3.set_read_hook(compiled.hook)
+        except Exception as e:  # the mount is up by now: serve it without the path
+            if not isinstance(e, RuntimeError):  # RuntimeError: it cannot run here (said below)
+                log.exception("the compiled read path failed to start")
+            if compiled is not None and compiled.running:
+                compiled.stop()
+            why = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         else:
             fs.compiled = compiled
             fs.status["compiled_reads_crc"] = compiled.crc_implementation()
-            pyfuse3.set_read_hook(compiled.hook)
     fs.status["compiled_reads"] = why is None
     if why is not None:
         log.info("small files are read in Python: no compiled read path (%s)", why)
@@ -348,7 +353,6 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
     try:
         fs = build_fs(config)
         pyfuse3.init(CachefsOperations(fs), config.mountpoint, fuse_options(config))
-        start_compiled_reads(fs, config)
     except (CachefsError, OSError, RuntimeError) as e:
         log.error("mount failed: %s", e)
         report(f"error: {e}")
@@ -357,6 +361,7 @@ def run(config: MountConfig, ready_fd: int | None) -> int:
         log.exception("mount failed")
         report(f"error: {type(e).__name__}: {e}")
         return 1
+    start_compiled_reads(fs, config)  # never raises: without it, Python reads every file
     # What the node inventory reports as cached here (best effort: failures are only logged).
     # A commit mounted by its hash (prefix) adds no ref.
     ref = "" if config.commit.startswith(config.ref) else config.ref
