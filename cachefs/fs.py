@@ -210,15 +210,19 @@ class DatasetFS:
         return node
 
     def _offer_compiled(self, node: Inode) -> None:
-        """Let the compiled read path answer this file's READs: a small file in one piece of
-        one chunk (a packed image), the case where Python's per-READ cost bounds a pass."""
+        """Let the compiled read path answer this file's READs: a small file (one piece of a
+        pack, where Python's per-READ cost bounds a pass) or a large one (read as a stream:
+        its chunks around the page cache, left to Python while the memory tier holds them)."""
         entry = node.entry
-        if (entry.kind is Kind.FILE and 0 < entry.size < WHOLE_CHUNK_MIN
-                and len(entry.extents) == 1):
-            extent = entry.extents[0]
-            if extent.length == entry.size and extent.chunk not in self.zero_chunks:
-                assert self.compiled is not None
-                self.compiled.add(node.ino, extent.chunk, extent.offset, extent.length)
+        if entry.kind is not Kind.FILE or entry.size <= 0:
+            return
+        if (sum(x.length for x in entry.extents) != entry.size
+                or any(x.length <= 0 for x in entry.extents)):
+            return  # a tree that does not add up: Python's read refuses it with EIO
+        assert self.compiled is not None
+        self.compiled.add(node.ino, [("" if x.chunk in self.zero_chunks else x.chunk, x.offset,
+                                      x.length) for x in entry.extents],
+                          large=entry.size >= WHOLE_CHUNK_MIN)
 
     def _drop(self, node: Inode) -> None:
         del self._inodes[node.ino]
@@ -492,7 +496,8 @@ class DatasetFS:
     def stats(self) -> dict[str, object]:
         elapsed = time.monotonic() - self._started
         compiled = (self.compiled.counters() if self.compiled is not None
-                    else dict.fromkeys(("reads", "read_bytes", "handed_back", "declined"), 0))
+                    else dict.fromkeys(("reads", "read_bytes", "handed_back", "declined",
+                                        "left_to_python"), 0))
         read_bytes = self.reads.bytes + compiled["read_bytes"]
         return {
             **self.status,
@@ -503,6 +508,7 @@ class DatasetFS:
             "compiled_reads_answered": compiled["reads"],
             "compiled_reads_handed_back": compiled["handed_back"],
             "compiled_reads_declined": compiled["declined"],
+            "compiled_reads_left_to_memory": compiled["left_to_python"],
             "uptime_s": elapsed,
             "bad_extents": self.reads.bad_extents,
             "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},

@@ -1,7 +1,9 @@
-"""The SSD tier's compiled read path: real mounts whose small files are answered by C threads.
+"""The SSD tier's compiled read path: real mounts whose files are answered by C threads.
 
 What is asserted: the bytes (whole files, shuffled, from many threads, and ranges at random
-offsets), that the path really answered them (its counters), and every case it must hand back
+offsets; small files of packs and large files of many chunks, some of zeros), that the path
+really answered them (its counters: large files' chunks around the page cache, or left to
+Python while its memory tier holds them), and every case it must hand back
 instead of answering: an entry not fetched yet (the origin), one whose sub-block fails its sum
 (deleted, refetched, never returned), one without sums (verified whole by Python, upgraded, then
 compiled). Also: `--read-threads 0` turns it off, readers killed mid-pass and an unmount during
@@ -169,6 +171,109 @@ def test_an_entry_without_sums_is_verified_whole_upgraded_then_compiled(
     assert figures["compiled_reads_handed_back"] == 0
 
 
+LARGE_CHUNK = "1MiB"  # a 1 MiB READ of a large file is one piece, read around the page cache
+
+
+@pytest.fixture
+def large_source(tmp_path: Path) -> Path:
+    """Large files in 1 MiB chunks: one random, one with chunks of zeros (never stored)."""
+    rng = random.Random(11)
+    src = tmp_path / "large"
+    src.mkdir()
+    (src / "shard.bin").write_bytes(rng.randbytes((5 << 20) + 12_345))
+    (src / "sparse.bin").write_bytes(rng.randbytes(1 << 20) + bytes(2 << 20)
+                                     + rng.randbytes(100_000))
+    run_cli("init", "big", "--chunk-size", LARGE_CHUNK)
+    run_cli("commit", "big", str(src), "-m", "v1")
+    return src
+
+
+def read_ranges(src: Path, mnt: Path, count: int, seed: int) -> None:
+    """Random ranges of the large files, some across chunks, half of them with O_DIRECT (every
+    READ reaches the daemon), each equal to the source's bytes."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        name = rng.choice(["shard.bin", "sparse.bin"])
+        expected = (src / name).read_bytes()
+        offset = rng.randrange(0, len(expected) + 10)
+        length = rng.randrange(1, 3 << 20)
+        direct = rng.random() < 0.5
+        if direct:  # O_DIRECT wants aligned offsets (FUSE passes others on, but be plain)
+            offset -= offset % 4096
+        fd = os.open(mnt / name, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            assert os.pread(fd, length, offset) == expected[offset : offset + length], \
+                f"{name} {offset}+{length} direct={direct}"
+        finally:
+            os.close(fd)
+
+
+def mount_large_warm(mounts: MountSet, src: Path, cache: Path) -> Path:
+    mnt = mounts.mount("big", mounts.mountpoint(), "--cache-dir", str(cache))
+    for name in ("shard.bin", "sparse.bin"):
+        assert digest(mnt / name) == digest(src / name)
+    run_cli("umount", str(mnt))
+    return mounts.mount("big", mnt, "--cache-dir", str(cache))
+
+
+def test_large_files_stream_through_the_compiled_path_around_the_page_cache(
+        large_source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_large_warm(mounts, large_source, cache)
+    for name in ("shard.bin", "sparse.bin"):
+        assert digest(mnt / name) == digest(large_source / name)
+    whole = stats(mnt)
+    assert whole["compiled_reads_answered"] >= 6  # 1 MiB READs: at least one per chunk
+    assert whole["ssd_direct_reads"] >= 5  # shard.bin's whole chunks, not in the page cache
+    assert whole["origin_requests"] == 0 and whole["compiled_reads_handed_back"] == 0
+    read_ranges(large_source, mnt, 200, seed=12)
+    ranges = stats(mnt)
+    assert ranges["compiled_reads_answered"] > whole["compiled_reads_answered"]
+    assert ranges["origin_requests"] == 0 and ranges["corrupt_chunks"] == 0
+    assert ranges["memory_hits"] == 0  # nothing of it went through Python's tiers
+
+
+def test_a_large_file_s_chunk_held_in_memory_is_left_to_python(
+        large_source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mounts.mount("big", mounts.mountpoint(), "--cache-dir", str(cache))
+    assert digest(mnt / "shard.bin") == digest(large_source / "shard.bin")  # from the origin
+    cold = stats(mnt)
+    assert cold["origin_requests"] >= 6
+    fd = os.open(mnt / "shard.bin", os.O_RDONLY)
+    try:  # drop the mount's pages of it: the kernel asks the daemon again
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert digest(mnt / "shard.bin") == digest(large_source / "shard.bin")
+    again = stats(mnt)
+    # Every chunk is in the memory tier now (and on the SSD): Python answers from memory.
+    assert again["compiled_reads_left_to_memory"] >= 6
+    assert again["memory_hits"] > cold["memory_hits"]
+    assert again["compiled_reads_answered"] == cold["compiled_reads_answered"]
+    assert again["origin_requests"] == cold["origin_requests"]
+
+
+def test_a_flipped_byte_in_a_large_file_s_chunk_is_never_returned(
+        large_source: Path, mounts: MountSet) -> None:
+    cache = mounts.root / "cache"
+    mnt = mount_large_warm(mounts, large_source, cache)
+    run_cli("umount", str(mnt))
+    entry = max(chunk_entries(cache), key=lambda p: p.stat().st_size)  # a 1 MiB chunk
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    with open(entry, "r+b") as f:  # the same inode: its sums stay, and no longer match
+        f.write(data)
+    mnt = mounts.mount("big", mnt, "--cache-dir", str(cache))
+    for name in ("shard.bin", "sparse.bin"):
+        assert digest(mnt / name) == digest(large_source / name)
+    figures = stats(mnt)
+    assert figures["corrupt_chunks"] == 1
+    assert figures["compiled_reads_handed_back"] >= 1 and figures["origin_requests"] >= 1
+    read_ranges(large_source, mnt, 50, seed=13)
+    assert stats(mnt)["corrupt_chunks"] == 1  # refetched whole, intact since
+
+
 def test_read_threads_0_reads_every_file_in_python(source: Path, mounts: MountSet) -> None:
     cache = mounts.root / "cache"
     mnt = mount_warm(mounts, source, cache, "--read-threads", "0")
@@ -229,14 +334,16 @@ def test_killed_readers_and_an_unmount_mid_pass_leave_a_clean_daemon(
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=400))
 def test_the_engine_s_inode_table_agrees_with_a_model(ops: list[tuple[bool, int]]) -> None:
     base = 1 << 40  # far from any inode another test registers in this process
-    model: dict[int, tuple[str, int, int]] = {}
+    model: dict[int, tuple[tuple[tuple[str, int, int], ...], bool]] = {}
     try:
         for add, n in ops:
             ino = base + n
             if add:
-                record = (f"{n:064x}", n * 3, n * 7)
-                compiled_reads.CompiledReads.add(ino, *record)
-                model[ino] = record
+                # one to three extents, a chunk of zeros ("") among them now and then
+                extents = tuple(("" if (n + i) % 5 == 0 else f"{n + i:064x}", n * 3, n * 7 + i)
+                                for i in range(1 + n % 3))
+                compiled_reads.CompiledReads.add(ino, extents, large=n % 2 == 0)
+                model[ino] = (extents, n % 2 == 0)
             else:
                 compiled_reads.CompiledReads.remove(ino)
                 model.pop(ino, None)

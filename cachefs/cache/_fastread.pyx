@@ -47,6 +47,7 @@ cdef extern from *:
     #include <errno.h>
     #include <fcntl.h>
     #include <limits.h>
+    #include <stddef.h>
     #include <pthread.h>
     #include <stdint.h>
     #include <stdio.h>
@@ -55,6 +56,7 @@ cdef extern from *:
     #include <sys/eventfd.h>
     #include <sys/stat.h>
     #include <sys/syscall.h>
+    #include <sys/uio.h>
     #include <sys/xattr.h>
     #include <time.h>
     #include <unistd.h>
@@ -64,6 +66,7 @@ cdef extern from *:
     #endif
 
     typedef int (*fr_reply_buf_t)(void *req, const char *buf, size_t size);
+    typedef int (*fr_reply_iov_t)(void *req, const struct iovec *iov, int count);
     typedef int (*fr_reply_err_t)(void *req, int err);
     typedef unsigned long (*fr_crc32_t)(unsigned long crc, const unsigned char *buf,
                                         unsigned int len);
@@ -74,13 +77,25 @@ cdef extern from *:
     #define FR_SUMS_HEADER 12
     #define FR_HEX 64
 
-    typedef struct { uint64_t ino, offset, length; char hex[FR_HEX]; } fr_file;
-    typedef struct { void *req; uint64_t ino, offset, length, read_off, size; char hex[FR_HEX]; } fr_job;
+    #define FR_PIECES 8  /* a READ over more chunks than this is left to Python */
+    #define FR_ALIGN 4096  /* O_DIRECT's alignment of buffers, offsets and lengths */
+    #define FR_KEY_PREFIX "chunks/"
+
+    /* One extent of a file: `length` bytes at `offset` of chunk `hex`, at `file_off` in the
+       file; hex[0] == 0: a chunk of zeros (never stored) */
+    typedef struct { uint64_t file_off, offset, length; char hex[FR_HEX]; } fr_extent;
+    /* A registered file: `n` extents tiling it from 0 (inline when one, else `many`);
+       `large`: read as a stream (see fr_serve), not as a small file in a pack */
+    typedef struct { uint64_t ino; uint32_t n; int large; fr_extent one; fr_extent *many; } fr_file;
+    /* bytes [start, end) of chunk `hex`, whose extent ends at `ext_end` in it */
+    typedef struct { uint64_t ext_end, start, end; char hex[FR_HEX]; } fr_piece;
+    typedef struct { void *req; uint64_t ino, size, read_off; int large, n; fr_piece p[FR_PIECES]; } fr_job;
     typedef struct { void *req; uint64_t ino, size, read_off; int reason; } fr_back;
 
     typedef struct {
         uint64_t reads, read_bytes, hits, hit_bytes, range_reads, bytes_read, corrupt,
-                 prefetches, prefetches_skipped, handed_back, declined, touches;
+                 prefetches, prefetches_skipped, handed_back, declined, touches, direct_reads,
+                 left_to_python;
     } fr_counters;
 
     static struct {
@@ -92,8 +107,15 @@ cdef extern from *:
         double eviction_limit, eviction_weight, eviction_rate;
         int cachestat_works;
         int efd;
+        uint64_t direct_min;  /* a large file's piece of this many bytes or more, not cached,
+                                 is read with O_DIRECT; 0: never (set to 0 if refused) */
         fr_reply_buf_t reply_buf;
+        fr_reply_iov_t reply_iov;
         fr_reply_err_t reply_err;
+        /* the Python maps (dicts) of keys that Python answers faster than the disk: a large
+           file's READ over one of them is left to Python; borrowed, GIL-only */
+        PyObject *py_maps[2];
+        int py_maps_n;
         fr_crc32_t crc32;  /* zlib's, where ISA-L's is not found */
         fr_isal_crc32_t isal_crc32;  /* the same CRC-32, 5-8x faster */
         /* the inode table: linear probing, ino 0 marks a free slot; GIL-only */
@@ -144,8 +166,13 @@ cdef extern from *:
         free(old);
         return 0;
     }
-    static int fr_register(uint64_t ino, const char *hex, uint64_t offset, uint64_t length) {
-        if (ino == 0) return -1;
+    static void fr_free_extents(fr_file *f) {
+        if (f->n > 1) free(f->many);
+        f->many = NULL;
+    }
+    /* `extents` (n of them, tiling the file) is taken over when n > 1 (malloc'd) */
+    static int fr_register(uint64_t ino, fr_extent *extents, uint32_t n, int large) {
+        if (ino == 0 || n == 0) return -1;
         fr_file *f = fr_find(ino);
         if (!f) {
             if ((fr.table_count + 1) * 2 > fr.table_cap && fr_grow()) return -1;
@@ -153,14 +180,18 @@ cdef extern from *:
             while (fr.table[i].ino) i = (i + 1) & (fr.table_cap - 1);
             f = &fr.table[i];
             fr.table_count++;
+        } else {
+            fr_free_extents(f);
         }
-        f->ino = ino; f->offset = offset; f->length = length;
-        memcpy(f->hex, hex, FR_HEX);
+        f->ino = ino; f->n = n; f->large = large;
+        if (n == 1) f->one = extents[0];
+        else f->many = extents;
         return 0;
     }
     static void fr_unregister(uint64_t ino) {
         fr_file *f = fr_find(ino);
         if (!f) return;
+        fr_free_extents(f);
         /* backward-shift deletion: no tombstones, probes stay short */
         size_t mask = fr.table_cap - 1, i = (size_t)(f - fr.table), j = i;
         for (;;) {
@@ -174,11 +205,16 @@ cdef extern from *:
             }
         }
         fr.table[i].ino = 0;
+        fr.table[i].n = 0;
+        fr.table[i].many = NULL;
         fr.table_count--;
     }
     static void fr_clear_table(void) {
+        for (size_t i = 0; i < fr.table_cap; i++)
+            if (fr.table[i].ino) fr_free_extents(&fr.table[i]);
         free(fr.table); fr.table = NULL; fr.table_cap = fr.table_count = 0;
     }
+    static const fr_extent *fr_extents(const fr_file *f) { return f->n == 1 ? &f->one : f->many; }
 
     /* ---- handing back ---- */
     static void fr_hand_back(const fr_job *j, int reason) {
@@ -269,12 +305,34 @@ cdef extern from *:
     }
 
     /* ---- one request, on a worker thread ---- */
-    static void fr_serve(const fr_job *j, unsigned char **bufp, size_t *capp) {
+    typedef struct { unsigned char *buf; size_t cap; } fr_buffer;  /* FR_ALIGN-aligned */
+
+    /* room for `more` bytes after the first `used` of `b` (kept) */
+    static int fr_reserve(fr_buffer *b, size_t used, size_t more) {
+        if (used + more <= b->cap) return 0;
+        size_t cap = b->cap ? b->cap : 1 << 20;
+        while (cap < used + more) cap *= 2;
+        void *fresh = NULL;
+        if (posix_memalign(&fresh, FR_ALIGN, cap)) return -1;
+        if (used) memcpy(fresh, b->buf, used);
+        free(b->buf);
+        b->buf = fresh; b->cap = cap;
+        return 0;
+    }
+    static uint64_t fr_align_up(uint64_t n) { return (n + FR_ALIGN - 1) & ~(uint64_t)(FR_ALIGN - 1); }
+
+    /* Read and check piece `p` of a request into `b` from `*used` on (advanced past it);
+       its bytes start at `*at`. 0, or why to hand the request back. `*prefetch_fd`: an open
+       fd of the entry whose whole pack the caller asks for after its reply (else -1), and
+       `*prefetch_size` its size. */
+    static int fr_read_piece(const fr_piece *p, int large, fr_buffer *b, size_t *used,
+                             size_t *at, int *prefetch_fd, uint64_t *prefetch_size) {
         char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/chunks/%.2s/%.64s", fr.objects, j->hex, j->hex)
-                >= (int)sizeof path) { fr_hand_back(j, FR_IO_ERROR); return; }
+        *prefetch_fd = -1;
+        if (snprintf(path, sizeof path, "%s/chunks/%.2s/%.64s", fr.objects, p->hex, p->hex)
+                >= (int)sizeof path) return FR_IO_ERROR;
         int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) { fr_hand_back(j, errno == ENOENT ? FR_ABSENT : FR_IO_ERROR); return; }
+        if (fd < 0) return errno == ENOENT ? FR_ABSENT : FR_IO_ERROR;
         struct stat st;
         unsigned char raw[FR_SUMS_HEADER + 4 * 4096];
         ssize_t n;
@@ -289,42 +347,42 @@ cdef extern from *:
             reason = FR_NO_SUMS;  /* Python reads it whole, verifies it and adds its sums */
             goto out;
         }
-        if (j->offset + j->length > size) { reason = FR_BAD_EXTENT; goto out; }
-        uint64_t start = j->offset + j->read_off;
-        uint64_t end = j->offset + j->length;
-        if (j->read_off >= j->length) start = end;
-        else if (j->size < end - start) end = start + j->size;
-        if (start == end) {
-            close(fd);
-            FR_ADD(reads, 1);
-            FR_ADD(range_reads, 1);
-            FR_ADD(hits, 1);
-            fr.reply_buf(j->req, "", 0);
-            return;
-        }
-        uint64_t first = (start >> shift) << shift;
-        uint64_t stop = (((end - 1) >> shift) + 1) << shift;
+        if (p->ext_end > size) { reason = FR_BAD_EXTENT; goto out; }
+        uint64_t first = (p->start >> shift) << shift;
+        uint64_t stop = (((p->end - 1) >> shift) + 1) << shift;
         if (stop > size) stop = size;
         uint64_t want = stop - first;
-        /* The whole entry is asked for after the reply: the range first, then the rest,
-           asynchronously, instead of the reader waiting behind the whole pack's I/O. */
-        int prefetch = want < size && fr_fully_cached(fd, first, want) == 0
-                       && fr_prefetch_decision(fd, size);
-        if (*capp < want) {
-            unsigned char *b = realloc(*bufp, want);
-            if (!b) { reason = FR_IO_ERROR; goto out; }
-            *bufp = b; *capp = want;
-        }
-        unsigned char *buf = *bufp;
+        int cached = fr_fully_cached(fd, first, want);
+        /* A large file's chunk streams through: read around the page cache (the mount's
+           pages of the file hold it above), into this thread's buffer, reused. A small
+           file's pack is read through it and asked for whole after the reply: its
+           neighbours are wanted soon. */
+        uint64_t direct_min = __atomic_load_n(&fr.direct_min, __ATOMIC_RELAXED);
+        int direct = large && direct_min && want >= direct_min && cached == 0;
+        if (!large && want < size && cached == 0 && fr_prefetch_decision(fd, size))
+            *prefetch_fd = fd;
+        size_t room = (size_t)fr_align_up(want);
+        if (fr_reserve(b, *used, room)) { reason = FR_IO_ERROR; goto out; }
+        unsigned char *buf = b->buf + *used;
+        if (direct && fcntl(fd, F_SETFL, O_DIRECT)) direct = 0;
         uint64_t got = 0;
         while (got < want) {
-            ssize_t r = pread(fd, buf + got, want - got, (off_t)(first + got));
+            ssize_t r = pread(fd, buf + got, direct ? room - got : want - got, (off_t)(first + got));
             if (r < 0 && errno == EINTR) continue;
+            if (r < 0 && direct && errno == EINVAL) {  /* refused here: through the cache */
+                __atomic_store_n(&fr.direct_min, 0, __ATOMIC_RELAXED);
+                direct = 0;
+                if (fcntl(fd, F_SETFL, 0)) { reason = FR_IO_ERROR; goto out; }
+                continue;
+            }
             if (r < 0) { reason = FR_IO_ERROR; goto out; }
             if (r == 0) break;
             got += (uint64_t)r;
+            if (direct && (got & (FR_ALIGN - 1))) break;  /* the end of the file */
         }
+        if (got > want) got = want;
         FR_ADD(bytes_read, got);
+        if (direct) FR_ADD(direct_reads, 1);
         uint64_t step = 1ull << shift;
         int intact = got == want;
         for (uint64_t pos = 0; intact && pos < want; pos += step) {
@@ -345,23 +403,62 @@ cdef extern from *:
             FR_ADD(touches, 1);
             utimensat(AT_FDCWD, path, NULL, 0);  /* evicted meanwhile: nothing to do */
         }
-        FR_ADD(reads, 1);
         FR_ADD(range_reads, 1);
         FR_ADD(hits, 1);
-        FR_ADD(hit_bytes, end - start);
-        FR_ADD(read_bytes, end - start);
-        fr.reply_buf(j->req, (const char *)buf + (start - first), end - start);
-        if (prefetch) posix_fadvise(fd, 0, (off_t)size, POSIX_FADV_WILLNEED);
-        close(fd);
-        return;
+        FR_ADD(hit_bytes, p->end - p->start);
+        *at = *used + (size_t)(p->start - first);
+        *used += room;
+        if (*prefetch_fd >= 0) { *prefetch_size = size; return 0; }
     out:
+        if (reason) *prefetch_fd = -1;
         close(fd);
-        fr_hand_back(j, reason);
+        return reason;
+    }
+
+    static void fr_serve(const fr_job *j, fr_buffer *b) {
+        struct iovec iov[FR_PIECES];
+        size_t at[FR_PIECES];
+        int prefetch_fd[FR_PIECES];
+        uint64_t prefetch_size[FR_PIECES];
+        size_t used = 0;
+        uint64_t total = 0;
+        int reason = 0, k;
+        for (k = 0; k < j->n && !reason; k++) {
+            const fr_piece *p = &j->p[k];
+            prefetch_fd[k] = -1;
+            if (p->hex[0] == 0) {  /* zeros */
+                size_t len = (size_t)(p->end - p->start);
+                if (fr_reserve(b, used, (size_t)fr_align_up(len))) { reason = FR_IO_ERROR; break; }
+                memset(b->buf + used, 0, len);
+                at[k] = used;
+                used += (size_t)fr_align_up(len);
+            } else {
+                reason = fr_read_piece(p, j->large, b, &used, &at[k], &prefetch_fd[k],
+                                       &prefetch_size[k]);
+            }
+        }
+        if (!reason) {
+            for (k = 0; k < j->n; k++) {
+                iov[k].iov_base = b->buf + at[k];
+                iov[k].iov_len = (size_t)(j->p[k].end - j->p[k].start);
+                total += iov[k].iov_len;
+            }
+            FR_ADD(reads, 1);
+            FR_ADD(read_bytes, total);
+            if (j->n == 0) fr.reply_buf(j->req, "", 0);
+            else fr.reply_iov(j->req, iov, j->n);
+        }
+        /* after the reply: the reader does not wait behind the whole pack's I/O */
+        for (int i = 0; i < k; i++) {
+            if (prefetch_fd[i] < 0) continue;
+            if (!reason) posix_fadvise(prefetch_fd[i], 0, (off_t)prefetch_size[i], POSIX_FADV_WILLNEED);
+            close(prefetch_fd[i]);
+        }
+        if (reason) fr_hand_back(j, reason);
     }
 
     static void *fr_worker(void *unused) {
-        unsigned char *buf = NULL;
-        size_t cap = 0;
+        fr_buffer buffer = { NULL, 0 };
         (void)unused;
         for (;;) {
             pthread_mutex_lock(&fr.lock);
@@ -371,10 +468,30 @@ cdef extern from *:
             fr.q_head = (fr.q_head + 1) % FR_QUEUE;
             fr.q_len--;
             pthread_mutex_unlock(&fr.lock);
-            fr_serve(&job, &buf, &cap);
+            fr_serve(&job, &buffer);
         }
-        free(buf);
+        free(buffer.buf);
         return NULL;
+    }
+
+    /* whether Python has chunk `hex` in one of its maps (the memory tier, fetches in
+       flight); GIL held. An error counts as yes: Python then answers, as it always can. */
+    static int fr_python_has(const char *hex) {
+        char key[sizeof FR_KEY_PREFIX - 1 + 3 + FR_HEX];
+        size_t pre = sizeof FR_KEY_PREFIX - 1;
+        memcpy(key, FR_KEY_PREFIX, pre);
+        key[pre] = hex[0]; key[pre + 1] = hex[1]; key[pre + 2] = '/';
+        memcpy(key + pre + 3, hex, FR_HEX);
+        PyObject *k = PyUnicode_FromStringAndSize(key, (Py_ssize_t)sizeof key);
+        if (!k) { PyErr_Clear(); return 1; }
+        int has = 0;
+        for (int i = 0; i < fr.py_maps_n && !has; i++) {
+            int r = PyDict_Contains(fr.py_maps[i], k);
+            if (r < 0) PyErr_Clear();
+            has = r != 0;
+        }
+        Py_DECREF(k);
+        return has;
     }
 
     /* pyfuse3's read hook: on the event loop's thread, GIL held; must not block */
@@ -382,16 +499,42 @@ cdef extern from *:
         if (!fr.running || off < 0) return 0;
         fr_file *f = fr_find(ino);
         if (!f) return 0;
+        fr_job j;
+        j.req = req; j.ino = ino; j.size = size; j.read_off = (uint64_t)off;
+        j.large = f->large; j.n = 0;
+        const fr_extent *x = fr_extents(f);
+        uint64_t pos = (uint64_t)off, stop = pos + size;
+        uint32_t lo = 0, hi = f->n;  /* the first extent that ends after pos */
+        while (lo < hi) {
+            uint32_t mid = lo + (hi - lo) / 2;
+            if (x[mid].file_off + x[mid].length <= pos) lo = mid + 1; else hi = mid;
+        }
+        for (uint32_t i = lo; i < f->n && pos < stop; i++) {
+            const fr_extent *e = &x[i];
+            uint64_t within = pos - e->file_off;
+            uint64_t take = e->length - within < stop - pos ? e->length - within : stop - pos;
+            if (j.n == FR_PIECES) { FR_ADD(declined, 1); return 0; }
+            /* a large file's chunk that Python holds in memory (or is fetching) is faster
+               there: the memory tier is not below the disk */
+            if (f->large && e->hex[0] && fr.py_maps_n && fr_python_has(e->hex)) {
+                FR_ADD(left_to_python, 1);
+                return 0;
+            }
+            fr_piece *p = &j.p[j.n++];
+            memcpy(p->hex, e->hex, FR_HEX);
+            p->ext_end = e->offset + e->length;
+            p->start = e->offset + within;
+            p->end = p->start + take;
+            pos += take;
+        }
         pthread_mutex_lock(&fr.lock);
         if (fr.stopping || fr.q_len == FR_QUEUE) {
             pthread_mutex_unlock(&fr.lock);
             FR_ADD(declined, 1);
             return 0;
         }
-        fr_job *j = &fr.queue[(fr.q_head + fr.q_len) % FR_QUEUE];
-        j->req = req; j->ino = ino; j->offset = f->offset; j->length = f->length;
-        j->read_off = (uint64_t)off; j->size = size;
-        memcpy(j->hex, f->hex, FR_HEX);
+        fr_job *q = &fr.queue[(fr.q_head + fr.q_len) % FR_QUEUE];
+        memcpy(q, &j, offsetof(fr_job, p) + (size_t)j.n * sizeof(fr_piece));
         fr.q_len++;
         pthread_cond_signal(&fr.wake);
         pthread_mutex_unlock(&fr.lock);
@@ -401,11 +544,13 @@ cdef extern from *:
     static const char *fr_start(const char *objects, const char *xattr, const char *isal,
                                 int sums_version,
                                 int base_shift, int max_sub_blocks, int64_t touch_interval_ns,
-                                double eviction_limit, double eviction_weight, int nthreads) {
+                                double eviction_limit, double eviction_weight,
+                                uint64_t direct_min, int nthreads) {
         if (fr.running) return "already running in this process";
         void *fuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
         if (!fuse) return "libfuse3 is not loaded (pyfuse3 loads it)";
         fr.reply_buf = (fr_reply_buf_t)dlsym(fuse, "fuse_reply_buf");
+        fr.reply_iov = (fr_reply_iov_t)dlsym(fuse, "fuse_reply_iov");
         fr.reply_err = (fr_reply_err_t)dlsym(fuse, "fuse_reply_err");
         /* ISA-L's CRC-32 from the isal module the disk tier already loaded (it exports its
            symbols), else zlib's: the same CRC-32 (zlib's crc32 with 0 as the start value) */
@@ -413,7 +558,8 @@ cdef extern from *:
         fr.isal_crc32 = fast ? (fr_isal_crc32_t)dlsym(fast, "crc32_gzip_refl") : NULL;
         void *z = fr.isal_crc32 ? NULL : dlopen("libz.so.1", RTLD_NOW);
         fr.crc32 = z ? (fr_crc32_t)dlsym(z, "crc32") : NULL;
-        if (!fr.reply_buf || !fr.reply_err) return "libfuse3 lacks fuse_reply_buf";
+        if (!fr.reply_buf || !fr.reply_iov || !fr.reply_err)
+            return "libfuse3 lacks fuse_reply_buf or fuse_reply_iov";
         if (!fr.isal_crc32 && !fr.crc32) return "no CRC-32 (neither ISA-L nor libz.so.1)";
         if (snprintf(fr.objects, sizeof fr.objects, "%s", objects) >= (int)sizeof fr.objects
                 || snprintf(fr.xattr, sizeof fr.xattr, "%s", xattr) >= (int)sizeof fr.xattr)
@@ -421,7 +567,7 @@ cdef extern from *:
         fr.sums_version = sums_version; fr.base_shift = base_shift;
         fr.max_sub_blocks = max_sub_blocks; fr.touch_interval_ns = touch_interval_ns;
         fr.eviction_limit = eviction_limit; fr.eviction_weight = eviction_weight;
-        fr.eviction_rate = 0; fr.cachestat_works = 1;
+        fr.eviction_rate = 0; fr.cachestat_works = 1; fr.direct_min = direct_min;
         memset(&fr.c, 0, sizeof fr.c);
         fr.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (fr.efd < 0) return "eventfd failed";
@@ -449,6 +595,7 @@ cdef extern from *:
         for (int i = 0; i < fr.nthreads; i++) pthread_join(fr.threads[i], NULL);
         free(fr.threads); fr.threads = NULL; fr.nthreads = 0;
         fr.running = 0;
+        fr.py_maps_n = 0;
         fr_clear_table();
     }
     static void fr_close_eventfd(void) {
@@ -477,18 +624,24 @@ cdef extern from *:
         uint64_t size
         uint64_t read_off
         int reason
-    ctypedef struct fr_file:
-        uint64_t ino
+    ctypedef struct fr_extent:
+        uint64_t file_off
         uint64_t offset
         uint64_t length
         char hex[64]
+    ctypedef struct fr_file:
+        uint64_t ino
+        unsigned int n
+        int large
     fr_file *fr_find(uint64_t ino)
-    int fr_register(uint64_t ino, const char *hex, uint64_t offset, uint64_t length)
+    const fr_extent *fr_extents(const fr_file *f)
+    int fr_register(uint64_t ino, fr_extent *extents, unsigned int n, int large)
     void fr_unregister(uint64_t ino)
     const char *fr_start(const char *objects, const char *xattr, const char *isal,
                          int sums_version,
                          int base_shift, int max_sub_blocks, long long touch_interval_ns,
-                         double eviction_limit, double eviction_weight, int nthreads)
+                         double eviction_limit, double eviction_weight, uint64_t direct_min,
+                         int nthreads)
     void fr_stop() nogil
     void fr_close_eventfd()
     void *fr_hook_pointer()
@@ -496,13 +649,20 @@ cdef extern from *:
     uint64_t fr_counter(int i)
     int fr_uses_isal()
     int fr_running "fr.running"
+    int fr_py_maps_n "fr.py_maps_n"
+    void *fr_py_maps "fr.py_maps"
     int fr_efd "fr.efd"
     size_t fr_table_count "fr.table_count"
 
 cdef extern from "stdlib.h":
     void free(void *p)
+    void *malloc(size_t size)
+
+cdef extern from "string.h":
+    void *memcpy(void *dest, const void *src, size_t n)
 
 from cpython.pycapsule cimport PyCapsule_New
+from cpython.ref cimport PyObject
 
 # Why a request was handed back (the reason in `take_handed_back`).
 ABSENT = 1  # no entry (not fetched yet, or evicted)
@@ -513,16 +673,21 @@ IO_ERROR = 5
 REASONS = {ABSENT: "absent", NO_SUMS: "no sums", CORRUPT: "corrupt", BAD_EXTENT: "bad extent",
            IO_ERROR: "I/O error"}
 COUNTERS = ("reads", "read_bytes", "hits", "hit_bytes", "range_reads", "bytes_read", "corrupt",
-            "prefetches", "prefetches_skipped", "handed_back", "declined", "touches")
+            "prefetches", "prefetches_skipped", "handed_back", "declined", "touches",
+            "direct_reads", "left_to_python")
+# The maps `leave_to_python` named, kept alive while the engine looks keys up in them.
+_python_maps: tuple = ()
 
 
 def start(str objects, str xattr, str isal, int sums_version, int base_shift,
           int max_sub_blocks, long long touch_interval_ns, double eviction_limit,
-          double eviction_weight, int threads):
+          double eviction_weight, uint64_t direct_min, int threads):
     """Start the engine's `threads` workers over the entries under `objects`; returns the
     eventfd that is signalled when requests are handed back. `isal`: the path of a loaded
-    module exporting ISA-L's crc32_gzip_refl ("" or not found: zlib's crc32). RuntimeError if
-    it cannot run (already running, libfuse3 not loaded, no CRC-32)."""
+    module exporting ISA-L's crc32_gzip_refl ("" or not found: zlib's crc32). `direct_min`: a
+    large file's range of this many bytes or more that the page cache lacks is read with
+    O_DIRECT (0: never). RuntimeError if it cannot run (already running, libfuse3 not
+    loaded, no CRC-32)."""
     if threads < 1:
         raise ValueError("threads must be at least 1")
     objects_b = objects.encode()
@@ -530,7 +695,7 @@ def start(str objects, str xattr, str isal, int sums_version, int base_shift,
     isal_b = isal.encode()
     cdef const char *error = fr_start(objects_b, xattr_b, isal_b, sums_version, base_shift,
                                       max_sub_blocks, touch_interval_ns, eviction_limit,
-                                      eviction_weight, threads)
+                                      eviction_weight, direct_min, threads)
     if error != NULL:
         raise RuntimeError(error.decode())
     return fr_efd
@@ -539,8 +704,26 @@ def start(str objects, str xattr, str isal, int sums_version, int base_shift,
 def stop():
     """Stop taking requests, answer or hand back every queued one, join the workers and forget
     every registered inode. The eventfd stays open until `close_eventfd`."""
+    global _python_maps
     with nogil:
         fr_stop()
+    _python_maps = ()
+
+
+def leave_to_python(*maps):
+    """READs of large files over a chunk whose key (``chunks/ab/<hash>``) is in one of these
+    dicts are left to Python (the hook declines them): the memory tier's entries and the
+    fetches in flight, live. At most two; replaces those given before."""
+    global _python_maps
+    if len(maps) > 2 or not all(isinstance(m, dict) for m in maps):
+        raise TypeError("at most two dicts")
+    cdef PyObject **slots = <PyObject **> fr_py_maps
+    cdef int i
+    _python_maps = maps
+    for i in range(len(maps)):
+        slots[i] = <PyObject *> maps[i]
+    global fr_py_maps_n
+    fr_py_maps_n = len(maps)
 
 
 def close_eventfd():
@@ -556,13 +739,45 @@ def hook_capsule():
     return PyCapsule_New(fr_hook_pointer(), b"pyfuse3.read_hook", NULL)
 
 
-def register(uint64_t ino, str chunk, uint64_t offset, uint64_t length):
-    """Let the engine answer READs of inode `ino`: `length` bytes at `offset` in chunk `chunk`
-    (64 hex characters). Registering an inode again replaces its record."""
-    if len(chunk) != 64:
-        raise ValueError(f"not a chunk name: {chunk!r}")
-    chunk_b = chunk.encode("ascii")
-    if fr_register(ino, chunk_b, offset, length):
+def register(uint64_t ino, extents, bint large=False):
+    """Let the engine answer READs of inode `ino`, a file made of `extents`, a sequence of
+    (chunk, offset, length) in file order (`length` bytes at `offset` of chunk `chunk`, 64 hex
+    characters, or "" for a chunk of zeros). `large`: read as a stream (around the page cache,
+    left to Python where its memory tier has the chunk) rather than as a small file of a pack.
+    Registering an inode again replaces its record."""
+    cdef Py_ssize_t n = len(extents)
+    if n == 0 or n > 0xFFFFFFFF:
+        raise ValueError("a file of 1 to 2**32 - 1 extents")
+    cdef fr_extent *xs = <fr_extent *> malloc(n * sizeof(fr_extent))
+    if xs == NULL:
+        raise MemoryError()
+    cdef uint64_t file_off = 0
+    cdef Py_ssize_t i
+    cdef bytes hex_b
+    try:
+        for i in range(n):
+            chunk, offset, length = extents[i]
+            if chunk and len(chunk) != 64:
+                raise ValueError(f"not a chunk name: {chunk!r}")
+            if length <= 0:
+                raise ValueError(f"an empty extent: {extents[i]!r}")
+            hex_b = chunk.encode("ascii") if chunk else bytes(64)
+            xs[i].file_off = file_off
+            xs[i].offset = offset
+            xs[i].length = length
+            memcpy(xs[i].hex, <const char *> hex_b, 64)
+            file_off += length
+    except BaseException:
+        free(xs)
+        raise
+    cdef fr_extent one
+    if n == 1:
+        one = xs[0]
+        free(xs)
+        if fr_register(ino, &one, 1, large):
+            raise MemoryError("the inode table cannot grow")
+    elif fr_register(ino, xs, <unsigned int> n, large):
+        free(xs)
         raise MemoryError("the inode table cannot grow")
 
 
@@ -576,11 +791,14 @@ def registered():
 
 
 def lookup(uint64_t ino):
-    """The record of `ino`: (chunk, offset, length), or None."""
+    """The record of `ino`: (extents, large) as `register` took them, or None."""
     cdef fr_file *f = fr_find(ino)
     if f == NULL:
         return None
-    return (f.hex[:64].decode("ascii"), f.offset, f.length)
+    cdef const fr_extent *xs = fr_extents(f)
+    extents = tuple((xs[i].hex[:64].decode("ascii") if xs[i].hex[0] else "",
+                     xs[i].offset, xs[i].length) for i in range(f.n))
+    return extents, bool(f.large)
 
 
 def take_handed_back():

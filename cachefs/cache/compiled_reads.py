@@ -1,11 +1,12 @@
 """The disk tier's compiled read path for FUSE mounts: start it, name its files, take back the rest.
 
 The engine (`cachefs.cache._fastread`, Cython and C; its docstring has the why and the how)
-answers READs of small files from the disk tier's entries on its own threads, before Python
-sees them, through the read hook of cachefs's pyfuse3 patch. This wrapper is what the mount
-daemon uses: `DiskCache.compiled_reads` makes one with the tier's layout and policy, the FUSE
-layer installs `hook` and runs `serve_handed_back`, and the file system registers each small
-file's inode (`add`) as the kernel learns it and drops it when the kernel forgets it (`remove`).
+answers READs from the disk tier's entries on its own threads, before Python sees them,
+through the read hook of cachefs's pyfuse3 patch. This wrapper is what the mount daemon uses:
+`DiskCache.compiled_reads` makes one with the tier's layout and policy, the FUSE layer installs
+`hook` and runs `serve_handed_back`, the file system registers each file's inode and extents
+(`add`) as the kernel learns it and drops it when the kernel forgets it (`remove`), and the
+tiered store names the keys Python serves from memory (`leave_to_python`).
 A request the engine cannot answer (the entry absent, without sums, corrupt) comes back to the
 event loop and is answered by the normal path, which fetches from the origin.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -35,6 +36,7 @@ DEFAULT_THREADS = 4
 # What `DiskCache.stats` adds from the engine's counters to its own, engine name -> TierStats
 TIER_COUNTERS = {"hits": "hits", "hit_bytes": "hit_bytes", "range_reads": "range_reads",
                  "bytes_read": "bytes_read", "corrupt": "corrupt",
+                 "direct_reads": "direct_reads",
                  "prefetches": "entry_prefetches",
                  "prefetches_skipped": "entry_prefetches_skipped"}
 
@@ -54,13 +56,14 @@ class CompiledReads:
 
     def __init__(self, objects: str, *, xattr: str, sums_version: int, sub_block_shift: int,
                  max_sub_blocks: int, touch_interval_ns: int, eviction_limit: float,
-                 eviction_weight: float, threads: int = DEFAULT_THREADS) -> None:
+                 eviction_weight: float, direct_read_min: int,
+                 threads: int = DEFAULT_THREADS) -> None:
         why = unavailable()
         if why is not None:
             raise RuntimeError(why)
         self._layout = (objects, xattr, isal_zlib.__file__ or "", sums_version,
                         sub_block_shift, max_sub_blocks, touch_interval_ns, eviction_limit,
-                        eviction_weight)
+                        eviction_weight, direct_read_min)
         self.threads = threads
         self._eventfd: int | None = None
 
@@ -85,17 +88,26 @@ class CompiledReads:
         return bool(_fastread.running())
 
     @staticmethod
-    def add(ino: int, chunk: str, offset: int, length: int) -> None:
-        """READs of inode `ino` may be answered from `length` bytes at `offset` of `chunk`."""
-        _fastread.register(ino, chunk, offset, length)
+    def add(ino: int, extents: Sequence[tuple[str, int, int]], *, large: bool) -> None:
+        """READs of inode `ino` may be answered from its `extents` ((chunk, offset, length) in
+        file order; chunk "" for zeros). `large`: a file read as a stream (its chunks read
+        around the page cache, and left to Python while its memory tier holds them), not a
+        small file of a pack."""
+        _fastread.register(ino, extents, large)
+
+    @staticmethod
+    def leave_to_python(*keys: Mapping[str, object]) -> None:
+        """Large files' READs over a chunk whose key is in one of these live dicts (at most
+        two: the memory tier's entries, the fetches in flight) are left to Python."""
+        _fastread.leave_to_python(*keys)
 
     @staticmethod
     def remove(ino: int) -> None:
         _fastread.unregister(ino)
 
     @staticmethod
-    def lookup(ino: int) -> tuple[str, int, int] | None:
-        """What `add` registered for `ino`: (chunk, offset, length), or None."""
+    def lookup(ino: int) -> tuple[tuple[tuple[str, int, int], ...], bool] | None:
+        """What `add` registered for `ino`: (extents, large), or None."""
         return _fastread.lookup(ino)  # type: ignore[no-any-return]
 
     async def serve_handed_back(self, answer: Answer) -> None:
@@ -126,5 +138,6 @@ class CompiledReads:
 
     @staticmethod
     def counters() -> dict[str, int]:
-        """The engine's counters: reads, read_bytes, hits, ..., handed_back, declined."""
+        """The engine's counters: reads, read_bytes, hits, ..., handed_back, declined,
+        direct_reads, left_to_python."""
         return _fastread.counters()  # type: ignore[no-any-return]

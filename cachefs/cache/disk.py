@@ -603,7 +603,8 @@ class DiskCache:
             self._objects, xattr=SUMS_XATTR, sums_version=_SUMS_VERSION,
             sub_block_shift=SUB_BLOCK_SHIFT, max_sub_blocks=MAX_SUB_BLOCKS,
             touch_interval_ns=self._touch_interval_ns, eviction_limit=EVICTION_RATE_LIMIT,
-            eviction_weight=EVICTION_RATE_WEIGHT, threads=threads)
+            eviction_weight=EVICTION_RATE_WEIGHT,
+            direct_read_min=DIRECT_READ_MIN if self._direct else 0, threads=threads)
         self._compiled = reads
         return reads
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import replace
 
 from cachefs.cache.base import Blob, TierStats
@@ -81,6 +82,11 @@ class MemoryCache:
         """True if `key` is cached (does not count as a use)."""
         with self._lock:
             return key in self._entries
+
+    def live_keys(self) -> Mapping[str, Blob]:
+        """The entries' map itself, for a reader that only tests membership while holding
+        the GIL (the compiled read path's hook): no copy, no lock, never to be changed."""
+        return self._entries
 
     def __len__(self) -> int:
         with self._lock:

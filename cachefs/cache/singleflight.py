@@ -10,7 +10,7 @@ leads the retry) instead of failing with an error that belonged to someone else'
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -39,6 +39,10 @@ class SingleFlight(Generic[T]):
 
     def __contains__(self, key: str) -> bool:
         return key in self._calls
+
+    def live_keys(self) -> Mapping[str, object]:
+        """The keys in flight, live (see `MemoryCache.live_keys`)."""
+        return self._calls
 
     def __len__(self) -> int:
         return len(self._calls)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -225,6 +225,11 @@ class TieredStore:
             return 0
         data = await self.get(key, into_memory=False)
         return len(data)
+
+    def keys_in_memory(self) -> tuple[Mapping[str, object], ...]:
+        """Live maps of the keys this store answers from memory, or soon will: the memory
+        tier's entries and the fetches in flight (see `MemoryCache.live_keys`)."""
+        return self.memory.live_keys(), self._flights.live_keys()
 
     def prefetch(self, nursery: trio.Nursery, key: str) -> None:
         """Start fetching `key` in the background unless it is cached or already in flight."""

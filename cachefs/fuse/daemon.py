@@ -304,7 +304,7 @@ def build_fs(config: MountConfig) -> DatasetFS:
 
 def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
     """Run the disk tier's compiled read path for this mount, where it can run: its threads
-    answer small files' READs from the SSD tier before Python sees them (see
+    answer READs from the SSD tier before Python sees them (see
     cachefs.cache.compiled_reads). Before the first request, so every inode is registered."""
     why = ("--read-threads 0" if config.read_threads == 0
            else None if COMPILED_READS else "pyfuse3 without cachefs's read hook (patches/)")
@@ -317,6 +317,7 @@ def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
         try:
             compiled = disk.compiled_reads(config.read_threads)
             compiled.start()
+            compiled.leave_to_python(*fs.store.keys_in_memory())
             pyfuse3.set_read_hook(compiled.hook)
         except Exception as e:  # the mount is up by now: serve it without the path
             if not isinstance(e, RuntimeError):  # RuntimeError: it cannot run here (said below)
@@ -329,7 +330,7 @@ def start_compiled_reads(fs: DatasetFS, config: MountConfig) -> None:
             fs.status["compiled_reads_crc"] = compiled.crc_implementation()
     fs.status["compiled_reads"] = why is None
     if why is not None:
-        log.info("small files are read in Python: no compiled read path (%s)", why)
+        log.info("files are read in Python: no compiled read path (%s)", why)
 
 
 def stop_compiled_reads(fs: DatasetFS) -> None:
