@@ -1,38 +1,48 @@
 # cython: language_level=3
-"""The SSD tier's compiled read path: READs of small files answered from disk-tier entries by C threads.
+"""The SSD tier's compiled read path: READs answered from disk-tier entries by C threads.
 
 A FUSE READ of a small file through Python costs about 150 us of the daemon's one event-loop
 thread (a coroutine, the tiers' lookups, the range read and its sums, the reply); measured, that
-thread, not the disk, bounds a shuffled pass over small files in the SSD tier. This engine takes
-such READs before Python sees them, through the read hook of cachefs's pyfuse3 patch
-(`pyfuse3.set_read_hook`): the hook runs on the event loop's thread and only looks the inode up
-and queues the request; worker threads (no GIL, no Python) open the entry file, read and check
-its sub-blocks against the entry's sums, and reply with libfuse's thread-safe
-`fuse_reply_buf`. The kernel work of a READ (the copy out of the page cache, the reply's copy
-into the kernel) thereby runs on every core instead of the one.
+thread, not the disk, bounds a shuffled pass over small files in the SSD tier. A large file's
+1 MiB READ through Python costs a core's worth of kernel time at 1 GB/s (each chunk read into a
+fresh 4 MiB buffer: page faults, zeroing, unmapping), where the disk gives more. This engine
+takes READs before Python sees them, through the read hook of cachefs's pyfuse3 patch
+(`pyfuse3.set_read_hook`): the hook runs on the event loop's thread and only looks the inode
+up, maps the range onto the file's extents and queues the request; worker threads (no GIL, no
+Python) open each entry file, read and check its sub-blocks against the entry's sums, and reply
+with libfuse's thread-safe `fuse_reply_iov`. The kernel work of a READ (the copy out of the page
+cache, the reply's copy into the kernel) thereby runs on every core instead of the one.
 
 It reads the disk tier's layout, which `cachefs.cache.disk` defines and passes to `start`: the
 entry of chunk H is ``<objects>/chunks/<H[:2]>/<H>``, its sums the extended attribute
 ``user.cachefs.sums`` (version, log2 of the sub-block size, the object's length, then one
-little-endian CRC-32 per sub-block). Its policy is the tier's too: the sub-blocks covering the
-range are read through the page cache; when they are not all cached, the whole entry is asked
-for (POSIX_FADV_WILLNEED, once the range is read and answered, so the reader does not wait
-behind the whole pack's I/O) unless the page cache has been evicting recently met entries
-(then only the range, with POSIX_FADV_RANDOM); a hit refreshes the entry's mtime (its recency) at
-most once per touch interval; an entry whose sub-block fails its sum is deleted (if it is still
-the same file) and counted corrupt.
+little-endian CRC-32 per sub-block). Its policy is the tier's too. A small file (one piece of a
+pack): the sub-blocks covering the range are read through the page cache; when they are not all
+cached, the whole entry is asked for (POSIX_FADV_WILLNEED, once the range is read and answered,
+so the reader does not wait behind the whole pack's I/O) unless the page cache has been
+evicting recently met entries (then only the range, with POSIX_FADV_RANDOM). A large file (one
+of many chunks, read as a stream, the kernel's readahead sending several READs at once): a
+piece of `direct_min` bytes or more that the page cache lacks is read with O_DIRECT into the
+worker's buffer, reused from READ to READ (the mount's pages of the file cache it above; a
+second copy in the page cache would halve what memory holds), and a READ over a chunk that
+Python's memory tier holds, or is fetching, is left to Python, which answers it from memory
+(`leave_to_python`). A hit refreshes the entry's mtime (its recency) at most once per touch
+interval; an entry whose sub-block fails its sum is deleted (if it is still the same file) and
+counted corrupt.
 
 Whatever the engine cannot answer it hands back, never answers wrong: an entry that is absent
 (not fetched yet, evicted), without valid sums (an older daemon's, read whole and given sums by
-Python), corrupt (deleted here), an extent that does not fit its entry, an I/O error, or a full
-queue (then the hook declines and Python answers at once). Handed-back requests are queued with
-a reason and an eventfd is signalled; the mount's event loop takes them (`take_handed_back`) and
-answers them through the normal path (`pyfuse3.read_by_inode`), which fetches from the origin.
+Python), corrupt (deleted here), an extent that does not fit its entry, an I/O error; a READ
+over one such chunk hands the whole READ back. Handed-back requests are queued with a reason
+and an eventfd is signalled; the mount's event loop takes them (`take_handed_back`) and answers
+them through the normal path (`pyfuse3.read_by_inode`), which fetches from the origin. A full
+queue, or a READ over more than FR_PIECES chunks, is declined by the hook: Python answers it
+at once.
 
-Only inodes registered (`register`, with their chunk, offset and length) are taken; the table
-is touched only with the GIL held (registration and the hook both run on the event loop's
-thread), and a queued request carries its own copy of the file's record. `stop` answers or hands
-back everything queued before it returns, so the FUSE session may end after it. One engine per
+Only inodes registered (`register`, with their extents) are taken; the table is touched only
+with the GIL held (registration and the hook both run on the event loop's thread), and a
+queued request carries its own copy of the pieces it reads. `stop` answers or hands back
+everything queued before it returns, so the FUSE session may end after it. One engine per
 process (a mount daemon serves one mount).
 """
 

@@ -58,8 +58,8 @@ their neighbours are read, and only the range is read), and
 system that refuses O_DIRECT turns it off for the cache.
 
 A FUSE mount also reads this layout in C (`compiled_reads`: cachefs.cache._fastread, given the
-constants below), for small files' READs; its counters join this tier's `stats`. A change to the
-entry path, the sums or the prefetch policy is a change to both.
+constants below), for the READs of its files; its counters join this tier's `stats`. A change to
+the entry path, the sums, the O_DIRECT rule or the prefetch policy is a change to both.
 """
 
 from __future__ import annotations
