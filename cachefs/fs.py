@@ -497,7 +497,7 @@ class DatasetFS:
         elapsed = time.monotonic() - self._started
         compiled = (self.compiled.counters() if self.compiled is not None
                     else dict.fromkeys(("reads", "read_bytes", "handed_back", "declined",
-                                        "left_to_python"), 0))
+                                        "left_to_python", "inline_reads"), 0))
         read_bytes = self.reads.bytes + compiled["read_bytes"]
         return {
             **self.status,
@@ -509,6 +509,7 @@ class DatasetFS:
             "compiled_reads_handed_back": compiled["handed_back"],
             "compiled_reads_declined": compiled["declined"],
             "compiled_reads_left_to_memory": compiled["left_to_python"],
+            "compiled_reads_inline": compiled["inline_reads"],
             "uptime_s": elapsed,
             "bad_extents": self.reads.bad_extents,
             "read_request_sizes": {str(k): v for k, v in sorted(self.reads.sizes.items())},

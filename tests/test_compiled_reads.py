@@ -112,6 +112,22 @@ def test_small_files_are_answered_by_the_compiled_path_with_the_right_bytes(
     assert warm["read_requests"] >= FILES
     assert warm["compiled_reads_answered"] <= warm["read_requests"]
     assert warm["corrupt_chunks"] == 0
+    # The packs were written through the page cache: the hook answered from it, no worker.
+    assert warm["compiled_reads_inline"] >= FILES // 2
+    run_cli("umount", str(mnt))
+
+    for entry in chunk_entries(cache):  # now from the disk: the first READ of a pack waits
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    mnt = mounts.mount("ds", mnt, "--cache-dir", str(cache))
+    read_shuffled(source, mnt, seed=3)
+    evicted = stats(mnt)
+    assert evicted["compiled_reads_answered"] == FILES
+    assert evicted["compiled_reads_inline"] < FILES  # a worker read what the cache lacked
+    assert evicted["compiled_reads_handed_back"] == 0 and evicted["origin_requests"] == 0
 
 
 def test_ranges_at_random_offsets_match_the_source(source: Path, mounts: MountSet) -> None:

@@ -11,7 +11,12 @@ takes READs before Python sees them, through the read hook of cachefs's pyfuse3 
 up, maps the range onto the file's extents and queues the request; worker threads (no GIL, no
 Python) open each entry file, read and check its sub-blocks against the entry's sums, and reply
 with libfuse's thread-safe `fuse_reply_iov`. The kernel work of a READ (the copy out of the page
-cache, the reply's copy into the kernel) thereby runs on every core instead of the one.
+cache, the reply's copy into the kernel) thereby runs on every core instead of the one. A small
+file's READ whose bytes are in the page cache (its pack asked for whole by an earlier READ) is
+answered by the hook itself, on the event loop's thread: it reads with RWF_NOWAIT, which never
+waits for the disk (what the page cache lacks goes to a worker). Measured on a shuffled SSD pass
+over 20,000 small files, that saved a worker's wake-up per READ: 6,600-8,450 files/s against
+5,300-6,550 with every READ queued.
 
 It reads the disk tier's layout, which `cachefs.cache.disk` defines and passes to `start`: the
 entry of chunk H is ``<objects>/chunks/<H[:2]>/<H>``, its sums the extended attribute
@@ -82,7 +87,8 @@ cdef extern from *:
                                         unsigned int len);
     typedef uint32_t (*fr_isal_crc32_t)(uint32_t crc, const unsigned char *buf, uint64_t len);
 
-    enum { FR_ABSENT = 1, FR_NO_SUMS = 2, FR_CORRUPT = 3, FR_BAD_EXTENT = 4, FR_IO_ERROR = 5 };
+    enum { FR_ABSENT = 1, FR_NO_SUMS = 2, FR_CORRUPT = 3, FR_BAD_EXTENT = 4, FR_IO_ERROR = 5,
+           FR_WOULD_BLOCK = 6 /* inline only: not in the page cache, for a worker */ };
     #define FR_QUEUE 4096
     #define FR_SUMS_HEADER 12
     #define FR_HEX 64
@@ -101,11 +107,12 @@ cdef extern from *:
     typedef struct { uint64_t ext_end, start, end; char hex[FR_HEX]; } fr_piece;
     typedef struct { void *req; uint64_t ino, size, read_off; int large, n; fr_piece p[FR_PIECES]; } fr_job;
     typedef struct { void *req; uint64_t ino, size, read_off; int reason; } fr_back;
+    typedef struct { unsigned char *buf; size_t cap; } fr_buffer;  /* FR_ALIGN-aligned */
 
     typedef struct {
         uint64_t reads, read_bytes, hits, hit_bytes, range_reads, bytes_read, corrupt,
                  prefetches, prefetches_skipped, handed_back, declined, touches, direct_reads,
-                 left_to_python;
+                 left_to_python, inline_reads;
     } fr_counters;
 
     static struct {
@@ -117,6 +124,9 @@ cdef extern from *:
         double eviction_limit, eviction_weight, eviction_rate;
         int cachestat_works;
         int efd;
+        int inline_reads;  /* the hook answers a small file's READ itself when cached (0 once
+                              RWF_NOWAIT is refused) */
+        fr_buffer hook_buffer;  /* the hook's (one thread: the event loop's) */
         uint64_t direct_min;  /* a large file's piece of this many bytes or more, not cached,
                                  is read with O_DIRECT; 0: never (set to 0 if refused) */
         fr_reply_buf_t reply_buf;
@@ -315,7 +325,6 @@ cdef extern from *:
     }
 
     /* ---- one request, on a worker thread ---- */
-    typedef struct { unsigned char *buf; size_t cap; } fr_buffer;  /* FR_ALIGN-aligned */
 
     /* room for `more` bytes after the first `used` of `b` (kept) */
     static int fr_reserve(fr_buffer *b, size_t used, size_t more) {
@@ -335,8 +344,9 @@ cdef extern from *:
        its bytes start at `*at`. 0, or why to hand the request back. `*prefetch_fd`: an open
        fd of the entry whose whole pack the caller asks for after its reply (else -1), and
        `*prefetch_size` its size. */
-    static int fr_read_piece(const fr_piece *p, int large, fr_buffer *b, size_t *used,
-                             size_t *at, int *prefetch_fd, uint64_t *prefetch_size) {
+    static int fr_read_piece(const fr_piece *p, int large, int nowait, fr_buffer *b,
+                             size_t *used, size_t *at, int *prefetch_fd,
+                             uint64_t *prefetch_size) {
         char path[PATH_MAX];
         *prefetch_fd = -1;
         if (snprintf(path, sizeof path, "%s/chunks/%.2s/%.64s", fr.objects, p->hex, p->hex)
@@ -362,7 +372,16 @@ cdef extern from *:
         uint64_t stop = (((p->end - 1) >> shift) + 1) << shift;
         if (stop > size) stop = size;
         uint64_t want = stop - first;
-        int cached = fr_fully_cached(fd, first, want);
+        size_t room = (size_t)fr_align_up(want);
+        if (nowait) {  /* the page cache's copy, or nothing (RWF_NOWAIT: no I/O) */
+            if (fr_reserve(b, *used, room)) { reason = FR_IO_ERROR; goto out; }
+            struct iovec v = { b->buf + *used, (size_t)want };
+            ssize_t r;
+            do r = preadv2(fd, &v, 1, (off_t)first, RWF_NOWAIT); while (r < 0 && errno == EINTR);
+            if (r < 0 && errno == EOPNOTSUPP) __atomic_store_n(&fr.inline_reads, 0, __ATOMIC_RELAXED);
+            if (r != (ssize_t)want) { reason = FR_WOULD_BLOCK; goto out; }
+        }
+        int cached = nowait ? 1 : fr_fully_cached(fd, first, want);
         /* A large file's chunk streams through: read around the page cache (the mount's
            pages of the file hold it above), into this thread's buffer, reused. A small
            file's pack is read through it and asked for whole after the reply: its
@@ -371,11 +390,10 @@ cdef extern from *:
         int direct = large && direct_min && want >= direct_min && cached == 0;
         if (!large && want < size && cached == 0 && fr_prefetch_decision(fd, size))
             *prefetch_fd = fd;
-        size_t room = (size_t)fr_align_up(want);
         if (fr_reserve(b, *used, room)) { reason = FR_IO_ERROR; goto out; }
         unsigned char *buf = b->buf + *used;
         if (direct && fcntl(fd, F_SETFL, O_DIRECT)) direct = 0;
-        uint64_t got = 0;
+        uint64_t got = nowait ? want : 0;
         while (got < want) {
             ssize_t r = pread(fd, buf + got, direct ? room - got : want - got, (off_t)(first + got));
             if (r < 0 && errno == EINTR) continue;
@@ -425,7 +443,9 @@ cdef extern from *:
         return reason;
     }
 
-    static void fr_serve(const fr_job *j, fr_buffer *b) {
+    /* 1: `nowait` and a piece is not in the page cache (nothing done: for a worker); else 0,
+       the request answered or handed back */
+    static int fr_serve(const fr_job *j, fr_buffer *b, int nowait) {
         struct iovec iov[FR_PIECES];
         size_t at[FR_PIECES];
         int prefetch_fd[FR_PIECES];
@@ -443,9 +463,13 @@ cdef extern from *:
                 at[k] = used;
                 used += (size_t)fr_align_up(len);
             } else {
-                reason = fr_read_piece(p, j->large, b, &used, &at[k], &prefetch_fd[k],
+                reason = fr_read_piece(p, j->large, nowait, b, &used, &at[k], &prefetch_fd[k],
                                        &prefetch_size[k]);
             }
+        }
+        if (reason == FR_WOULD_BLOCK) {
+            for (int i = 0; i < k; i++) if (prefetch_fd[i] >= 0) close(prefetch_fd[i]);
+            return 1;
         }
         if (!reason) {
             for (k = 0; k < j->n; k++) {
@@ -465,6 +489,7 @@ cdef extern from *:
             close(prefetch_fd[i]);
         }
         if (reason) fr_hand_back(j, reason);
+        return 0;
     }
 
     static void *fr_worker(void *unused) {
@@ -478,7 +503,7 @@ cdef extern from *:
             fr.q_head = (fr.q_head + 1) % FR_QUEUE;
             fr.q_len--;
             pthread_mutex_unlock(&fr.lock);
-            fr_serve(&job, &buffer);
+            fr_serve(&job, &buffer, 0);
         }
         free(buffer.buf);
         return NULL;
@@ -504,7 +529,10 @@ cdef extern from *:
         return has;
     }
 
-    /* pyfuse3's read hook: on the event loop's thread, GIL held; must not block */
+    /* pyfuse3's read hook: on the event loop's thread, GIL held; never waits for the disk's
+       data: a small file's READ whose bytes the page cache holds is answered right here
+       (preadv2 with RWF_NOWAIT, no I/O), which spares a worker's wake-up and two context
+       switches per READ; anything else is queued */
     static int fr_hook(void *req, uint64_t ino, size_t size, off_t off) {
         if (!fr.running || off < 0) return 0;
         fr_file *f = fr_find(ino);
@@ -536,6 +564,11 @@ cdef extern from *:
             p->start = e->offset + within;
             p->end = p->start + take;
             pos += take;
+        }
+        if (!j.large && j.n == 1 && __atomic_load_n(&fr.inline_reads, __ATOMIC_RELAXED)
+                && fr_serve(&j, &fr.hook_buffer, 1) == 0) {
+            FR_ADD(inline_reads, 1);
+            return 1;
         }
         pthread_mutex_lock(&fr.lock);
         if (fr.stopping || fr.q_len == FR_QUEUE) {
@@ -578,6 +611,7 @@ cdef extern from *:
         fr.max_sub_blocks = max_sub_blocks; fr.touch_interval_ns = touch_interval_ns;
         fr.eviction_limit = eviction_limit; fr.eviction_weight = eviction_weight;
         fr.eviction_rate = 0; fr.cachestat_works = 1; fr.direct_min = direct_min;
+        fr.inline_reads = 1;
         memset(&fr.c, 0, sizeof fr.c);
         fr.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (fr.efd < 0) return "eventfd failed";
@@ -604,6 +638,7 @@ cdef extern from *:
         pthread_mutex_unlock(&fr.lock);
         for (int i = 0; i < fr.nthreads; i++) pthread_join(fr.threads[i], NULL);
         free(fr.threads); fr.threads = NULL; fr.nthreads = 0;
+        free(fr.hook_buffer.buf); fr.hook_buffer.buf = NULL; fr.hook_buffer.cap = 0;
         fr.running = 0;
         fr.py_maps_n = 0;
         fr_clear_table();
@@ -684,7 +719,7 @@ REASONS = {ABSENT: "absent", NO_SUMS: "no sums", CORRUPT: "corrupt", BAD_EXTENT:
            IO_ERROR: "I/O error"}
 COUNTERS = ("reads", "read_bytes", "hits", "hit_bytes", "range_reads", "bytes_read", "corrupt",
             "prefetches", "prefetches_skipped", "handed_back", "declined", "touches",
-            "direct_reads", "left_to_python")
+            "direct_reads", "left_to_python", "inline_reads")
 # The maps `leave_to_python` named, kept alive while the engine looks keys up in them.
 _python_maps: tuple = ()
 
