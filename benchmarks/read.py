@@ -551,7 +551,9 @@ def best_of(passes: int, one: Callable[[], Pass]) -> tuple[Pass, list[float]]:
 
 
 COUNTERS = ("read_requests", "read_bytes", "memory_hits", "ssd_hits", "origin_requests",
-            "origin_bytes")
+            "origin_bytes", "ssd_direct_reads", "ssd_pack_prefetches",
+            "ssd_pack_prefetches_skipped", "compiled_reads_answered", "compiled_reads_inline",
+            "compiled_reads_handed_back", "compiled_reads_left_to_memory")
 
 
 def counters(mountpoint: Path) -> dict[str, Any]:

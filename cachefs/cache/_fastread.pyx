@@ -105,7 +105,9 @@ cdef extern from *:
     typedef struct { uint64_t ino; uint32_t n; int large; fr_extent one; fr_extent *many; } fr_file;
     /* bytes [start, end) of chunk `hex`, whose extent ends at `ext_end` in it */
     typedef struct { uint64_t ext_end, start, end; char hex[FR_HEX]; } fr_piece;
-    typedef struct { void *req; uint64_t ino, size, read_off; int large, n; fr_piece p[FR_PIECES]; } fr_job;
+    /* `uncached`: the hook found the page cache without the bytes (its failed RWF_NOWAIT read
+       may have started their I/O since, so the worker must not ask the page cache again) */
+    typedef struct { void *req; uint64_t ino, size, read_off; int large, uncached, n; fr_piece p[FR_PIECES]; } fr_job;
     typedef struct { void *req; uint64_t ino, size, read_off; int reason; } fr_back;
     typedef struct { unsigned char *buf; size_t cap; } fr_buffer;  /* FR_ALIGN-aligned */
 
@@ -344,8 +346,8 @@ cdef extern from *:
        its bytes start at `*at`. 0, or why to hand the request back. `*prefetch_fd`: an open
        fd of the entry whose whole pack the caller asks for after its reply (else -1), and
        `*prefetch_size` its size. */
-    static int fr_read_piece(const fr_piece *p, int large, int nowait, fr_buffer *b,
-                             size_t *used, size_t *at, int *prefetch_fd,
+    static int fr_read_piece(const fr_piece *p, int large, int nowait, int uncached,
+                             fr_buffer *b, size_t *used, size_t *at, int *prefetch_fd,
                              uint64_t *prefetch_size) {
         char path[PATH_MAX];
         *prefetch_fd = -1;
@@ -381,7 +383,7 @@ cdef extern from *:
             if (r < 0 && errno == EOPNOTSUPP) __atomic_store_n(&fr.inline_reads, 0, __ATOMIC_RELAXED);
             if (r != (ssize_t)want) { reason = FR_WOULD_BLOCK; goto out; }
         }
-        int cached = nowait ? 1 : fr_fully_cached(fd, first, want);
+        int cached = nowait ? 1 : uncached ? 0 : fr_fully_cached(fd, first, want);
         /* A large file's chunk streams through: read around the page cache (the mount's
            pages of the file hold it above), into this thread's buffer, reused. A small
            file's pack is read through it and asked for whole after the reply: its
@@ -463,8 +465,8 @@ cdef extern from *:
                 at[k] = used;
                 used += (size_t)fr_align_up(len);
             } else {
-                reason = fr_read_piece(p, j->large, nowait, b, &used, &at[k], &prefetch_fd[k],
-                                       &prefetch_size[k]);
+                reason = fr_read_piece(p, j->large, nowait, j->uncached, b, &used, &at[k],
+                                       &prefetch_fd[k], &prefetch_size[k]);
             }
         }
         if (reason == FR_WOULD_BLOCK) {
@@ -539,7 +541,7 @@ cdef extern from *:
         if (!f) return 0;
         fr_job j;
         j.req = req; j.ino = ino; j.size = size; j.read_off = (uint64_t)off;
-        j.large = f->large; j.n = 0;
+        j.large = f->large; j.uncached = 0; j.n = 0;
         const fr_extent *x = fr_extents(f);
         uint64_t pos = (uint64_t)off, stop = pos + size;
         uint32_t lo = 0, hi = f->n;  /* the first extent that ends after pos */
@@ -566,7 +568,7 @@ cdef extern from *:
             pos += take;
         }
         if (!j.large && j.n == 1 && __atomic_load_n(&fr.inline_reads, __ATOMIC_RELAXED)
-                && fr_serve(&j, &fr.hook_buffer, 1) == 0) {
+                && (j.uncached = fr_serve(&j, &fr.hook_buffer, 1)) == 0) {
             FR_ADD(inline_reads, 1);
             return 1;
         }
