@@ -71,6 +71,7 @@ cdef extern from *:
     #include <string.h>
     #include <sys/eventfd.h>
     #include <sys/stat.h>
+    #include <sys/sendfile.h>
     #include <sys/syscall.h>
     #include <sys/uio.h>
     #include <sys/xattr.h>
@@ -95,6 +96,8 @@ cdef extern from *:
     #define FR_HEX 64
 
     #define FR_PIECES 8  /* a READ over more chunks than this is left to Python */
+    #define FR_PREFETCHERS 2  /* whole packs being read at once */
+    #define FR_PF_QUEUE 256
     #define FR_ALIGN 4096  /* O_DIRECT's alignment of buffers, offsets and lengths */
     #define FR_KEY_PREFIX "chunks/"
 
@@ -115,7 +118,7 @@ cdef extern from *:
     typedef struct {
         uint64_t reads, read_bytes, hits, hit_bytes, range_reads, bytes_read, corrupt,
                  prefetches, prefetches_skipped, handed_back, declined, touches, direct_reads,
-                 left_to_python, inline_reads;
+                 left_to_python, inline_reads, prefetches_dropped;
     } fr_counters;
 
     static struct {
@@ -156,10 +159,18 @@ cdef extern from *:
         fr_back *back;
         size_t back_len, back_cap;
         pthread_mutex_t rate_lock;
+        /* packs asked for whole, for the prefetchers */
+        pthread_mutex_t pf_lock;
+        pthread_cond_t pf_wake;
+        char pf_queue[FR_PF_QUEUE][FR_HEX];
+        size_t pf_head, pf_len;
+        pthread_t pf_threads[FR_PREFETCHERS];
+        int npf, pf_stopping, devnull;
         fr_counters c;
     } fr = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
              .back_lock = PTHREAD_MUTEX_INITIALIZER, .rate_lock = PTHREAD_MUTEX_INITIALIZER,
-             .efd = -1 };
+             .pf_lock = PTHREAD_MUTEX_INITIALIZER, .pf_wake = PTHREAD_COND_INITIALIZER,
+             .efd = -1, .devnull = -1 };
 
     #define FR_ADD(field, n) __atomic_fetch_add(&fr.c.field, (uint64_t)(n), __ATOMIC_RELAXED)
 
@@ -327,6 +338,62 @@ cdef extern from *:
             unlink(path);  /* not if a fresh copy replaced it since */
     }
 
+    /* ---- whole packs, read in the background ---- */
+    /* Asking the kernel for every pack at once (POSIX_FADV_WILLNEED as READs meet them)
+       queued up to a whole data set's reads in the block layer at the start of an epoch, and
+       each reader's own small read waited behind them: measured, first passes of 6-7 s
+       against 2.5 s. So packs are read by FR_PREFETCHERS threads, one pack each at a time:
+       WILLNEED (its I/O in one go), then a sendfile to /dev/null that waits until it is in the
+       page cache without copying it. The queue is bounded; a pack that does not fit in it is
+       read on demand. */
+    static void fr_prefetch_later(const char *hex) {
+        pthread_mutex_lock(&fr.pf_lock);
+        for (size_t i = 0; i < fr.pf_len; i++) {
+            if (!memcmp(fr.pf_queue[(fr.pf_head + i) % FR_PF_QUEUE], hex, FR_HEX)) {
+                pthread_mutex_unlock(&fr.pf_lock);
+                return;  /* already asked for */
+            }
+        }
+        if (fr.pf_stopping || fr.npf == 0 || fr.pf_len == FR_PF_QUEUE) {
+            pthread_mutex_unlock(&fr.pf_lock);
+            FR_ADD(prefetches_dropped, 1);
+            return;
+        }
+        memcpy(fr.pf_queue[(fr.pf_head + fr.pf_len) % FR_PF_QUEUE], hex, FR_HEX);
+        fr.pf_len++;
+        pthread_cond_signal(&fr.pf_wake);
+        pthread_mutex_unlock(&fr.pf_lock);
+    }
+    static void *fr_prefetcher(void *unused) {
+        (void)unused;
+        for (;;) {
+            char hex[FR_HEX], path[PATH_MAX];
+            pthread_mutex_lock(&fr.pf_lock);
+            while (!fr.pf_stopping && fr.pf_len == 0) pthread_cond_wait(&fr.pf_wake, &fr.pf_lock);
+            if (fr.pf_stopping) { pthread_mutex_unlock(&fr.pf_lock); break; }
+            memcpy(hex, fr.pf_queue[fr.pf_head], FR_HEX);
+            fr.pf_head = (fr.pf_head + 1) % FR_PF_QUEUE;
+            fr.pf_len--;
+            pthread_mutex_unlock(&fr.pf_lock);
+            if (snprintf(path, sizeof path, "%s/chunks/%.2s/%.64s", fr.objects, hex, hex)
+                    >= (int)sizeof path) continue;
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;  /* evicted meanwhile */
+            struct stat st;
+            if (fstat(fd, &st) == 0) {
+                posix_fadvise(fd, 0, st.st_size, POSIX_FADV_WILLNEED);
+                off_t off = 0;
+                while (fr.devnull >= 0 && off < st.st_size) {
+                    ssize_t r = sendfile(fr.devnull, fd, &off, (size_t)(st.st_size - off));
+                    if (r < 0 && errno == EINTR) continue;
+                    if (r <= 0) break;
+                }
+            }
+            close(fd);
+        }
+        return NULL;
+    }
+
     /* ---- one request, on a worker thread ---- */
 
     /* room for `more` bytes after the first `used` of `b` (kept) */
@@ -488,9 +555,10 @@ cdef extern from *:
         /* after the reply: the reader does not wait behind the whole pack's I/O */
         for (int i = 0; i < k; i++) {
             if (prefetch_fd[i] < 0) continue;
-            if (!reason) posix_fadvise(prefetch_fd[i], 0, (off_t)prefetch_size[i], POSIX_FADV_WILLNEED);
+            if (!reason) fr_prefetch_later(j->p[i].hex);
             close(prefetch_fd[i]);
         }
+        (void)prefetch_size;
         if (reason) fr_hand_back(j, reason);
         return 0;
     }
@@ -628,6 +696,11 @@ cdef extern from *:
             free(fr.threads); fr.threads = NULL; close(fr.efd); fr.efd = -1;
             return "could not start a thread";
         }
+        fr.devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        fr.pf_stopping = 0; fr.pf_head = fr.pf_len = 0;
+        for (fr.npf = 0; fr.npf < FR_PREFETCHERS; fr.npf++) {
+            if (pthread_create(&fr.pf_threads[fr.npf], NULL, fr_prefetcher, NULL)) break;
+        }
         fr.running = 1;
         return NULL;
     }
@@ -641,6 +714,14 @@ cdef extern from *:
         pthread_mutex_unlock(&fr.lock);
         for (int i = 0; i < fr.nthreads; i++) pthread_join(fr.threads[i], NULL);
         free(fr.threads); fr.threads = NULL; fr.nthreads = 0;
+        pthread_mutex_lock(&fr.pf_lock);
+        fr.pf_stopping = 1;
+        pthread_cond_broadcast(&fr.pf_wake);
+        pthread_mutex_unlock(&fr.pf_lock);
+        for (int i = 0; i < fr.npf; i++) pthread_join(fr.pf_threads[i], NULL);
+        fr.npf = 0;
+        if (fr.devnull >= 0) close(fr.devnull);
+        fr.devnull = -1;
         free(fr.hook_buffer.buf); fr.hook_buffer.buf = NULL; fr.hook_buffer.cap = 0;
         fr.running = 0;
         fr.py_maps_n = 0;
@@ -722,7 +803,7 @@ REASONS = {ABSENT: "absent", NO_SUMS: "no sums", CORRUPT: "corrupt", BAD_EXTENT:
            IO_ERROR: "I/O error"}
 COUNTERS = ("reads", "read_bytes", "hits", "hit_bytes", "range_reads", "bytes_read", "corrupt",
             "prefetches", "prefetches_skipped", "handed_back", "declined", "touches",
-            "direct_reads", "left_to_python", "inline_reads")
+            "direct_reads", "left_to_python", "inline_reads", "prefetches_dropped")
 # The maps `leave_to_python` named, kept alive while the engine looks keys up in them.
 _python_maps: tuple = ()
 
