@@ -24,9 +24,10 @@ entry of chunk H is ``<objects>/chunks/<H[:2]>/<H>``, its sums the extended attr
 ``user.cachefs.sums`` (version, log2 of the sub-block size, the object's length, then one
 little-endian CRC-32 per sub-block). Its policy is the tier's too. A small file (one piece of a
 pack): the sub-blocks covering the range are read through the page cache; when they are not all
-cached, the whole entry is asked for (POSIX_FADV_WILLNEED, once the range is read and answered,
-so the reader does not wait behind the whole pack's I/O) unless the page cache has been
-evicting recently met entries (then only the range, with POSIX_FADV_RANDOM). A large file (one
+cached, the whole entry is asked for once the range is read and answered (so the reader does
+not wait behind the whole pack's I/O: two prefetcher threads read queued packs into the page
+cache one at a time each) unless the page cache has been evicting recently met entries (then
+only the range, with POSIX_FADV_RANDOM). A large file (one
 of many chunks, read as a stream, the kernel's readahead sending several READs at once): a
 piece of `direct_min` bytes or more that the page cache lacks is read with O_DIRECT into the
 worker's buffer, reused from READ to READ (the mount's pages of the file cache it above; a
