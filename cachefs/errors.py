@@ -2,7 +2,8 @@
 
 Library code raises these; each boundary translates them exactly once: the CLI turns them into
 an exit code and one line on stderr, the FUSE layer into an errno, the gRPC servers into a status
-code (named here as a string so this module imports nothing heavy).
+code (named here as a string so this module imports nothing heavy), the HTTP gateway into an
+HTTP status and an S3 error code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ class CachefsError(Exception):
     errno: int = _errno.EIO
     exit_code: int = 1
     grpc_status: str = "INTERNAL"
+    http_status: int = 500
+    s3_code: str = "InternalError"
 
 
 class UsageError(CachefsError):
@@ -24,6 +27,8 @@ class UsageError(CachefsError):
     errno = _errno.EINVAL
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+    http_status = 400
+    s3_code = "InvalidArgument"
 
 
 class InvalidName(UsageError):
@@ -40,10 +45,14 @@ class NotFound(CachefsError):
     errno = _errno.ENOENT
     exit_code = 3
     grpc_status = "NOT_FOUND"
+    http_status = 404
+    s3_code = "NoSuchKey"
 
 
 class DatasetNotFound(NotFound):
     """The dataset has not been created in this remote."""
+
+    s3_code = "NoSuchBucket"
 
 
 class RefNotFound(NotFound):
@@ -64,6 +73,8 @@ class AlreadyExists(CachefsError):
     errno = _errno.EEXIST
     exit_code = 4
     grpc_status = "ALREADY_EXISTS"
+    http_status = 409
+    s3_code = "BucketAlreadyExists"
 
 
 class RefConflict(CachefsError):
@@ -72,6 +83,8 @@ class RefConflict(CachefsError):
     errno = _errno.EAGAIN
     exit_code = 5
     grpc_status = "ABORTED"
+    http_status = 409
+    s3_code = "OperationAborted"
 
 
 class CorruptObject(CachefsError):
@@ -92,6 +105,8 @@ class RemoteError(CachefsError):
     errno = _errno.EIO
     exit_code = 7
     grpc_status = "UNAVAILABLE"
+    http_status = 503
+    s3_code = "ServiceUnavailable"
 
 
 class RemoteUnsupported(RemoteError):
@@ -106,6 +121,8 @@ class ReadOnly(CachefsError):
     errno = _errno.EROFS
     exit_code = 8
     grpc_status = "FAILED_PRECONDITION"
+    http_status = 403
+    s3_code = "AccessDenied"
 
 
 class LocalIOError(CachefsError):
@@ -136,6 +153,8 @@ class PermissionDenied(CachefsError):
     errno = _errno.EACCES
     exit_code = 9
     grpc_status = "PERMISSION_DENIED"
+    http_status = 403
+    s3_code = "AccessDenied"
 
 
 class RepositoryBusy(CachefsError):
@@ -144,6 +163,8 @@ class RepositoryBusy(CachefsError):
     errno = _errno.EBUSY
     exit_code = 12
     grpc_status = "UNAVAILABLE"
+    http_status = 503
+    s3_code = "ServiceUnavailable"
 
 
 class LockLost(RepositoryBusy):

@@ -12,6 +12,7 @@ from cachefs.cli import (
     cluster_cmd,
     csi_cmd,
     dataset_cmd,
+    gateway_cmd,
     gc_cmd,
     history_cmd,
     inspect_cmd,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (remote_cmd, dataset_cmd, history_cmd, transfer_cmd, inspect_cmd,
                    checkout_verify_cmd, mount_cmd, gc_cmd, pin_cmd, csi_cmd, scheduler_cmd,
-                   storage_cmd, master_cmd, cluster_cmd, peer_cmd):
+                   storage_cmd, master_cmd, cluster_cmd, peer_cmd, gateway_cmd):
         module.register(sub, common)
     return parser
 

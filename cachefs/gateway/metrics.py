@@ -1,0 +1,64 @@
+"""The gateway's Prometheus metrics: requests by operation and status, bytes, latency, tiers.
+
+Kept in the gateway's own `CollectorRegistry` (not the process-wide default), so that two
+gateways in one process (tests) do not share counters; served at `/-/metrics` on the gateway's
+port (a path no dataset can take: dataset names start with a letter or digit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Counters of the tiers' own stats() that the gateway exports as counters (the rest: gauges).
+TIER_COUNTERS = ("memory_hits", "ssd_hits", "ssd_misses", "ssd_evictions", "ssd_range_reads",
+                 "ssd_bytes_read", "origin_requests", "origin_bytes", "origin_errors",
+                 "corrupt_chunks", "peer_hits", "peer_misses")
+
+
+class _TierCollector(Collector):
+    """The cache tiers' figures, read when scraped (summed over the datasets' stores)."""
+
+    def __init__(self, stats: Callable[[], dict[str, object]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name, value in sorted(self._stats().items()):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if name in TIER_COUNTERS:
+                yield CounterMetricFamily(f"cachefs_gateway_{name}",
+                                          f"cache tiers: {name.replace('_', ' ')}", value=value)
+            else:
+                yield GaugeMetricFamily(f"cachefs_gateway_{name}",
+                                        f"cache tiers: {name.replace('_', ' ')}", value=value)
+
+
+class GatewayMetrics:
+    def __init__(self, tier_stats: Callable[[], dict[str, object]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cachefs_gateway_requests", "HTTP requests answered, by operation and status",
+            ["operation", "status"], registry=self.registry)
+        self.bytes_sent = Counter(
+            "cachefs_gateway_sent_bytes", "bytes of object data sent to clients",
+            registry=self.registry)
+        self.latency = Histogram(
+            "cachefs_gateway_request_seconds",
+            "time to answer a request (to the end of its body), by operation",
+            ["operation"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.in_flight = Gauge("cachefs_gateway_requests_in_flight",
+                               "requests being answered now", registry=self.registry)
+        self.auth_failures = Counter(
+            "cachefs_gateway_auth_failures", "requests refused by authentication, by S3 code",
+            ["code"], registry=self.registry)
+        self.registry.register(_TierCollector(tier_stats))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
