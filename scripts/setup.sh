@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# bindfs: the C FUSE passthrough that benchmarks.fuse_floor measures (its --quick run is a test)
-DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch bindfs)
+# bindfs: the C FUSE passthrough that benchmarks.fuse_floor measures (its --quick run is a test);
+# rclone, s3fs, curl: the gateway's tests read through it with the clients users have
+DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch bindfs rclone s3fs curl)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -56,5 +57,18 @@ if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "RE
   else
     grep -v '^WARNING: Location' "$log" | tail -20 >&2
     echo "setup: WARNING: pyfuse3 stays unpatched (log: $log); mounts work, small files slower" >&2
+  fi
+fi
+
+# The aws CLI (pip awscli) for the gateway's tests, in its own environment: it pins a botocore
+# of its own, which must not replace the one boto3 uses in .venv.
+if [ ! -x .venv/awscli/bin/aws ]; then
+  echo "setup: installing the aws CLI into .venv/awscli" >&2
+  log=.venv/awscli-install.log
+  if ! { "$PYTHON" -m venv .venv/awscli &&
+         .venv/awscli/bin/python -m pip install awscli; } >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" | tail -20 >&2
+    echo "setup: installing the aws CLI failed (full log: $log)" >&2
+    exit 1
   fi
 fi
