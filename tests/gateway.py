@@ -106,6 +106,8 @@ def make_dataset(src: Path, env: dict[str, str]) -> dict[str, object]:
         path = src / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+    (src / "odd" / "link-to-shard").symlink_to("../shard.bin")  # served as the file it names
+    files["odd/link-to-shard"] = files["shard.bin"]
     run_cli("init", "photos", "--chunk-size", "64KiB", env=env)
     wait_until_not_racy(src)
     run_cli("commit", "photos", str(src), "-m", "v1", env=env)

@@ -50,6 +50,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]
     root = tmp_path_factory.mktemp("gateway-site")
     env = home_env(root / "home")
     data = make_dataset(root / "src", env)
+    links = root / "links"
+    (links / "sub").mkdir(parents=True)
+    (links / "sub" / "data.txt").write_bytes(b"linked data")
+    for name, target in (("inside", "sub/data.txt"), ("dirlink", "sub"),
+                         ("escape", "../../../../etc/passwd"), ("absolute", "/etc/passwd"),
+                         ("loop", "loop"), ("dangling", "nothing")):
+        (links / name).symlink_to(target)
+    run_cli("init", "links", env=env)
+    run_cli("commit", "links", str(links), "-m", "links", env=env)
     keys = write_keys(root / "keys.toml", {TEST_KEY_ID: TEST_SECRET})
     with GatewayServer(root, "--anonymous", "--ref-ttl", "0", env=env) as anonymous, \
             GatewayServer(root, "--s3-keys", str(keys), "--ref-ttl", "0", env=env,
@@ -176,8 +185,20 @@ def test_json_listings(gateway: GatewayServer, dataset: dict) -> None:
         assert names[name]["size"] == len(data) and names[name]["kind"] == "file"
     refs = json.loads(get(gateway, "/photos/?list")[2])
     assert refs["branches"] == ["main"] and refs["tags"] == ["v1"]
-    assert json.loads(get(gateway, "/?list")[2])["datasets"] == ["photos"]
+    assert json.loads(get(gateway, "/?list")[2])["datasets"] == ["links", "photos"]
     assert get(gateway, "/photos/v1/shard.bin/?list")[0] == 400  # not a directory
+
+
+def test_symlinks_are_followed_inside_the_version_only(gateway: GatewayServer,
+                                                       signed_gateway: GatewayServer) -> None:
+    assert get(gateway, "/links/main/inside")[2] == b"linked data"
+    assert get(gateway, "/links/main/dirlink/data.txt")[2] == b"linked data"
+    for name in ("escape", "absolute", "loop", "dangling", "dirlink"):
+        status, _, body = get(gateway, f"/links/main/{name}")
+        assert status == 404, (name, body)
+        assert b"root:" not in body
+    keys, _ = all_keys(s3_client(signed_gateway), Bucket="links", Prefix="main/")
+    assert keys == ["main/inside", "main/sub/data.txt"]  # links to files, as those files
 
 
 @pytest.mark.parametrize("path", [
@@ -242,7 +263,7 @@ def all_keys(client, **kwargs) -> tuple[list[str], list[str]]:
 
 def test_boto3_signed_listing_get_head(signed_gateway: GatewayServer, dataset: dict) -> None:
     s3 = s3_client(signed_gateway)
-    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["photos"]
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["links", "photos"]
     assert s3.get_bucket_location(Bucket="photos")["LocationConstraint"] is None
     _, prefixes = all_keys(s3, Bucket="photos", Delimiter="/")
     assert prefixes == ["main/", "v1/"]  # refs, as common prefixes

@@ -444,6 +444,18 @@ class GatewayApp:
                 if item.entry.kind is Kind.DIR:
                     yield key, None
                     continue
+                entry = item.entry
+                if entry.kind is Kind.SYMLINK:
+                    # Listed as what a GET of it returns: the file it points to inside the
+                    # version (size and ETag); a link to a directory, out of the version or
+                    # to nothing is no object.
+                    try:
+                        target = await self.catalog.entry(version, item.key)
+                    except NotFound:
+                        continue
+                    if target.kind is not Kind.FILE:
+                        continue
+                    entry = target
                 if delimiter and delimiter != "/":
                     cut = key.find(delimiter, len(prefix))
                     if cut >= 0:
@@ -452,7 +464,7 @@ class GatewayApp:
                             group = common
                             yield common, None
                         continue
-                yield key, item.entry
+                yield key, entry
 
     async def _list_dir(self, request: Request, send: Send, version: Version, path: str) -> int:
         entry = await self.catalog.entry(version, path) if path else self.catalog.root(version)
