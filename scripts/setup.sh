@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # bindfs: the C FUSE passthrough that benchmarks.fuse_floor measures (its --quick run is a test);
-# rclone, s3fs, curl: the gateway's tests read through it with the clients users have
-DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch bindfs rclone s3fs curl)
+# rclone, s3fs, curl: the gateway's tests read through it with the clients users have;
+# nginx-light, wrk: benchmarks.gateway's baseline and load generator (its --quick run is a test)
+DEBIAN_PACKAGES=(fuse3 libfuse3-dev pkg-config patch bindfs rclone s3fs curl nginx-light wrk)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

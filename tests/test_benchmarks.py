@@ -102,3 +102,14 @@ def test_p2p_benchmark_quick_json(tmp_path: Path) -> None:
     assert isinstance(result["valid_n4"], bool) and result["all_bytes_right"] is True
     assert result["raw"]["runs"]["n4_owner_killed"]["killed_at_s"] > 0
     assert result["quick"] is True
+
+
+def test_gateway_benchmark_quick_json(tmp_path: Path) -> None:
+    """The gateway against nginx, http.server (driven by wrk) and moto (boto3), end to end."""
+    result = run_quick(tmp_path, "gateway", 300)
+    assert set(result["ratios"]) == {"gateway_small_vs_nginx", "gateway_large_vs_nginx",
+                                     "gateway_small_vs_httpserver", "gateway_s3_warm_vs_moto",
+                                     "gateway_cpu_per_gib_vs_moto"}
+    assert all(v > 0 for v in result["ratios"].values())
+    for server in ("cachefs gateway", "nginx", "http.server"):
+        assert result["raw"]["results"][server]["small"]["best"]["requests"] > 0

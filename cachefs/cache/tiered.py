@@ -252,6 +252,24 @@ class TieredStore:
         """Bytes [offset, offset + length) of chunk `name` (see `get_range`)."""
         return await self.get_range(chunk_key(name), offset, length, prefetch_entry)
 
+    def cached_tree(self, name: str) -> Tree | None:
+        """The decoded tree if it is in memory now, else None (without a wait)."""
+        tree = self._trees.get(name)
+        if tree is not None:
+            self._trees.move_to_end(name)
+        return tree
+
+    def get_range_now(self, key: str, offset: int, length: int) -> Blob | None:
+        """`get_range` where it needs no wait: from the memory tier, or from a disk entry whose
+        covering sub-blocks the page cache holds; else None (nothing counted as a miss)."""
+        data = self.memory.get(key)
+        if data is not None:
+            return memoryview(data)[offset : offset + length]
+        if self.disk is None or key in self._flights:
+            return None
+        if_cached = getattr(self.disk, "get_range_if_cached", None)
+        return None if if_cached is None else if_cached(key, offset, length)
+
     async def tree(self, name: str) -> Tree:
         tree = self._trees.get(name)
         if tree is not None:

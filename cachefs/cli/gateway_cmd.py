@@ -89,8 +89,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def gateway(args: argparse.Namespace) -> int:
-    import trio
-
     from cachefs.config import Config
     from cachefs.dataset.repo import Repository
     from cachefs.fuse.config import default_cache_dir
@@ -131,8 +129,8 @@ def gateway(args: argparse.Namespace) -> int:
         logging.getLogger("cachefs.gateway").setLevel(logging.INFO)
     repo = Repository(open_remote_url(remote_url))
 
-    def ready(binds: list[str]) -> None:
-        print(f"gateway serving on {', '.join(binds)}", flush=True)
+    def ready(address: str) -> None:
+        print(f"gateway serving on {address}", flush=True)
 
-    trio.run(run_gateway, settings, repo, auth, ready)
+    run_gateway(settings, repo, auth, ready)
     return 0

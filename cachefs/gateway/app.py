@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import email.utils
 import itertools
 import json
@@ -36,17 +35,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-import trio
-
 from cachefs.dataset.objects import Kind, TreeEntry
 from cachefs.errors import CachefsError, CorruptObject, NotFound, PathNotFound
 from cachefs.gateway import s3xml
 from cachefs.gateway.auth import Authenticator, AuthError
-from cachefs.gateway.catalog import Catalog, Version
+from cachefs.gateway.bridge import TrioGuest
+from cachefs.gateway.catalog import Catalog, Piece, Version
 from cachefs.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from cachefs.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("cachefs.gateway")
+access_log = logging.getLogger("cachefs.gateway.access")
 
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -94,6 +93,7 @@ class Request:
     s3: bool = False
     operation: str = "other"
     started: bool = False  # the response's status line is sent: an error now ends the stream
+    sent: int = 0  # body bytes sent
 
 
 def split_target(raw_path: bytes) -> tuple[list[str], bool]:
@@ -192,10 +192,16 @@ def decode_token(token: str) -> dict[str, Any]:
 class GatewayApp:
     """The ASGI callable."""
 
-    def __init__(self, catalog: Catalog, auth: Authenticator, metrics: GatewayMetrics) -> None:
+    def __init__(self, catalog: Catalog, auth: Authenticator, metrics: GatewayMetrics,
+                 tiers: TrioGuest, access_log: bool = True,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.catalog = catalog
         self.auth = auth
         self.metrics = metrics
+        self.tiers = tiers
+        self.call = tiers.call
+        self.access_log = access_log
+        self.on_ready = on_ready
         self._ids = itertools.count(1)
         self._boot = f"{int(time.time()):x}"
 
@@ -239,15 +245,26 @@ class GatewayApp:
         finally:
             self.metrics.in_flight.dec()
             operation = request.operation if request is not None else "invalid"
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(operation, str(status)).inc()
-            self.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(operation).observe(elapsed)
+            if self.access_log:
+                client = scope.get("client") or ("-", 0)
+                access_log.info('%s "%s %s" %d %d %.6fs', client[0], scope["method"],
+                                scope.get("raw_path", b"").decode("latin-1"), status,
+                                request.sent if request is not None else 0, elapsed)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await self.tiers.start()
+                self.catalog.nursery = self.tiers.nursery
+                if self.on_ready is not None:
+                    self.on_ready()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.tiers.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -293,14 +310,15 @@ class GatewayApp:
             if "list" in request.query:
                 request.operation = "list_datasets"
                 return await self._json(send, request, {"datasets":
-                                                        await self.catalog.datasets()})
+                                                        await self.call(self.catalog.datasets)})
             request.operation = "ListBuckets"
             return await self._list_buckets(request, send)
         dataset = segments[0]
         if len(segments) == 1:
             return await self._bucket(request, send, dataset)
         ref, path = segments[1], "/".join(segments[2:])
-        version = await self.catalog.version(dataset, ref)
+        version = self.catalog.version_now(dataset, ref) \
+            or await self.call(self.catalog.version, dataset, ref)
         if "list" in request.query and not request.s3:
             request.operation = "list_dir"
             return await self._list_dir(request, send, version, path)
@@ -308,7 +326,8 @@ class GatewayApp:
         if not path:
             raise NotFound(f"{dataset}/{ref} is a version, not a file (list it with "
                            f"/{dataset}/{ref}/?list)")
-        entry = await self.catalog.entry(version, path)
+        entry = self.catalog.entry_now(version, path) \
+            or await self.call(self.catalog.entry, version, path)
         if entry.is_dir:
             raise PathNotFound(f"{path} is a directory (list it with "
                                f"/{dataset}/{ref}/{path}/?list)")
@@ -333,16 +352,16 @@ class GatewayApp:
         query = request.query
         if "list" in query and not request.s3:
             request.operation = "list_refs"
-            branches, tags = await self.catalog.refs(dataset)
+            branches, tags = await self.call(self.catalog.refs, dataset)
             return await self._json(send, request, {"dataset": dataset, "branches": branches,
                                                     "tags": tags})
         if "location" in query:
             request.operation = "GetBucketLocation"
-            await self.catalog.refs(dataset)  # NoSuchBucket if absent
+            await self.call(self.catalog.refs, dataset)  # NoSuchBucket if absent
             return await self._xml(send, request, s3xml.bucket_location())
         if request.method == "HEAD":
             request.operation = "HeadBucket"
-            await self.catalog.refs(dataset)
+            await self.call(self.catalog.refs, dataset)
             await self._respond(send, 200, [("Content-Type", s3xml.CONTENT_TYPE)], b"", True)
             return 200
         v2 = query.get("list-type") == "2"
@@ -351,8 +370,8 @@ class GatewayApp:
 
     # -- listings ---------------------------------------------------------------------------
     async def _list_buckets(self, request: Request, send: Send) -> int:
-        names = await self.catalog.datasets()
-        created = await self.catalog.created(names)
+        names = await self.call(self.catalog.datasets)
+        created = await self.call(self.catalog.created, names)
         return await self._xml(send, request, s3xml.list_buckets(zip(names, created,
                                                                      strict=True)))
 
@@ -380,20 +399,8 @@ class GatewayApp:
                 pinned = {str(k): str(v) for k, v in payload.get("c", {}).items()}
         else:
             after = query.get("marker", "")
-        objects: list[s3xml.ObjectItem] = []
-        prefixes: list[str] = []
-        truncated = False
-        last = ""
-        async for key, entry in self._keys(dataset, prefix, delimiter, after, pinned):
-            if len(objects) + len(prefixes) >= max_keys:
-                truncated = True
-                break
-            last = key
-            if entry is None:
-                prefixes.append(key)
-            else:
-                objects.append(s3xml.ObjectItem(key, entry.size, entry.mtime_ns,
-                                                etag_of(entry)))
+        objects, prefixes, truncated, last = await self.call(
+            self._page, dataset, prefix, delimiter, after, pinned, max_keys)
         listing = s3xml.Listing(
             bucket=dataset, prefix=prefix, delimiter=delimiter, max_keys=max_keys,
             objects=objects, common_prefixes=prefixes, truncated=truncated,
@@ -404,6 +411,25 @@ class GatewayApp:
             marker=None if v2 else after,
             next_marker=last if not v2 and truncated and delimiter else None)
         return await self._xml(send, request, s3xml.list_objects(listing, v2))
+
+    async def _page(self, dataset: str, prefix: str, delimiter: str, after: str,
+                    pinned: dict[str, str], max_keys: int
+                    ) -> tuple[list[s3xml.ObjectItem], list[str], bool, str]:
+        """One page of a listing (run in trio: it walks trees through the tiers): its objects,
+        common prefixes, whether more follow, and its last key."""
+        objects: list[s3xml.ObjectItem] = []
+        prefixes: list[str] = []
+        last = ""
+        async for key, entry in self._keys(dataset, prefix, delimiter, after, pinned):
+            if len(objects) + len(prefixes) >= max_keys:
+                return objects, prefixes, True, last
+            last = key
+            if entry is None:
+                prefixes.append(key)
+            else:
+                objects.append(s3xml.ObjectItem(key, entry.size, entry.mtime_ns,
+                                                etag_of(entry)))
+        return objects, prefixes, False, last
 
     async def _keys(self, dataset: str, prefix: str, delimiter: str, after: str,
                     pinned: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -429,7 +455,7 @@ class GatewayApp:
                 version = await self.catalog.pinned(dataset, ref, pinned[ref])
             else:
                 try:
-                    version = await self.catalog.version(dataset, ref)
+                    version = await self.catalog.version(dataset, ref)  # (in trio)
                 except NotFound:
                     if slash:
                         return
@@ -467,10 +493,11 @@ class GatewayApp:
                 yield key, entry
 
     async def _list_dir(self, request: Request, send: Send, version: Version, path: str) -> int:
-        entry = await self.catalog.entry(version, path) if path else self.catalog.root(version)
+        entry = await self.call(self.catalog.entry, version, path) if path \
+            else self.catalog.root(version)
         if not entry.is_dir:
             raise HttpError(400, "NotADirectory", f"{path} is not a directory")
-        children = await self.catalog.children(version, entry)
+        children = await self.call(self.catalog.children, version, entry)
         body = {
             "dataset": version.dataset, "ref": version.ref, "commit": version.commit,
             "path": path, "entries": [{
@@ -513,27 +540,40 @@ class GatewayApp:
                 headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
         content_type = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
         headers += [("Content-Type", content_type), ("Content-Length", str(end - start))]
-        pieces = None
-        first: bytes | memoryview = b""
-        if request.method != "HEAD" and end > start:
-            # The first piece before the status line: a file that cannot be read (corrupt
-            # everywhere, origin down) gets an error status, not a short body, where it can.
-            pieces = aiter(self.catalog.read(version, entry, start, end))
-            first = await anext(pieces)
+        pieces = self.catalog.plan(version, entry, start, end) \
+            if request.method != "HEAD" else []
+        # The first piece before the status line: a file that cannot be read (corrupt
+        # everywhere, origin down) gets an error status, not a short body, where it can.
+        if pieces and pieces[0].whole_chunk:
+            self.tiers.spawn(self.catalog.prefetch, version, entry, pieces[0].extent_index)
+        first = await self._piece(version, pieces[0]) if pieces else b""
         await send({"type": "http.response.start", "status": status,
                     "headers": self._encode(headers, request.request_id)})
         request.started = True
-        if pieces is not None:
-            await self._send_piece(send, first)
-            async for piece in pieces:
-                await self._send_piece(send, piece)
+        if pieces:
+            await self._send_piece(send, request, first)
+            for i in range(1, len(pieces)):
+                piece = pieces[i]
+                if piece.whole_chunk and piece.extent_index != pieces[i - 1].extent_index:
+                    # A long read enters a new chunk: the next ones are fetched meanwhile.
+                    self.tiers.spawn(self.catalog.prefetch, version, entry, piece.extent_index)
+                await self._send_piece(send, request, await self._piece(version, piece))
         await send({"type": "http.response.body", "body": b""})
         return status
 
-    async def _send_piece(self, send: Send, piece: bytes | memoryview) -> None:
+    async def _piece(self, version: Version, piece: Piece) -> bytes | memoryview:
+        """A piece from memory or the page cache without leaving the HTTP loop, else from the
+        tiers in trio."""
+        data = self.catalog.piece_now(version, piece)
+        if data is None:
+            data = await self.call(self.catalog.piece, version, piece)
+        return data
+
+    async def _send_piece(self, send: Send, request: Request, piece: bytes | memoryview) -> None:
         await send({"type": "http.response.body", "more_body": True,
                     "body": bytes(piece) if isinstance(piece, memoryview) else piece})
         self.metrics.bytes_sent.inc(len(piece))
+        request.sent += len(piece)
 
     @staticmethod
     def _precondition(headers: dict[str, str], etag: str, mtime_ns: int) -> int | None:
@@ -600,7 +640,10 @@ class GatewayApp:
         else:
             body = f"{error.status} {error.code}: {error}\n".encode()
             content_type = "text/plain; charset=utf-8"
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._respond(send, error.status,
-                                [*error.headers, ("Content-Type", content_type)], body, head,
-                                request_id)
+        extra = [("Content-Type", content_type)]
+        if any(name in (b"transfer-encoding", b"content-length") and value not in (b"", b"0")
+               for name, value in scope["headers"]):
+            # A request body this answer leaves unread: the connection cannot carry another
+            # request (its bytes would be parsed as one).
+            extra.append(("Connection", "close"))
+        await self._respond(send, error.status, [*error.headers, *extra], body, head, request_id)

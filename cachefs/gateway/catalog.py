@@ -7,10 +7,13 @@ per dataset). What a request names is a dataset of that remote, a ref and a path
 to connect to.
 
 Refs are resolved to commits and remembered for `ref_ttl` seconds (a branch that moves is seen
-within that time; a commit hash never changes). A file's bytes are streamed extent by extent:
-a range inside a chunk is read from the fastest tier that has it (`TieredStore.chunk_range`:
-from the SSD only the covering sub-blocks); a long sequential read asks for whole chunks and
-prefetches the next ones, as the mount's readahead does.
+within that time; a commit hash never changes). A file's bytes are planned as pieces
+(`plan`) and read piece by piece: a range inside a chunk from the fastest tier that has it
+(`TieredStore.chunk_range`: from the SSD only the covering sub-blocks); a long read asks for
+whole chunks and prefetches the next ones, as the mount's readahead does. The `*_now` methods
+answer without waiting where memory (or the page cache) holds the answer, else None: the
+gateway's HTTP loop calls them first and crosses into the tiers' trio code only on a miss
+(cachefs.gateway.bridge).
 """
 
 from __future__ import annotations
@@ -64,6 +67,19 @@ class _Dataset:
     created_ns: int
     zero_chunks: frozenset[str]
     refs: dict[str, tuple[float, Version]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of one extent of a file: `length` bytes at `offset` in `chunk`."""
+
+    chunk: str
+    offset: int
+    length: int
+    extent_index: int
+    zero: bool  # a chunk of zeros: never read
+    whole_chunk: bool  # a long read: the whole chunk is fetched (and kept in memory)
+    small_file: bool  # likely a pack of small files: the SSD tier reads the pack ahead
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,17 @@ class Catalog:
         total["datasets_open"] = len(stores)
         return total
 
+    def version_now(self, dataset: str, ref: str) -> Version | None:
+        """The version `ref` names if it was resolved within `ref_ttl` (or is a commit hash
+        resolved before), else None: then `version`."""
+        opened = self._datasets.get(dataset)
+        if opened is None:
+            return None
+        known = opened.refs.get(ref)
+        if known is not None and (known[1].by_hash or time.monotonic() - known[0] < self.ref_ttl):
+            return known[1]
+        return None
+
     async def version(self, dataset: str, ref: str) -> Version:
         """The version `ref` (a branch, a tag, or a commit hash prefix) names now."""
         opened = await self._dataset(dataset)
@@ -189,6 +216,27 @@ class Catalog:
     # -- entries ----------------------------------------------------------------------------
     def root(self, version: Version) -> TreeEntry:
         return TreeEntry("", Kind.DIR, 0o755, 0, version.time_ns, version.tree)
+
+    def entry_now(self, version: Version, path: str) -> TreeEntry | None:
+        """`entry` where every tree on the way is decoded in memory and no symlink is on it,
+        else None (then `entry`). PathNotFound where the cached trees say so."""
+        store = self._datasets[version.dataset].store
+        entry = self.root(version)
+        walked: list[str] = []
+        for part in split_path(path):
+            if not entry.is_dir:
+                raise PathNotFound(f"{'/'.join(walked)} is not a directory")
+            tree = store.cached_tree(entry.hash)
+            if tree is None:
+                return None
+            child = tree.get(part)
+            walked.append(part)
+            if child is None:
+                raise PathNotFound(f"no such file or directory: {'/'.join(walked)}")
+            if child.kind is Kind.SYMLINK:
+                return None
+            entry = child
+        return entry
 
     async def entry(self, version: Version, path: str, follow: bool = True) -> TreeEntry:
         """The entry at `path` in `version`; symlinks are followed inside the version (never out
@@ -320,15 +368,14 @@ class Catalog:
         return keys, order
 
     # -- bytes ------------------------------------------------------------------------------
-    async def read(self, version: Version, entry: TreeEntry, start: int, end: int
-                   ) -> AsyncIterator[bytes | memoryview]:
-        """Bytes [start, end) of file `entry`, verified, in pieces of at most READ_PIECE."""
-        opened = await self._dataset(version.dataset)
-        store = opened.store
+    def plan(self, version: Version, entry: TreeEntry, start: int, end: int) -> list[Piece]:
+        """The pieces (at most READ_PIECE each) that make bytes [start, end) of file `entry`.
+        CorruptObject if its extents do not cover it."""
+        zero_chunks = self._datasets[version.dataset].zero_chunks
         long_read = end - start >= WHOLE_CHUNK_MIN
+        pieces: list[Piece] = []
         offset = 0
-        extents = entry.extents
-        for index, extent in enumerate(extents):
+        for index, extent in enumerate(entry.extents):
             ext_start, ext_end = offset, offset + extent.length
             offset = ext_end
             if ext_end <= start:
@@ -337,28 +384,52 @@ class Catalog:
                 break
             lo = max(start, ext_start) - ext_start
             hi = min(end, ext_end) - ext_start
-            if long_read and self.nursery is not None:
-                for ahead in extents[index + 1 : index + 1 + READAHEAD_CHUNKS]:
-                    if ahead.chunk not in opened.zero_chunks:
-                        store.prefetch(self.nursery, chunk_key(ahead.chunk))
             for piece_lo in range(lo, hi, READ_PIECE):
                 piece_hi = min(hi, piece_lo + READ_PIECE)
-                length = piece_hi - piece_lo
-                if extent.chunk in opened.zero_chunks:
-                    yield bytes(length)
-                    continue
-                if long_read and extent.length >= WHOLE_CHUNK_MIN:
-                    whole = await store.chunk(extent.chunk)
-                    data: bytes | memoryview = memoryview(whole)[
-                        extent.offset + piece_lo : extent.offset + piece_hi]
-                else:
-                    data = await store.chunk_range(extent.chunk, extent.offset + piece_lo,
-                                                   length, entry.size < WHOLE_CHUNK_MIN)
-                if len(data) != length:
-                    log.error("an extent of %s does not fit chunk %s: refusing the read",
-                              entry.name, extent.chunk)
-                    raise CorruptObject(f"the tree of {entry.name!r} lies about chunk "
-                                        f"{extent.chunk[:12]}")
-                yield data
+                pieces.append(Piece(extent.chunk, extent.offset + piece_lo, piece_hi - piece_lo,
+                                    index, extent.chunk in zero_chunks,
+                                    long_read and extent.length >= WHOLE_CHUNK_MIN,
+                                    entry.size < WHOLE_CHUNK_MIN))
         if offset < entry.size and end > offset:
             raise CorruptObject(f"{entry.name!r}: extents cover {offset} of {entry.size} bytes")
+        return pieces
+
+    def piece_now(self, version: Version, piece: Piece) -> bytes | memoryview | None:
+        """A piece's bytes if memory or the page cache holds them, else None (then `piece`)."""
+        if piece.zero:
+            return bytes(piece.length)
+        store = self._datasets[version.dataset].store
+        data = store.get_range_now(chunk_key(piece.chunk), piece.offset, piece.length)
+        if data is not None and len(data) != piece.length:
+            raise self._short(piece)
+        return data
+
+    async def piece(self, version: Version, piece: Piece) -> bytes | memoryview:
+        """A piece's verified bytes from the fastest tier that has them."""
+        if piece.zero:
+            return bytes(piece.length)
+        store = (await self._dataset(version.dataset)).store
+        if piece.whole_chunk:
+            whole = await store.chunk(piece.chunk)
+            data: bytes | memoryview = memoryview(whole)[piece.offset : piece.offset
+                                                         + piece.length]
+        else:
+            data = await store.chunk_range(piece.chunk, piece.offset, piece.length,
+                                           piece.small_file)
+        if len(data) != piece.length:
+            raise self._short(piece)
+        return data
+
+    def _short(self, piece: Piece) -> CorruptObject:
+        log.error("an extent (%d+%d) does not fit chunk %s: refusing the read", piece.offset,
+                  piece.length, piece.chunk)
+        return CorruptObject(f"a file's tree lies about chunk {piece.chunk[:12]}")
+
+    async def prefetch(self, version: Version, entry: TreeEntry, after_index: int) -> None:
+        """Fetch the READAHEAD_CHUNKS chunks after extent `after_index` in the background."""
+        opened = await self._dataset(version.dataset)
+        if self.nursery is None:
+            return
+        for ahead in entry.extents[after_index + 1 : after_index + 1 + READAHEAD_CHUNKS]:
+            if ahead.chunk not in opened.zero_chunks:
+                opened.store.prefetch(self.nursery, chunk_key(ahead.chunk))
