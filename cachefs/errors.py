@@ -66,6 +66,10 @@ class PathNotFound(NotFound):
 class ObjectNotFound(NotFound):
     """A stored object (chunk, tree, commit) is missing from the remote."""
 
+    # Over HTTP the file exists (its tree names the object): the server is at fault.
+    http_status = 500
+    s3_code = "InternalError"
+
 
 class AlreadyExists(CachefsError):
     """Creating something that is already there."""

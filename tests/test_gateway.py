@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from tests.gateway import (
     write_keys,
 )
 from tests.helpers import run_cli, wait_until_not_racy
+from tests.peers import PeerSet
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -235,6 +237,14 @@ def test_oversized_headers_refused(gateway: GatewayServer) -> None:
     assert status == 404
 
 
+def test_too_many_header_fields_refused(gateway: GatewayServer) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /photos/v1/shard.bin HTTP/1.1\r\nHost: x\r\n"
+                     + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+        reply = sock.recv(4096)
+    assert reply.split(b" ")[1] == b"400", reply[:100]
+
+
 def test_64_concurrent_clients_read_every_byte_right(gateway: GatewayServer,
                                                      dataset: dict) -> None:
     items = [(ref, rel, data) for ref in ("v1", "main") for rel, data in dataset[ref].items()]
@@ -324,6 +334,8 @@ def test_presigned_urls(signed_gateway: GatewayServer, dataset: dict) -> None:
         urllib.request.urlopen(expired, timeout=30)
     with caught.value as error:
         assert error.code == 403 and b"expired" in error.read()
+    log = signed_gateway.output()
+    assert "X-Amz-Signature" not in log and TEST_SECRET not in log  # queries are never logged
     tampered = url.replace("with%20space", "plain")
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(tampered, timeout=30)
@@ -429,11 +441,13 @@ def metrics_count_requests(gateway: GatewayServer, dataset: dict, parse) -> None
         3 * len(dataset["v1"]["shard.bin"])
 
 
-def test_corrupt_cache_entry_is_never_served(tmp_path: Path, dataset: dict) -> None:
+def test_corrupt_cache_entry_is_never_served(tmp_path: Path) -> None:
     """A flipped byte in the gateway's SSD cache is caught and the chunk is read again from the
-    origin; a flipped byte in the origin itself fails the request (never wrong bytes)."""
+    origin; a flipped byte in the origin itself fails the request (never wrong bytes). On a
+    dataset of its own: it corrupts the origin."""
+    env = home_env(tmp_path / "home")
+    dataset = make_dataset(tmp_path / "src", env)
     data = dataset["v1"]["shard.bin"]
-    env = dataset["env"]
     with GatewayServer(tmp_path, "--anonymous", env=env) as server:
         assert get(server, "/photos/v1/shard.bin")[2] == data
     entries = [p for p in (server.cache_dir / "objects").rglob("*") if p.is_file()
@@ -471,3 +485,126 @@ def metric(exposition: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no {name} in the exposition")
+
+
+# -- faults --------------------------------------------------------------------------------------
+def raw_get(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one response with a Content-Length, read to its end (or EOF)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed before the head")
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        more = sock.recv(65536)
+        if not more:
+            break
+        body += more
+    return int(head.split(b" ")[1]), body
+
+
+def test_sigterm_lets_a_download_in_flight_finish(tmp_path: Path, dataset: dict) -> None:
+    data = dataset["v1"]["shard.bin"]
+    server = GatewayServer(tmp_path, "--anonymous", env=dataset["env"]).start()
+    try:
+        sock = raw_get(server.port, "/photos/v1/shard.bin")
+        first = sock.recv(100)  # the download has begun
+        assert first.startswith(b"HTTP/1.1 200")
+        server.proc.send_signal(signal.SIGTERM)
+        rest = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            rest += more
+        sock.close()
+        body = (first + rest).partition(b"\r\n\r\n")[2]
+        assert body == data
+        assert server.proc.wait(30) == 0
+    finally:
+        server.kill()
+
+
+def test_kill9_mid_stream_then_a_restart_serves_the_right_bytes(tmp_path: Path,
+                                                                dataset: dict) -> None:
+    env = dataset["env"]
+    server = GatewayServer(tmp_path, "--anonymous", env=env).start()
+    try:
+        sock = raw_get(server.port, "/photos/v1/shard.bin")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        server.proc.kill()
+        server.proc.wait(10)
+        sock.close()
+    finally:
+        server.kill()
+    with GatewayServer(tmp_path, "--anonymous", env=env, port=server.port) as again:
+        for rel in ("shard.bin", "train/c1/img001.jpg", "sparse.bin"):
+            status, _, body = get(again, quote(f"/photos/v1/{rel}"))
+            assert status == 200 and body == dataset["v1"][rel]
+
+
+def test_a_cancelled_request_beside_a_live_one(tmp_path: Path, dataset: dict) -> None:
+    """Clients that hang up mid-body, on a cold gateway, while others read the same file: the
+    others get every byte, and the gateway keeps serving."""
+    data = dataset["v1"]["shard.bin"]
+    with GatewayServer(tmp_path, "--anonymous", env=dataset["env"]) as server:
+        def quitter() -> None:
+            sock = raw_get(server.port, "/photos/v1/shard.bin")
+            sock.recv(10)
+            sock.close()
+
+        def reader() -> bytes:
+            sock = raw_get(server.port, "/photos/v1/shard.bin")
+            try:
+                return read_response(sock)[1]
+            finally:
+                sock.close()
+
+        with ThreadPoolExecutor(16) as pool:
+            quits = [pool.submit(quitter) for _ in range(8)]
+            reads = [pool.submit(reader) for _ in range(8)]
+            assert all(f.result() == data for f in reads)
+            for f in quits:
+                f.result()
+        assert get(server, "/photos/v1/shard.bin")[2] == data
+
+
+def test_cached_files_are_served_while_the_origin_is_gone(tmp_path: Path) -> None:
+    env = home_env(tmp_path / "home")
+    dataset = make_dataset(tmp_path / "src", env)
+    commit = dataset["commits"]["v1"]
+    with GatewayServer(tmp_path, "--anonymous", env=env) as server:
+        status, _, body = get(server, f"/photos/{commit}/shard.bin")
+        assert status == 200 and body == dataset["v1"]["shard.bin"]
+        repo = Path(env["XDG_DATA_HOME"]) / "cachefs" / "repo"
+        repo.rename(repo.with_name("repo-away"))
+        status, _, body = get(server, f"/photos/{commit}/shard.bin")
+        assert status == 200 and body == dataset["v1"]["shard.bin"]
+        started = time.monotonic()
+        status, _, body = get(server, f"/photos/{commit}/train/c2/img002.jpg")
+        assert status >= 500, (status, body)  # never cached: an error, in bounded time
+        assert time.monotonic() - started < 30
+
+
+def test_reads_through_the_peer_tier(tmp_path: Path, peer_servers: PeerSet) -> None:
+    """A gateway with --cache-peers asks the chunk's owner, which fetches from the origin for
+    it: the gateway itself reads only commits and trees from the origin, no chunk."""
+    dataset = make_dataset(tmp_path / "src", {})
+    peer = peer_servers.start("node1")
+    with GatewayServer(tmp_path, "--anonymous", "--cache-peers", peer.address) as server:
+        for rel in ("shard.bin", "train/c3/img003.jpg"):
+            status, _, body = get(server, quote(f"/photos/v1/{rel}"))
+            assert status == 200 and body == dataset["v1"][rel]
+        metrics = get(server, "/-/metrics")[2].decode()
+    assert metric(metrics, "cachefs_gateway_peer_hits_total") >= 6  # the shard's chunks, a pack
+    assert metric(metrics, "cachefs_gateway_origin_bytes_total") < CHUNK  # metadata only
