@@ -41,8 +41,8 @@ from cachefs.gateway import s3xml
 from cachefs.gateway.auth import Authenticator, AuthError
 from cachefs.gateway.bridge import TrioGuest
 from cachefs.gateway.catalog import Catalog, Piece, Version
-from cachefs.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from cachefs.gateway.metrics import GatewayMetrics
+from cachefs.metrics import CONTENT_TYPE as METRICS_TYPE
 
 log = logging.getLogger("cachefs.gateway")
 access_log = logging.getLogger("cachefs.gateway.access")

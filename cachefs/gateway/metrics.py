@@ -7,36 +7,16 @@ port (a path no dataset can take: dataset names start with a letter or digit).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from cachefs.metrics import StatsCollector
 
 # Counters of the tiers' own stats() that the gateway exports as counters (the rest: gauges).
 TIER_COUNTERS = ("memory_hits", "ssd_hits", "ssd_misses", "ssd_evictions", "ssd_range_reads",
                  "ssd_bytes_read", "origin_requests", "origin_bytes", "origin_errors",
                  "corrupt_chunks", "peer_hits", "peer_misses")
-
-
-class _TierCollector(Collector):
-    """The cache tiers' figures, read when scraped (summed over the datasets' stores)."""
-
-    def __init__(self, stats: Callable[[], dict[str, object]]) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        for name, value in sorted(self._stats().items()):
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            if name in TIER_COUNTERS:
-                yield CounterMetricFamily(f"cachefs_gateway_{name}",
-                                          f"cache tiers: {name.replace('_', ' ')}", value=value)
-            else:
-                yield GaugeMetricFamily(f"cachefs_gateway_{name}",
-                                        f"cache tiers: {name.replace('_', ' ')}", value=value)
 
 
 class GatewayMetrics:
@@ -58,7 +38,8 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "cachefs_gateway_auth_failures", "requests refused by authentication, by S3 code",
             ["code"], registry=self.registry)
-        self.registry.register(_TierCollector(tier_stats))
+        self.registry.register(StatsCollector("cachefs_gateway_", tier_stats,
+                                              counters=TIER_COUNTERS))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
