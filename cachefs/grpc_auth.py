@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +111,20 @@ def grpc_address(host: str, port: int) -> str:
 
 def listening_server(listen: str, token: str | None, workers: int, thread_prefix: str,
                      options: list[tuple[str, Any]],
-                     option: str = "--listen") -> tuple[grpc.Server, str]:
+                     option: str = "--listen",
+                     observers: Sequence[grpc.ServerInterceptor] = ()
+                     ) -> tuple[grpc.Server, str]:
     """A gRPC server (not started) that refuses calls without `token` (if any), bound to
     `listen`, and the address it bound (the real port when `listen` asks for port 0).
-    Refuses a non-loopback address without a token, and an address it cannot bind."""
+    Refuses a non-loopback address without a token, and an address it cannot bind.
+    `observers` (e.g. cachefs.metrics.GrpcMetrics) see every call, refused ones included."""
     from concurrent import futures
 
     from cachefs.httpserver import parse_listen
 
     host, port = parse_listen(listen, option)
     check_listen(host, token, option)
-    interceptors = [TokenInterceptor(token)] if token else []
+    interceptors = [*observers, *([TokenInterceptor(token)] if token else [])]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
         interceptors=interceptors, options=options)
