@@ -40,6 +40,7 @@ from tests.gateway import (
 )
 from tests.helpers import run_cli, wait_until_not_racy
 from tests.peers import PeerSet
+from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -419,8 +420,14 @@ def test_sigterm_finishes_and_exits(tmp_path: Path, dataset: dict) -> None:
 def test_metrics_count_requests(tmp_path: Path, dataset: dict) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with GatewayServer(tmp_path, "--anonymous", env=dataset["env"]) as gateway:
+    port = free_port()
+    with GatewayServer(tmp_path, "--anonymous", "--metrics-listen", f"127.0.0.1:{port}",
+                       env=dataset["env"]) as gateway:
         metrics_count_requests(gateway, dataset, text_string_to_metric_families)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            families = list(text_string_to_metric_families(answer.read().decode()))
+        assert all(f.documentation for f in families)
+        assert any(f.name == "cachefs_gateway_requests" for f in families)
 
 
 def metrics_count_requests(gateway: GatewayServer, dataset: dict, parse) -> None:  # type: ignore[no-untyped-def]

@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not log each request (by default one line each on stderr, through "
                         "the cachefs.gateway.access logger)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="also serve the Prometheus metrics at http://HOST:PORT/metrics (they "
+                        "are always at /-/metrics on --listen)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds before an uncached read that the origin cannot serve fails "
                         "(default 30)")
@@ -124,7 +127,7 @@ def gateway(args: argparse.Namespace) -> int:
         cache_peers_file=(os.path.abspath(args.cache_peers_file) if args.cache_peers_file
                           else None),
         peer_token=load_token(args.peer_token_file) if (cache_peers or args.cache_peers_file)
-        else None, access_log=args.access_log)
+        else None, access_log=args.access_log, metrics_listen=args.metrics_listen)
     if args.verbose == 0:  # a server says what it does: its start, its stop, its requests
         logging.getLogger("cachefs.gateway").setLevel(logging.INFO)
     repo = Repository(open_remote_url(remote_url))

@@ -39,6 +39,7 @@ from cachefs.gateway.auth import Authenticator
 from cachefs.gateway.bridge import TrioGuest
 from cachefs.gateway.catalog import DEFAULT_REF_TTL, Catalog
 from cachefs.gateway.metrics import GatewayMetrics
+from cachefs.metrics import serve_metrics
 
 log = logging.getLogger("cachefs.gateway.server")
 
@@ -103,6 +104,7 @@ class GatewaySettings:
     cache_peers_file: str | None = None
     peer_token: str | None = None
     access_log: bool = True
+    metrics_listen: str | None = None  # also at /-/metrics on the gateway's own port
 
 
 def is_loopback(host: str) -> bool:
@@ -175,7 +177,12 @@ def run_gateway(settings: GatewaySettings, repo: Repository, auth: Authenticator
     app = GatewayApp(catalog, auth, metrics, TrioGuest(), access_log=settings.access_log,
                      on_ready=on_ready)
     server = _Server(uvicorn_config(app, settings))
-    server.run()
+    endpoint = serve_metrics(settings.metrics_listen, metrics.registry)
+    try:
+        server.run()
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
     if server.started:
         log.info("gateway stopped")
     else:
