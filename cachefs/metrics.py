@@ -20,13 +20,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cachefs.errors import UsageError
 from cachefs.httpserver import BaseHandler, ServiceHTTPServer, parse_listen
 
 log = logging.getLogger("cachefs.metrics")
+
+# No `*_created` sample beside every counter and histogram: twice the series for a timestamp
+# that Prometheus does not need (process start shows in the counters' resets).
+prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -190,9 +196,13 @@ class MetricsEndpoint(ServiceHTTPServer):
 
 def serve_metrics(listen: str | None, registry: CollectorRegistry,
                   option: str = "--metrics-listen") -> MetricsEndpoint | None:
-    """Start an endpoint where `listen` is given (logged), else None."""
+    """Start an endpoint where `listen` is given (logged), else None. UsageError (naming
+    `option`) where the address cannot be listened on."""
     if not listen:
         return None
-    endpoint = MetricsEndpoint(listen, registry, option).start()
+    try:
+        endpoint = MetricsEndpoint(listen, registry, option).start()
+    except OSError as e:
+        raise UsageError(f"{option} {listen}: cannot listen there: {e.strerror or e}") from e
     log.info("metrics at %s/metrics", endpoint.url)
     return endpoint

@@ -8,8 +8,11 @@ in their own sessions (`cachefs.fuse.mount.start`), so they survive a restart of
 too: the mounter only records what it made and keeps it healthy.
 
 Run it as ``python -m csi.mounter --socket PATH --state-dir DIR [--health-interval 2]
-[--cache-dir DIR] [--cache-peers SPEC] [--token-file FILE]`` (or ``cachefs csi mounter ...``);
-talk to it with `MounterClient`.
+[--cache-dir DIR] [--cache-peers SPEC] [--token-file FILE] [--metrics-listen HOST:PORT]`` (or
+``cachefs csi mounter ...``); talk to it with `MounterClient`. With ``--metrics-listen`` it
+serves Prometheus metrics at http://HOST:PORT/metrics (csi/metrics.py): requests by op and
+result, the mounts and binds it owns, daemons started, repairs, failed repairs, health checks
+that found a mount down, stale binds bound again.
 
 Wire protocol (AF_UNIX, SOCK_STREAM, socket mode 0600): one request per connection. The client
 sends one JSON object on one line (at most `MAX_REQUEST_BYTES`, newline-terminated), the mounter
@@ -114,8 +117,10 @@ from cachefs.fuse import mount as fuse_mount
 from cachefs.fuse.config import MountConfig, default_cache_dir
 from cachefs.fuse.mount import mount_table, top_mount
 from cachefs.grpc_auth import load_token
+from cachefs.metrics import new_registry, serve_metrics
 from cachefs.names import check_hash, check_name
 from cachefs.peer.sources import build_sources, parse_specs
+from csi.metrics import INVALID_OP, MounterMetrics
 
 log = logging.getLogger("cachefs.csi.mounter")
 
@@ -239,10 +244,12 @@ def error_from_wire(type_name: str, message: str) -> CachefsError:
 def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0,
                   hang_timeout: float = HANG_TIMEOUT_S,
                   allow_remote_urls: bool = False, cache_peers: str | None = None,
-                  token_file: str | None = None) -> subprocess.Popen[bytes]:
+                  token_file: str | None = None,
+                  metrics_listen: str | None = None) -> subprocess.Popen[bytes]:
     """Start a mounter process (in its own session) and return once it answers ping.
-    `cache_peers`, `token_file`: its --cache-peers and --token-file (without them it still
-    reads CACHEFS_CACHE_PEERS from the environment it inherits).
+    `cache_peers`, `token_file`, `metrics_listen`: its --cache-peers, --token-file and
+    --metrics-listen (without the first it still reads CACHEFS_CACHE_PEERS from the environment
+    it inherits).
 
     Its log goes to STATE_DIR/mounter.log. Raises MountError (and kills it) if it exits or does
     not answer within SPAWN_TIMEOUT_S.
@@ -259,6 +266,8 @@ def spawn_mounter(socket_path: str, state_dir: str, health_interval: float = 2.0
         argv += ["--cache-peers", cache_peers]
     if token_file is not None:
         argv += ["--token-file", token_file]
+    if metrics_listen is not None:
+        argv += ["--metrics-listen", metrics_listen]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv,
@@ -564,6 +573,13 @@ class Mounter:
         self.hang_timeout = hang_timeout
         self.allow_remote_urls = allow_remote_urls
         self.peers = peers or PeerSettings()
+        # Counted whether or not they are served: a process-local registry costs nothing.
+        self.metrics = MounterMetrics(new_registry(), sorted(OPS), self.figures)
+
+    def figures(self) -> dict[str, int]:
+        """The mounter's gauges: what it owns now."""
+        with self.state.lock:
+            return {"mounts": len(self.state.mounts), "binds": len(self.state.binds)}
 
     def remote(self, remote: str, inline: bool) -> tuple[str | None, str]:
         """(configured name or None, URL) a mount may reach for `remote`, or ConfigError: the
@@ -675,12 +691,13 @@ class Mounter:
             elif not os.path.isdir(source):
                 raise UsageError(f"bind source {source} does not exist or is not a directory")
             if not self._bind_is_current(source, target):
-                if top_mount(mount_table(), target) is not None:
-                    if recorded is None:
+                if recorded is not None:  # ours, and stale: bound again, as a repair does
+                    self._rebind(source, target)
+                else:
+                    if top_mount(mount_table(), target) is not None:
                         raise MountError(f"{target} already has something else mounted")
-                    unmount_all(target, lazy=True)
-                ensure_dir(target)
-                bind_readonly(source, target)
+                    ensure_dir(target)
+                    bind_readonly(source, target)
                 log.info("bound %s at %s (read-only)", source, target)
             with self.state.lock:
                 if self.state.binds.get(target) != source:
@@ -729,6 +746,7 @@ class Mounter:
             with contextlib.suppress(CachefsError, OSError):
                 lazy_unmount_fuse(path)
             raise
+        self.metrics.mounts_started.inc()
         log.info("mounted %s@%s (%s) at %s, daemon pid %s", config.dataset, config.ref,
                  config.commit[:12], path, info.get("pid"))
 
@@ -769,8 +787,28 @@ class Mounter:
         """Repair the mount at `path` if it is dead, hung or gone (caller holds its lock)."""
         state = probe(path, self.hang_timeout).state
         if state != "serving":
+            self._repair(path, config, state)
+
+    def _repair(self, path: str, config: MountConfig, state: str) -> None:
+        """Start the recorded mount at `path` again, found `state` (lock held), counted."""
+        try:
             started = self._replace(path, config, state, self._is_inline(path))
-            self._record_restarted(path, config, started)
+        except BaseException:
+            self.metrics.repair_failures.labels(state).inc()
+            raise
+        self.metrics.repairs.labels(state).inc()
+        self._record_restarted(path, config, started)
+
+    def _rebind(self, source: str, target: str) -> None:
+        """Bind `source` at the recorded, stale bind target `target` again (locks held)."""
+        try:
+            unmount_all(target, lazy=True)
+            ensure_dir(target)
+            bind_readonly(source, target)
+        except BaseException:
+            self.metrics.rebind_failures.inc()
+            raise
+        self.metrics.rebinds.inc()
 
     def _bind_is_current(self, source: str, target: str) -> bool:
         table = mount_table()
@@ -789,6 +827,8 @@ class Mounter:
         with self.state.lock:
             mounts = dict(self.state.mounts)
         found = probe_all(list(mounts), self.hang_timeout)
+        for state in (f.state for f in found.values() if f.state != "serving"):
+            self.metrics.health_check_failures.labels(state).inc()
         for path, config in mounts.items():
             try:
                 self._check_mount(path, config, found[path])
@@ -802,6 +842,7 @@ class Mounter:
             except Exception as e:
                 log.error("re-binding %s at %s failed (retried next round): %s", source,
                           target, e)
+        self.metrics.health_rounds.inc()
 
     def _check_mount(self, path: str, config: MountConfig, found: Probe) -> None:
         if found.state == "serving":
@@ -818,8 +859,7 @@ class Mounter:
                     self.state.mounts.pop(path, None)
                     self.state.save()
                 return
-            started = self._replace(path, config, found.state, self._is_inline(path))
-            self._record_restarted(path, config, started)
+            self._repair(path, config, found.state)
 
     def _check_bind(self, target: str, source: str) -> None:
         with self.locks.hold(source, target):
@@ -840,9 +880,7 @@ class Mounter:
             if self._bind_is_current(source, target):
                 return
             log.warning("bind of %s at %s is stale: binding again", source, target)
-            unmount_all(target, lazy=True)
-            ensure_dir(target)
-            bind_readonly(source, target)
+            self._rebind(source, target)
             log.info("re-bound %s at %s", source, target)
 
 
@@ -896,8 +934,14 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.settimeout(READ_TIMEOUT_S)
+        op = INVALID_OP
+        started = time.perf_counter()
         try:
-            response = {"ok": True, "result": self.server.mounter.handle(self._read(sock))}
+            request = self._read(sock)
+            started = time.perf_counter()  # the answer's time, not the client's to send
+            if isinstance(request, dict) and request.get("op") in OPS:
+                op = str(request["op"])  # only known ops: the label's values stay few
+            response = {"ok": True, "result": self.server.mounter.handle(request)}
         except CachefsError as e:
             response = {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
         except Exception as e:  # reported to the client, never kills the server
@@ -907,6 +951,9 @@ class _Handler(socketserver.BaseRequestHandler):
         if not response["ok"]:
             log.info("request refused: %s: %s", response["error"]["type"],
                      response["error"]["message"])
+        self.server.mounter.metrics.request(
+            op, "ok" if response["ok"] else response["error"]["type"],
+            time.perf_counter() - started)
         with contextlib.suppress(OSError):
             sock.sendall(json.dumps(response).encode() + b"\n")
 
@@ -966,8 +1013,9 @@ def _claim_socket(socket_path: str) -> None:
 def serve(socket_path: str, state_dir: str, health_interval: float,
           cache_dir: str | None, stop: threading.Event,
           hang_timeout: float = HANG_TIMEOUT_S, allow_remote_urls: bool = False,
-          peers: PeerSettings | None = None) -> None:
-    """Serve until `stop` is set; mounts are left in place."""
+          peers: PeerSettings | None = None, metrics_listen: str | None = None) -> None:
+    """Serve until `stop` is set; mounts are left in place. `metrics_listen`: HOST:PORT of the
+    Prometheus endpoint (None: none)."""
     if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
         raise UsageError(f"socket path too long ({len(os.fsencode(socket_path))} > "
                          f"{SUN_PATH_MAX} bytes): {socket_path}")
@@ -978,6 +1026,18 @@ def serve(socket_path: str, state_dir: str, health_interval: float,
     with mounter.state.lock:
         log.info("state %s: %d mount(s), %d bind(s)", mounter.state.path,
                  len(mounter.state.mounts), len(mounter.state.binds))
+    # Before the socket: a metrics address that cannot be used stops the start, before the
+    # plugin can reach a mounter nobody can watch.
+    endpoint = serve_metrics(metrics_listen, mounter.metrics.registry)
+    try:
+        _serve_socket(socket_path, mounter, health_interval, stop)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+
+
+def _serve_socket(socket_path: str, mounter: Mounter, health_interval: float,
+                  stop: threading.Event) -> None:
     _claim_socket(socket_path)
     server = _Server(socket_path, mounter)
     try:
@@ -1002,8 +1062,8 @@ def serve(socket_path: str, state_dir: str, health_interval: float,
     health_thread.start()
     serve_thread.start()
     log.info("mounter serving on %s (pid %d, health every %g s, hung after %g s, remote URLs "
-             "%s, %s)", socket_path, os.getpid(), health_interval, hang_timeout,
-             "allowed for PVs" if allow_remote_urls else "only configured ones",
+             "%s, %s)", socket_path, os.getpid(), health_interval, mounter.hang_timeout,
+             "allowed for PVs" if mounter.allow_remote_urls else "only configured ones",
              mounter.peers.describe())
     try:
         stop.wait()
@@ -1044,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", metavar="FILE",
                         help="the cluster token file the mounts' peer calls use (default: "
                              "the CACHEFS_TOKEN they inherit)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
+                             "off)")
     args = parser.parse_args(argv)
     if not args.health_interval > 0:
         parser.error("--health-interval must be positive")
@@ -1064,7 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = PeerSettings.parse(args.cache_peers, args.token_file)
         serve(os.path.abspath(args.socket), os.path.abspath(args.state_dir),
               args.health_interval, args.cache_dir, stop, args.hang_timeout,
-              args.allow_remote_urls, peers)
+              args.allow_remote_urls, peers, args.metrics_listen)
     except CachefsError as e:
         print(f"cachefs csi mounter: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,6 +20,12 @@ a separately running mounter needs it too.
 
 The CSI socket is local (kubelet and the sidecars reach it through a host path); it is created
 with mode 0660 and carries no token, as in every CSI driver.
+
+With `--metrics-listen HOST:PORT` the plugin serves Prometheus metrics at
+http://HOST:PORT/metrics (csi/metrics.py): every CSI RPC by method and status code with its
+latency, volumes staged and published on the node, volumes the controller has created. A
+mounter the plugin starts itself serves none (run it separately, with its own
+`--metrics-listen`, to watch it).
 """
 
 from __future__ import annotations
@@ -35,16 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from cachefs.config import Config
 from cachefs.errors import ConfigError, UsageError
 from cachefs.fuse.config import default_cache_dir
 from cachefs.grpc_auth import load_token
+from cachefs.metrics import new_registry, serve_metrics
 from cachefs.peer.ring import parse_member
 from csi.controller import ControllerService
 from csi.identity import IdentityService
 from csi.inventory import collect_inventory
 from csi.kube import core_api
+from csi.metrics import plugin_metrics
 from csi.mounter import MounterClient, spawn_mounter
 from csi.node import NodeService
 from csi.proto import csi_pb2_grpc
@@ -98,7 +107,9 @@ def check_default_remote(default_remote: str | None, allow_remote_urls: bool) ->
 
 def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | None,
                  state_dir: Path, mounter_socket: str | None = None,
-                 cache_dir: str | None = None, allow_remote_urls: bool = False) -> grpc.Server:
+                 cache_dir: str | None = None, allow_remote_urls: bool = False,
+                 registry: CollectorRegistry | None = None) -> grpc.Server:
+    """The plugin's gRPC server, not started; with `registry`, its metrics are kept there."""
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if mode != "controller" and not node_id:
@@ -109,16 +120,21 @@ def build_server(endpoint: str, node_id: str, mode: str, default_remote: str | N
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)  # a stale socket of an earlier run
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="csi"))
+    controller_volumes = (JsonStore(state_dir / "volumes.json") if mode != "node" else None)
+    node_volumes = (JsonStore(state_dir / "node-volumes.json") if mode != "controller"
+                    else None)
+    interceptors = ([plugin_metrics(registry, node_volumes, controller_volumes)]
+                    if registry is not None else [])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="csi"),
+                         interceptors=interceptors)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(mode != "node"), server)
-    if mode != "node":
-        controller = ControllerService(JsonStore(state_dir / "volumes.json"), default_remote,
-                                       allow_remote_urls)
+    if controller_volumes is not None:
+        controller = ControllerService(controller_volumes, default_remote, allow_remote_urls)
         csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
-    if mode != "controller":
+    if node_volumes is not None:
         mounter = connect_mounter(state_dir, mounter_socket, allow_remote_urls)
-        node = NodeService(node_id, mounter, JsonStore(state_dir / "node-volumes.json"),
-                           default_remote, cache_dir, allow_remote_urls)
+        node = NodeService(node_id, mounter, node_volumes, default_remote, cache_dir,
+                           allow_remote_urls)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     server.add_insecure_port(f"unix://{path}")
     return server
@@ -160,8 +176,17 @@ def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     services = inventory_services(args)
     allow_urls = getattr(args, "allow_remote_urls", False)
-    server = build_server(args.endpoint, args.node_id or "", args.mode, args.default_remote,
-                          state_dir, args.mounter_socket, args.cache_dir, allow_urls)
+    registry = new_registry()
+    # Listening first: an address that cannot be used stops the start before anything else.
+    metrics = serve_metrics(getattr(args, "metrics_listen", None), registry)
+    try:
+        server = build_server(args.endpoint, args.node_id or "", args.mode, args.default_remote,
+                              state_dir, args.mounter_socket, args.cache_dir, allow_urls,
+                              registry)
+    except BaseException:
+        if metrics is not None:
+            metrics.stop()
+        raise
     server.start()
     os.chmod(socket_path(args.endpoint), 0o660)
     log.info("%s serving %s (mode %s, node %s, remote URLs %s)", DRIVER_NAME, args.endpoint,
@@ -176,4 +201,6 @@ def run(args: argparse.Namespace) -> int:
     for service in services:
         service.stop()
     server.stop(grace=5).wait()
+    if metrics is not None:
+        metrics.stop()
     return 0

@@ -55,6 +55,12 @@ class JsonStore:
         with self.lock:
             return sorted((k, dict(v)) for k, v in self.records.items())
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The records as they are now, without taking the lock: a node RPC holds it while the
+        mounter mounts (seconds), and a metrics scrape must not wait for that. dict.copy() runs
+        under the GIL in one step, so the copy is never torn."""
+        return list(self.records.copy().values())
+
     def _save(self) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.records, indent=1, sort_keys=True))

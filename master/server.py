@@ -32,10 +32,15 @@ volumes once at least R storage servers registered and registrations paused for
 Requests are checked in full before anything changes (INVALID_ARGUMENT naming the field);
 cachefs errors map to status codes through `cachefs.grpc_errors.rpc`; with a token every call
 needs it (`TokenInterceptor`) and the raft transport is encrypted with it.
+
+With `--metrics-listen HOST:PORT` (`MasterConfig.metrics_listen`) the member serves Prometheus
+metrics at http://HOST:PORT/metrics (master/metrics.py): its RPCs, and its view of raft, the
+directory and the cluster, read without committing anything.
 """
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import logging
@@ -56,9 +61,11 @@ from cachefs.errors import NotFound, RemoteError, UsageError
 from cachefs.grpc_auth import bearer_metadata, check_listen, listening_server
 from cachefs.grpc_errors import RpcAbort, error_from_rpc, invalid, rpc
 from cachefs.httpserver import parse_listen
+from cachefs.metrics import MetricsEndpoint, serve_metrics
 from master.batching import CommandBatcher
 from master.client import LEADER_HINT
 from master.liveness import Done, Liveness, NodeLiveness
+from master.metrics import MasterMetrics
 from master.proto import master_pb2 as pb
 from master.proto import master_pb2_grpc as pb_grpc
 from master.state import NO_LEADER, MasterRaft, MasterState, RaftView, StoredDirEntry
@@ -144,6 +151,7 @@ class MasterConfig:
     down_after: float = 10.0
     dead_after: float = 600.0   # 0: never declare dead automatically
     commit_timeout: float = 5.0
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: off
     members: tuple[Peer, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +159,8 @@ class MasterConfig:
             raise UsageError(f"--id {self.id!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
         parse_listen(self.listen, "--listen")
         parse_address(self.raft, "--raft")
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen, "--metrics-listen")
         if self.volumes < 1 or self.volumes > 1 << 16:
             raise UsageError(f"--volumes {self.volumes}: between 1 and 65536")
         if self.replicas < 1:
@@ -266,10 +276,21 @@ class Master:
         self._thread: threading.Thread | None = None
         self._led_term: int | None = None
         self._lead_lock = threading.Lock()
+        # Calls this member answered, by outcome, for the metrics (master/metrics.py).
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._counts_lock = threading.Lock()
         self.directory: CommandBatcher[tuple[Any, ...]] = CommandBatcher(
             lambda ops, timeout: self.raft.run(self.state.dir_apply, list(ops),
                                                timeout=timeout),
             name="directory-batcher")
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] += n
+
+    def counted(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self._counts)
 
     # -- raft helpers ----------------------------------------------------------------------
 
@@ -450,6 +471,12 @@ class Master:
             self.read_barrier(context, STATUS_READ_TIMEOUT_S)
         except RemoteError as e:
             error = str(e)
+        return self.local_status(error)
+
+    def local_status(self, error: str | None = None) -> dict[str, Any]:
+        """`status` from this member's state as it is, without a barrier (`error`: why it
+        may be stale, None if it is known current). The metrics read this: a scrape must
+        cost the raft log nothing."""
         raft = self.raft.view()
         leader = self.leader_peer(raft)
         leading = self.leading(raft)
@@ -688,6 +715,9 @@ class MasterService(pb_grpc.MasterServicer):
         created = self.master.dir_op(context, (
             "put", request.entry.name, inline, needle, size, time.time_ns(), request.if_absent,
             request.request_id, request.only_if_last_under))
+        if request.if_absent:  # the compare-and-swap that refs are built on
+            self.master.count("conditional_puts_created" if created
+                              else "conditional_puts_refused")
         return pb.DirPutResponse(created=bool(created))
 
     @rpc
@@ -821,12 +851,17 @@ def serve(config: MasterConfig, grace: float = 5.0,
                 for signum in (signal.SIGTERM, signal.SIGINT)}
     master: Master | None = None
     server: grpc.Server | None = None
+    endpoint: MetricsEndpoint | None = None
     try:
         master = Master(config)
         master.raft.wait_bound()
+        metrics = MasterMetrics(master) if config.metrics_listen else None
         server, address = listening_server(config.listen, config.token, WORKERS, "master",
-                                           GRPC_OPTIONS)
+                                           GRPC_OPTIONS,
+                                           observers=[metrics.grpc] if metrics else ())
         pb_grpc.add_MasterServicer_to_server(MasterService(master), server)
+        if metrics is not None:
+            endpoint = serve_metrics(config.metrics_listen, metrics.registry)
         server.start()
         master.start()
         if config.token is None:
@@ -839,6 +874,8 @@ def serve(config: MasterConfig, grace: float = 5.0,
         log.info("stopping: finishing the calls in flight")
         server.stop(grace=grace).wait()
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         if server is not None:
             server.stop(grace=None)
         if master is not None:

@@ -343,6 +343,7 @@ class MasterRaft(SyncObj):
         # Set before SyncObj.__init__: attributes that exist then are not part of the dumps.
         self.state = state
         self.self_address = self_address
+        self.files = (Path(conf.journalFile), Path(conf.fullDumpFile))
         super().__init__(self_address, others, conf, consumers=[state])
 
     def _on_state_changed(self, old: int, new: int) -> None:
@@ -396,6 +397,27 @@ class MasterRaft(SyncObj):
 
     def has_leader(self) -> bool:
         return self.leader_node() is not None
+
+    def log_entries(self) -> int:
+        """Entries in this member's raft log (since its last log compaction), from pysyncobj's
+        status (retried if the raft thread changes it while it is read)."""
+        for _ in range(10):
+            try:
+                return int(self.getStatus()["log_len"])
+            except RuntimeError:  # a dict changed size while getStatus iterated it
+                time.sleep(0.001)
+        raise RemoteError("raft state kept changing while being read")
+
+    def disk_bytes(self) -> tuple[int, int]:
+        """(size of the journal file, size of the last full dump) on disk; 0 for a missing
+        file. pysyncobj grows the journal file by doubling, so it can exceed its entries."""
+        sizes = []
+        for path in self.files:
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
 
     def view(self) -> RaftView:
         """This member's view of the group (read from the raft thread's fields; retried if

@@ -16,7 +16,9 @@ A `StorageAgent` runs two threads inside `cachefs storage serve --master ADDRS`:
   `storage_server.repair.repair_volume(source, this server, vid)` and wakes the heartbeat
   thread when one finishes, so the master sees the new counts at once.
 
-The counts come from `VolumeStore.stat()` (its per-volume `live`).
+The counts come from `VolumeStore.stat()` (its per-volume `live`). `stats()` sums the
+heartbeats and repairs so far (needles checked and copied, bytes copied; the repair running
+counted as far as it got) for the metrics (storage_server/metrics.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from cachefs.errors import CachefsError, UsageError
 from master.client import MasterClient, RepairDone, RepairTask
 from storage_server.client import StorageClient
-from storage_server.repair import repair_volume
+from storage_server.repair import RepairReport, repair_volume
 
 log = logging.getLogger("cachefs.storage.agent")
 
@@ -81,6 +83,11 @@ class StorageAgent:
         self._registered = False
         self._threads: list[threading.Thread] = []
         self.heartbeats = 0
+        # Repairs for the metrics (`stats`): the one running, and the sums of those done.
+        self._repairing: RepairReport | None = None
+        self._repaired = {"repairs_succeeded": 0, "repairs_failed": 0,
+                          "repair_checked_needles": 0, "repair_copied_needles": 0,
+                          "repair_copied_bytes": 0}
 
     def start(self) -> None:
         for name, target in (("storage-heartbeat", self._heartbeat_loop),
@@ -171,16 +178,48 @@ class StorageAgent:
     def repair(self, task: RepairTask) -> RepairDone:
         log.info("repairing volume %d from %s (%s)", task.vid, task.source_id,
                  task.source_address)
+        report = RepairReport(vid=task.vid, source=task.source_address,
+                              target=self.local_address)
+        with self._lock:
+            self._repairing = report
+        ok = False
         try:
             with StorageClient(task.source_address, self.token) as source, \
                     StorageClient(self.local_address, self.token) as local:
-                report = repair_volume(source, local, task.vid)
+                repair_volume(source, local, task.vid, report=report)
+            ok = True
         except CachefsError as e:
             log.warning("repair of volume %d from %s failed: %s", task.vid, task.source_id, e)
             return RepairDone(task.vid, task.source_id, False, str(e))
+        finally:
+            with self._lock:  # what a failed repair copied was copied all the same
+                self._repairing = None
+                self._add_repair(report, ok)
         log.info("repaired volume %d from %s: %d needles copied", task.vid, task.source_id,
                  report.copied)
         return RepairDone(task.vid, task.source_id, True)
+
+    def _add_repair(self, report: RepairReport, ok: bool) -> None:
+        """Add a finished repair's `report` to the sums (caller holds the lock)."""
+        done = self._repaired
+        done["repairs_succeeded" if ok else "repairs_failed"] += 1
+        done["repair_checked_needles"] += report.checked
+        done["repair_copied_needles"] += report.copied
+        done["repair_copied_bytes"] += report.bytes_copied
+
+    def stats(self) -> dict[str, int]:
+        """Heartbeats and repairs so far (the repair running counted as far as it got)."""
+        with self._lock:
+            running = self._repairing
+            figures = dict(self._repaired)
+            queued = len(self._queued) - (running is not None)
+        if running is not None:
+            figures["repair_checked_needles"] += running.checked
+            figures["repair_copied_needles"] += running.copied
+            figures["repair_copied_bytes"] += running.bytes_copied
+        return {**figures, "repairs_running": int(running is not None),
+                "repairs_queued": max(0, queued), "heartbeats": self.heartbeats,
+                "registered": int(self._registered)}
 
 
 def local_address(bound: str) -> str:

@@ -40,9 +40,12 @@ class RepairReport:
 
 
 def repair_volume(source: StorageClient, target: StorageClient, vid: int,
-                  batch_bytes: int = REPAIR_BATCH_BYTES, page: int = LIST_PAGE) -> RepairReport:
-    """Copy every needle of volume `vid` that `source` has and `target` lacks."""
-    report = RepairReport(vid=vid, source=source.address, target=target.address)
+                  batch_bytes: int = REPAIR_BATCH_BYTES, page: int = LIST_PAGE,
+                  report: RepairReport | None = None) -> RepairReport:
+    """Copy every needle of volume `vid` that `source` has and `target` lacks. `report`: the
+    one to fill in as it goes (another thread may read its progress), else a new one."""
+    if report is None:
+        report = RepairReport(vid=vid, source=source.address, target=target.address)
     batch: list[tuple[bytes, bytes]] = []
     size = 0
 

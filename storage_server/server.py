@@ -6,7 +6,8 @@ and limits not negative or too large); a refusal is INVALID_ARGUMENT naming the 
 the store go through the one mapping of cachefs errors to status codes
 (`cachefs.grpc_errors.rpc`). With a token, `cachefs.grpc_auth.TokenInterceptor` guards every
 call; without one the server listens on loopback only and logs that it runs without
-authentication.
+authentication. With `--metrics-listen HOST:PORT` it serves Prometheus metrics at
+http://HOST:PORT/metrics (storage_server/metrics.py).
 
 Messages up to `MAX_MESSAGE_BYTES` are accepted both ways (a 64 MiB needle plus framing); gRPC
 itself refuses a bigger one with RESOURCE_EXHAUSTED. The pool has `WORKERS` threads, so many
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -24,7 +26,9 @@ import grpc
 from cachefs.contracts import check_key
 from cachefs.grpc_auth import listening_server, serve_until_signalled
 from cachefs.grpc_errors import invalid, rpc
+from cachefs.metrics import serve_metrics
 from storage_server import wire
+from storage_server.metrics import StorageMetrics
 from storage_server.proto import storage_pb2 as pb
 from storage_server.proto import storage_pb2_grpc as pb_grpc
 from storage_server.protocol import (
@@ -164,10 +168,13 @@ def verify_summary(report: dict[str, Any]) -> tuple[int, list[bytes]]:
     return report["checked"], [bytes.fromhex(key) for key in report["corrupt"]]
 
 
-def build_server(store: Any, listen: str, token: str | None) -> tuple[grpc.Server, str]:
+def build_server(store: Any, listen: str, token: str | None,
+                 observers: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, str]:
     """A started-to-be server bound to `listen` and the address it bound (the real port when
-    `listen` asks for port 0). Refuses a non-loopback address without a token."""
-    server, address = listening_server(listen, token, WORKERS, "storage", GRPC_OPTIONS)
+    `listen` asks for port 0). Refuses a non-loopback address without a token. `observers`
+    (the metrics' `GrpcMetrics`) see every call, refused ones included."""
+    server, address = listening_server(listen, token, WORKERS, "storage", GRPC_OPTIONS,
+                                       observers=observers)
     add_storage_service(server, StorageService(store))
     return server, address
 
@@ -200,14 +207,23 @@ def add_storage_service(server: grpc.Server, service: StorageService) -> None:
 
 
 def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
-          ready: Any = None, agent: Any = None) -> None:
+          ready: Any = None, agent: Any = None, metrics_listen: str | None = None) -> None:
     """Serve `store` until SIGTERM or SIGINT, then stop accepting, let calls in flight finish
     (up to `grace` seconds) and return; the caller closes the store. `ready(address)` is
     called once the server accepts calls. With `agent` (a `storage_server.agent.AgentConfig`)
     a `StorageAgent` registers the server with the masters, heartbeats and runs repairs
-    while it serves."""
+    while it serves. With `metrics_listen` (HOST:PORT) Prometheus metrics are served at
+    http://HOST:PORT/metrics (storage_server/metrics.py)."""
     running: list[Any] = []
-    server, address = build_server(store, listen, token)
+
+    def agent_stats() -> dict[str, int]:
+        agents = list(running)  # a copy: stop_agent may empty it meanwhile
+        return agents[0].stats() if agents else {}
+
+    metrics = StorageMetrics(store, agent_stats) if metrics_listen else None
+    server, address = build_server(store, listen, token,
+                                   observers=[metrics.grpc] if metrics else ())
+    endpoint = serve_metrics(metrics_listen, metrics.registry) if metrics else None
 
     def start_agent() -> None:
         if agent is not None:
@@ -225,3 +241,5 @@ def serve(store: Any, listen: str, token: str | None, grace: float = 10.0,
                               started=start_agent, stopping=stop_agent)
     finally:
         stop_agent()
+        if endpoint is not None:
+            endpoint.stop()

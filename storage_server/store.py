@@ -187,6 +187,7 @@ class VolumeStore:
             written += len(data)
         if appended:
             self.commit.make_durable(appended)
+            self.counters.add("bytes_written", written)
         return written
 
     def get(self, key: bytes, start: int = 0, length: int | None = None) -> bytes | memoryview:
@@ -213,10 +214,12 @@ class VolumeStore:
             if data is None:
                 continue  # compaction moved it between the lookup and the read
             if not start and length is None:
+                self.counters.add("bytes_read", len(data))
                 return data
             stop = len(data) if length is None else min(len(data), start + length)
             if start >= stop:
                 return b""
+            self.counters.add("bytes_read", stop - start)
             return data[start:stop]
         raise ObjectNotFound(f"needle {key.hex()}: kept moving while being read; try again")
 
@@ -302,6 +305,8 @@ class VolumeStore:
                 "group_commits": counters.get("group_commits", 0),
                 "index_commits": counters.get("index_commits", 0),
                 "needles_committed": counters.get("needles_committed", 0),
+                "bytes_read": counters.get("bytes_read", 0),
+                "bytes_written": counters.get("bytes_written", 0),
                 "index_cache": {"entries": self.index.cached,
                                 "capacity": self.index.cache_entries},
                 "memory_cache": (self.memory_cache.stats() if self.memory_cache is not None

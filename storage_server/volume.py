@@ -192,6 +192,8 @@ class GroupCommit:
         self.index_interval = max(0.0, index_interval_ms) / 1000.0
         self.index_batch = max(1, index_batch)
         self.fsync = fsync
+        # Called with the seconds each segment fdatasync took (the metrics' histogram).
+        self.fsync_observer: Callable[[float], None] | None = None
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  # wait_indexed waits for index commits
         self._idx = threading.Condition(self._lock)  # the indexer waits for staged needles
@@ -284,8 +286,9 @@ class GroupCommit:
                 if delay > 0:
                     time.sleep(delay)
             covered = seg.end  # written (under the volume's lock) before this sync starts
-            seg.last_sync = time.monotonic()
+            seg.last_sync = started = time.monotonic()
             self.fsync(seg.fd)
+            took = time.monotonic() - started
             ok = True
         except BaseException as e:  # the state of the disk is unknown: stop writing
             self._fail(e)
@@ -299,6 +302,8 @@ class GroupCommit:
             if ok:
                 self.counters.add("fsyncs")
                 self.counters.add("group_commits")
+                if self.fsync_observer is not None:
+                    self.fsync_observer(took)
         if self._failed is not None:
             raise LocalIOError(f"flushing to disk failed: {self._failed}")
 

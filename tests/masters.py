@@ -27,15 +27,21 @@ class MasterProcess(ServiceProcess):
     or `stop()` restarts the same member on the same addresses and data directory."""
 
     def __init__(self, data_dir: Path, member_id: str, token: str | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), metrics: bool = False) -> None:
         self.data_dir = data_dir
         self.id = member_id
         self.token = token
-        self.extra = tuple(extra)
         self.port = free_port()
         self.raft_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.raft_address = f"127.0.0.1:{self.raft_port}"
+        # With `metrics`: --metrics-listen on a port of its own, scraped at `metrics_url`.
+        self.metrics_url: str | None = None
+        if metrics:
+            metrics_address = f"127.0.0.1:{free_port()}"
+            self.metrics_url = f"http://{metrics_address}/metrics"
+            extra = (*extra, "--metrics-listen", metrics_address)
+        self.extra = tuple(extra)
         self.peers = ""  # set by start_group: every member's ID=GRPC/RAFT
         self.log = data_dir.parent / f"{data_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -84,10 +90,11 @@ class MasterProcess(ServiceProcess):
 
 def start_group(root: Path, count: int, started: list[MasterProcess],
                 token: str | None = None, tokens: Sequence[str | None] | None = None,
-                extra: Sequence[str] = ()) -> list[MasterProcess]:
+                extra: Sequence[str] = (), metrics: bool = False) -> list[MasterProcess]:
     """`count` members (ids 1..count) knowing each other, appended to `started` before they
     start (so the fixture kills them whatever happens); returns once every one serves.
-    `tokens` gives each member its own token (default: `token` for all)."""
+    `tokens` gives each member its own token (default: `token` for all); `metrics` gives
+    each its own --metrics-listen (`MasterProcess.metrics_url`)."""
     for attempt in range(BIND_ATTEMPTS):
         # A port picked free can be taken before its member binds it (by the other members'
         # own outgoing raft connections, among others): then the whole group starts again on
@@ -95,7 +102,8 @@ def start_group(root: Path, count: int, started: list[MasterProcess],
         base = root if attempt == 0 else root / f"attempt{attempt}"
         base.mkdir(parents=True, exist_ok=True)
         members = [MasterProcess(base / f"master{i}", str(i),
-                                 tokens[i - 1] if tokens is not None else token, extra)
+                                 tokens[i - 1] if tokens is not None else token, extra,
+                                 metrics)
                    for i in range(1, count + 1)]
         peers = ",".join(m.peer_entry for m in members)
         for m in members:

@@ -51,13 +51,19 @@ class StorageServer(ServiceProcess):
     """One `cachefs storage serve` process on 127.0.0.1; `start()` waits until it answers."""
 
     def __init__(self, data_dir: Path, token: str | None = None, volumes: int = VOLUMES,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), metrics: bool = False) -> None:
         self.data_dir = data_dir
         self.token = token
         self.volumes = volumes
-        self.extra = extra
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        # With `metrics`: --metrics-listen on a port of its own, scraped at `metrics_url`.
+        self.metrics_url: str | None = None
+        if metrics:
+            metrics_address = f"127.0.0.1:{free_port()}"
+            self.metrics_url = f"http://{metrics_address}/metrics"
+            extra = (*extra, "--metrics-listen", metrics_address)
+        self.extra = extra
         self.log = data_dir.parent / f"{data_dir.name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -476,7 +476,7 @@ def test_node_runs_a_peer_server_on_the_mounts_cache_dir() -> None:
     assert cache == resolve(spec, mounter, flag(mounter["args"], "--cache-dir"))
     # wildcard, so the probes reach it on loopback; the default port
     assert peer_listen() == ("0.0.0.0", DEFAULT_PORT)
-    (declared,) = peer["ports"]
+    (declared,) = [p for p in peer["ports"] if p["name"] == "peer"]
     assert (declared["name"], declared["containerPort"], declared["protocol"]) == (
         "peer", DEFAULT_PORT, "TCP")
     assert declared.get("hostPort", DEFAULT_PORT) == DEFAULT_PORT  # hostNetwork: the same
@@ -665,6 +665,9 @@ def test_the_host_network_pod_has_no_port_surprises() -> None:
         int(flag(container(spec, "node-driver-registrar")["args"], "--http-endpoint")
             .rsplit(":", 1)[1]),
         peer_listen()[1],
+        # and each cachefs daemon's Prometheus endpoint
+        *(int(flag(container(spec, name)["args"], "--metrics-listen").rsplit(":", 1)[1])
+          for name in ("cachefs-plugin", "cachefs-mounter", "cachefs-peer")),
     }
     assert listening == set(numbers)
     # the only host-network pod is the node DaemonSet's

@@ -14,6 +14,11 @@ EXAMPLES = """examples:
       --cache-dir /var/cache/cachefs --cache-peers 10.0.0.1:7470,10.0.0.2:7470
   cachefs csi --mode node --endpoint unix:///csi/csi.sock --node-id $NODE_NAME \\
       --mounter-socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi
+  # the mounter and the plugin with Prometheus metrics (http://ADDR/metrics):
+  cachefs csi mounter --socket /var/lib/cachefs-csi/mounter.sock --state-dir /var/lib/cachefs-csi \\
+      --metrics-listen 0.0.0.0:9812
+  cachefs csi --mode node --node-id $NODE_NAME --mounter-socket /var/lib/cachefs-csi/mounter.sock \\
+      --metrics-listen 0.0.0.0:9811
   # the controller Deployment (with csi-provisioner):
   cachefs csi --mode controller --endpoint unix:///csi/csi.sock --default-remote team
   # the node plugin, also serving its inventory and publishing it on its Node object:
@@ -52,6 +57,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="a separately running mounter (default: STATE_DIR/mounter.sock, "
                         "started if needed)")
     p.add_argument("--cache-dir", help="SSD cache directory shared by the node's mounts")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: CSI RPCs by "
+                        "method and code, their latency, volumes staged and published "
+                        "(default: off)")
     _add_inventory_options(p)
     p.set_defaults(func=run_plugin)
     roles = p.add_subparsers(dest="role", required=False, metavar="ROLE")
@@ -107,6 +116,10 @@ def _register_mounter(roles: argparse._SubParsersAction) -> None:
     m.add_argument("--token-file", dest="mounter_token_file", metavar="FILE",
                    help="cluster token file for the mounts' peer calls (default: the "
                         "CACHEFS_TOKEN environment variable, which the mounts inherit)")
+    m.add_argument("--metrics-listen", dest="mounter_metrics_listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: requests, "
+                        "mounts and binds owned, repairs, health-check failures, re-binds "
+                        "(default: off)")
     m.set_defaults(func=run_mounter)
 
 
@@ -146,6 +159,8 @@ def run_mounter(args: argparse.Namespace) -> int:
         argv += ["--cache-peers", args.mounter_cache_peers]
     if args.mounter_token_file:
         argv += ["--token-file", args.mounter_token_file]
+    if args.mounter_metrics_listen:
+        argv += ["--metrics-listen", args.mounter_metrics_listen]
     return main(argv)
 
 

@@ -88,6 +88,10 @@ def _register_serve(roles: argparse._SubParsersAction, common: argparse.Argument
                         "(default 600; 0: never automatically)")
     s.add_argument("--commit-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a call waits for the raft group (default 5)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: raft term, "
+                        "leader, commit index and log, directory entries, storage servers, "
+                        "volumes, nodes, RPCs by method and code (default: off)")
     s.set_defaults(func=serve)
 
 
@@ -122,7 +126,7 @@ def serve(args: argparse.Namespace) -> int:
         peers=parse_peers(args.peers), token=load_token(args.token_file),
         volumes=args.volumes, replicas=args.replicas, min_replicas=args.min_replicas,
         down_after=args.down_after, dead_after=args.dead_after,
-        commit_timeout=args.commit_timeout)
+        commit_timeout=args.commit_timeout, metrics_listen=args.metrics_listen)
 
     def ready(address: str) -> None:
         print(f"master {config.id} serving on {address}, raft on {config.raft} "

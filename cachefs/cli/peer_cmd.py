@@ -24,7 +24,8 @@ SERVE_EXAMPLES = """examples:
   cachefs peer serve --cache-dir /var/cache/cachefs --listen 127.0.0.1:7470
   # every node of a cluster, on the cache dir its mounts use
   cachefs peer serve --cache-dir /var/cache/cachefs --listen 0.0.0.0:7470 \\
-      --advertise 10.0.0.1:7470 --token-file /etc/cachefs/token
+      --advertise 10.0.0.1:7470 --token-file /etc/cachefs/token \\
+      --metrics-listen 0.0.0.0:9470     # Prometheus: http://10.0.0.1:9470/metrics
   # then, on every node:
   cachefs mount imagenet@v3 /mnt/imagenet --remote team --cache-dir /var/cache/cachefs \\
       --cache-peers 10.0.0.1:7470,10.0.0.2:7470,10.0.0.3:7470 --token-file /etc/cachefs/token
@@ -105,6 +106,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="on SIGTERM, seconds to stay up draining (chunk requests refused at "
                         "once, status 'draining') before stopping, so the rings and a "
                         "readiness probe see the node leave (default 2)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: chunks served "
+                        "from the cache and from the origin, origin fetches and bytes, "
+                        "refusals, draining, RPCs by method and code (default: none)")
     s.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (-vv for debug)")
     s.set_defaults(func=serve)
@@ -155,6 +160,8 @@ def serve(args: argparse.Namespace) -> int:
     token = load_token(args.token_file)
     host, _ = parse_listen(args.listen, "--listen")
     check_listen(host, token)  # before the cache is opened: a refused start changes nothing
+    if args.metrics_listen:
+        parse_listen(args.metrics_listen, "--metrics-listen")
     if args.advertise:
         advertise = parse_member(args.advertise, "--advertise")
     elif host in ("0.0.0.0", "::"):
@@ -194,7 +201,8 @@ def serve(args: argparse.Namespace) -> int:
               f"remotes: {', '.join(sorted(remotes))}", flush=True)
 
     try:
-        serve_peer(service, args.listen, token, ready=ready, drain_s=args.drain_seconds)
+        serve_peer(service, args.listen, token, ready=ready, drain_s=args.drain_seconds,
+                   metrics_listen=args.metrics_listen)
     finally:
         if heartbeat is not None:
             heartbeat.close()

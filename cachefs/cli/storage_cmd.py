@@ -102,6 +102,10 @@ def _register_serve(roles: argparse._SubParsersAction, common: argparse.Argument
                         "--listen; required when --listen is a wildcard address)")
     s.add_argument("--heartbeat-interval", type=float, default=3.0, metavar="SECONDS",
                    help="seconds between heartbeats to the masters (default 3)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: needles, bytes "
+                        "and garbage per volume, fsync latency, the memory cache, repairs, "
+                        "RPCs by method and code (default: off)")
     s.set_defaults(func=serve)
 
 
@@ -137,6 +141,8 @@ def serve(args: argparse.Namespace) -> int:
     token = load_token(args.token_file)
     host, _ = parse_listen(args.listen, "--listen")
     check_listen(host, token)  # before the store is opened: a refused start changes nothing
+    if args.metrics_listen:
+        parse_listen(args.metrics_listen, "--metrics-listen")
     agent = agent_config(args, host)
     options: dict[str, Any] = {"volumes": args.volumes,
                                "fsync_interval_ms": args.fsync_interval_ms,
@@ -154,7 +160,8 @@ def serve(args: argparse.Namespace) -> int:
             print(f"serving on {address} ({store.volumes} volumes, data in {args.data_dir})",
                   flush=True)
 
-        serve_store(store, args.listen, token, ready=ready, agent=agent)
+        serve_store(store, args.listen, token, ready=ready, agent=agent,
+                    metrics_listen=args.metrics_listen)
     finally:
         store.close()
     print("stopped", flush=True)

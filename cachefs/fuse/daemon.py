@@ -17,6 +17,14 @@ write (read-only keys on nodes) is mounted anyway, unpinned: one warning in the 
 With --cache-peers (or --cache-peers-file) it asks the peer ring for chunks its caches miss
 before the origin (`cachefs.cache.peer`), probing members that went away on a thread of its own.
 
+With --metrics HOST:PORT it serves Prometheus metrics at http://HOST:PORT/metrics
+(`cachefs.metrics`): the figures of `cachefs stats` as `cachefs_mount_*` (MOUNT_METRICS: events
+as counters, `..._total`; levels as gauges), labelled with the dataset and the commit, and for
+one release the names it served before (`cachefs_<key>`, every figure a gauge) as deprecated
+aliases. The figures are read on the trio thread, at each scrape. The peer ring's quarantines
+are this mount's decision, so they are exported here (`cachefs_mount_quarantined_peers`,
+`cachefs_mount_peer_corrupt_total`), not by the peer servers.
+
 Once serving, it raises the mount's kernel readahead (`read_ahead_kb` of its bdi, root only) so
 sequential reads arrive as large requests (up to 1 MiB, libfuse's max_pages). SIGTERM or
 SIGINT unmount cleanly; an external `fusermount3 -u` (what `cachefs umount` does) ends the main
@@ -30,11 +38,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pyfuse3
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cachefs.cache.disk import DiskCache
 from cachefs.cache.memory import MemoryCache
@@ -49,7 +62,7 @@ from cachefs.fs import DatasetFS, MountOptions
 from cachefs.fuse.config import MountConfig
 from cachefs.fuse.operations import COMPILED_READS, CachefsOperations
 from cachefs.grpc_auth import load_token
-from cachefs.httpserver import BaseHandler, ServiceHTTPServer, parse_listen
+from cachefs.metrics import MetricsEndpoint, StatsCollector, new_registry
 from cachefs.peer.members import Membership
 from cachefs.remotes.registry import open_remote_url
 
@@ -127,41 +140,158 @@ def tune_kernel_after_init(config: MountConfig) -> None:
         log.info("could not raise max_background (%s): %s", background, e)
 
 
-class _MetricsHandler(BaseHandler):
-    server: MetricsServer
-    protocol_version = "HTTP/1.0"  # one request a connection, as this endpoint always served
-    logger = log
+# The mount's figures (`DatasetFS.stats()`, what `cachefs stats` shows) as Prometheus metrics:
+# (key in stats, metric name after ``cachefs_mount_``, whether it counts events, help text).
+# Counters get ``_total``; the rest are levels (gauges). Every sample carries the labels dataset
+# and commit. A numeric figure missing here is not exported under a new name (only as its
+# deprecated alias): tests/test_metrics_peer_mount.py checks that every one is listed.
+MOUNT_METRICS: tuple[tuple[str, str, bool, str], ...] = (
+    ("read_requests", "read_requests", True,
+     "READ requests answered (Python and compiled read paths)"),
+    ("read_bytes", "read_bytes", True, "bytes answered to READ requests"),
+    ("read_throughput_bytes_per_s", "read_throughput_bytes_per_second", False,
+     "read_bytes over the uptime (an average since mounting: prefer "
+     "rate(cachefs_mount_read_bytes_total))"),
+    ("compiled_reads_answered", "compiled_reads_answered", True,
+     "READ requests answered by the compiled read path from the SSD tier"),
+    ("compiled_reads_inline", "compiled_reads_inline", True,
+     "READ requests the compiled read path answered on the FUSE thread itself"),
+    ("compiled_reads_handed_back", "compiled_reads_handed_back", True,
+     "READ requests the compiled read path handed back to Python (a chunk not on SSD)"),
+    ("compiled_reads_declined", "compiled_reads_declined", True,
+     "READ requests the compiled read path declined to answer (left to Python at once)"),
+    ("compiled_reads_left_to_memory", "compiled_reads_left_to_memory", True,
+     "READ requests the compiled read path left to Python because the memory tier holds "
+     "their chunk"),
+    ("bad_extents", "bad_extents", True,
+     "reads refused because a file's extent did not fit its chunk (a corrupt tree)"),
+    ("open_requests", "open_requests", True, "OPEN requests the kernel sent"),
+    ("memory_hits", "memory_hits", True, "chunk reads answered by the memory tier"),
+    ("ssd_hits", "ssd_hits", True, "chunk reads answered by the SSD tier"),
+    ("ssd_misses", "ssd_misses", True, "chunk reads the SSD tier could not answer"),
+    ("ssd_evictions", "ssd_evictions", True, "objects evicted from the SSD tier by this mount"),
+    ("ssd_range_reads", "ssd_range_reads", True,
+     "reads of part of a chunk from the SSD tier (without reading the whole chunk)"),
+    ("ssd_bytes_read", "ssd_bytes_read", True, "bytes read from the SSD tier"),
+    ("ssd_direct_reads", "ssd_direct_reads", True, "SSD tier reads done with O_DIRECT"),
+    ("ssd_pack_prefetches", "ssd_pack_prefetches", True,
+     "packed chunks whose neighbours were prefetched into memory from the SSD tier"),
+    ("ssd_pack_prefetches_skipped", "ssd_pack_prefetches_skipped", True,
+     "pack prefetches skipped (memory already held them, or no room)"),
+    ("origin_requests", "origin_requests", True, "objects fetched from the origin (the remote)"),
+    ("origin_bytes", "origin_bytes", True, "bytes fetched from the origin"),
+    ("origin_errors", "origin_errors", True, "origin fetches that failed"),
+    ("origin_timeouts", "origin_timeouts", True, "origin fetches that ran past --timeout"),
+    ("corrupt_chunks", "corrupt_chunks", True,
+     "chunks refused because their bytes did not match their name (origin or SSD tier)"),
+    ("peer_hits", "peer_hits", True, "chunks the peer tier answered"),
+    ("peer_bytes", "peer_bytes", True, "bytes the peer tier answered"),
+    ("peer_misses", "peer_misses", True,
+     "chunks asked of the peer tier that no member could answer"),
+    ("peer_errors", "peer_errors", True, "peer calls that failed (refused, unreachable, ...)"),
+    ("peer_timeouts", "peer_timeouts", True, "peer calls that ran past their deadline"),
+    ("hedged_requests", "hedged_requests", True,
+     "chunks also asked of a second member because the first was slow"),
+    ("peer_corrupt", "peer_corrupt", True,
+     "chunks a peer served with bytes not matching their name (the peer is quarantined)"),
+    ("memory_bytes_used", "memory_bytes_used", False, "bytes of chunks held in the memory tier"),
+    ("memory_capacity_bytes", "memory_capacity_bytes", False,
+     "capacity of the memory tier, in bytes"),
+    ("ssd_bytes_used", "ssd_bytes_used", False,
+     "bytes used in the SSD cache directory (node-wide: every process sharing it)"),
+    ("ssd_capacity_bytes", "ssd_capacity_bytes", False, "capacity of the SSD tier, in bytes"),
+    ("trees_cached", "trees_cached", False, "decoded directory trees held in memory"),
+    ("tree_entries_cached", "tree_entries_cached", False,
+     "entries of the decoded directory trees held in memory"),
+    ("live_peers", "live_peers", False, "peer ring members answering now"),
+    ("quarantined_peers", "quarantined_peers", False,
+     "peer ring members this mount skips for having served a corrupt chunk"),
+    ("uptime_s", "uptime_seconds", False, "seconds since the mount daemon started serving"),
+    ("inodes", "inodes", False, "inodes the kernel may still ask about"),
+    ("open_files", "open_files", False, "files open on the mount now"),
+    ("pinned", "pinned", False, "1 while this mount's version is pinned (kept from gc)"),
+    ("compiled_reads", "compiled_reads", False,
+     "1 when the compiled read path answers READs from the SSD tier"),
+    ("fuse_no_open", "fuse_no_open", False,
+     "1 when opening a file costs no OPEN request (kernel and pyfuse3 support)"),
+)
+ALIAS_REUSE_S = 1.0  # an alias scrape reuses the figures read for the new names this recently
 
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] != "/metrics":
-            self.send_error(404)
-            return
-        stats = trio.from_thread.run_sync(self.server.fs.stats, trio_token=self.server.token)
-        self.send_body(200, render_metrics(stats, self.server.fs.info).encode(),
-                       "text/plain; version=0.0.4")
 
+class MountFigures:
+    """The mount's figures, read from a scrape's thread on the mount's trio thread (the state
+    `DatasetFS.stats()` reads is that thread's). `fresh()` reads them; `recent()` reuses the
+    last reading when it is at most ALIAS_REUSE_S old, so that one scrape shows the new names
+    and their deprecated aliases with the same values, for one hop to the trio thread."""
 
-class MetricsServer(ServiceHTTPServer):
-    """Prometheus text exposition of the mount's counters, on a loopback-or-given address."""
-
-    thread_name = "cachefs-metrics"
-
-    def __init__(self, address: str, fs: DatasetFS, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, fs: DatasetFS, token: trio.lowlevel.TrioToken) -> None:
         self.fs = fs
         self.token = token
-        super().__init__(parse_listen(address, "--metrics"), _MetricsHandler)
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, object]] | None = None
+
+    def fresh(self) -> dict[str, object]:
+        figures = trio.from_thread.run_sync(self.fs.stats, trio_token=self.token)
+        with self._lock:
+            self._last = (time.monotonic(), figures)
+        return figures
+
+    def recent(self) -> dict[str, object]:
+        with self._lock:
+            last = self._last
+        if last is not None and time.monotonic() - last[0] <= ALIAS_REUSE_S:
+            return last[1]
+        return self.fresh()
 
 
-def render_metrics(stats: dict[str, object], info: dict[str, object]) -> str:
-    labels = f'dataset="{info.get("dataset")}",commit="{info.get("commit")}"'
-    lines = []
-    for key, value in stats.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        name = f"cachefs_{key}"
-        lines.append(f"# TYPE {name} gauge")
-        lines.append(f"{name}{{{labels}}} {value}")
-    return "\n".join(lines) + "\n"
+def mount_registry(fs: DatasetFS, token: trio.lowlevel.TrioToken) -> CollectorRegistry:
+    """The mount's metrics: `cachefs_mount_*` (MOUNT_METRICS), and for one release the names
+    the mount served before, `cachefs_<key>` gauges, as deprecated aliases."""
+    figures = MountFigures(fs, token)
+    labels = {"dataset": str(fs.info.get("dataset")), "commit": str(fs.info.get("commit"))}
+
+    def named() -> dict[str, object]:
+        current = figures.fresh()
+        return {name: current[key] for key, name, _, _ in MOUNT_METRICS if key in current}
+
+    registry = new_registry()
+    registry.register(StatsCollector(
+        "cachefs_mount_", named, labels=labels,
+        counters=[name for _, name, counter, _ in MOUNT_METRICS if counter],
+        help_text={name: text for _, name, _, text in MOUNT_METRICS}))
+    registry.register(DeprecatedAliases(figures.recent, labels))
+    return registry
+
+
+class DeprecatedAliases(Collector):
+    """The names the mount served before `cachefs_mount_*`, exactly as it served them: every
+    numeric figure of `stats` (booleans left out) as a gauge `cachefs_<key>`, labels dataset
+    and commit. Kept for one release so that dashboards do not break; then drop this collector
+    (and `MountFigures.recent`)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, object]],
+                 labels: Mapping[str, str]) -> None:
+        self._stats = stats
+        self.labels = dict(labels)
+        self.new_names = {key: f"cachefs_mount_{name}{'_total' if counter else ''}"
+                          for key, name, counter, _ in MOUNT_METRICS}
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = self._stats()
+        except Exception:  # a scrape never fails because the figures could not be read
+            log.exception("metrics: the mount's figures are unavailable")
+            return
+        for key, value in sorted(figures.items()):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            new = self.new_names.get(key)
+            text = (f"deprecated alias of {new}, removed in the next release" if new else
+                    f"deprecated: the mount's figure {key} (`cachefs stats`), removed in the "
+                    "next release")
+            family = GaugeMetricFamily(f"cachefs_{key}", text, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
 
 
 def mount_pin(fs: DatasetFS, config: MountConfig) -> LeasedPin | None:
@@ -227,8 +357,9 @@ async def serve(fs: DatasetFS, config: MountConfig, report: Callable[[str], None
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
         if config.metrics:
-            metrics = MetricsServer(config.metrics, fs, trio.lowlevel.current_trio_token())
-            metrics.start()
+            registry = mount_registry(fs, trio.lowlevel.current_trio_token())
+            metrics = MetricsEndpoint(config.metrics, registry, "--metrics").start()
+            log.info("metrics at %s/metrics", metrics.url)
         nursery.start_soon(_stop_on_signal, nursery)
         pinned = trio.Event()
         if pin is None:

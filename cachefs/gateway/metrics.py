@@ -13,10 +13,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from cachefs.metrics import StatsCollector
 
-# Counters of the tiers' own stats() that the gateway exports as counters (the rest: gauges).
-TIER_COUNTERS = ("memory_hits", "ssd_hits", "ssd_misses", "ssd_evictions", "ssd_range_reads",
-                 "ssd_bytes_read", "origin_requests", "origin_bytes", "origin_errors",
-                 "corrupt_chunks", "peer_hits", "peer_misses")
+# The tiers' figures (Catalog.stats) that count events: counters; the rest are levels (gauges).
+TIER_COUNTERS = (
+    "memory_hits", "ssd_hits", "ssd_misses", "ssd_evictions", "ssd_range_reads",
+    "ssd_bytes_read", "ssd_direct_reads", "ssd_pack_prefetches", "ssd_pack_prefetches_skipped",
+    "origin_requests", "origin_bytes", "origin_errors", "origin_timeouts", "corrupt_chunks",
+    "peer_hits", "peer_bytes", "peer_errors", "peer_timeouts", "hedged_requests",
+    "peer_corrupt", "peer_misses")
 
 
 class GatewayMetrics:

@@ -15,6 +15,14 @@ dataset when none is given). Every request is checked in full first (a hash is 6
 characters; names follow cachefs's rules); with a token, `cachefs.grpc_auth.TokenInterceptor`
 guards every call; without one the server listens on loopback only. It serves named chunks only,
 never a path.
+
+With `--metrics-listen ADDR` it serves Prometheus metrics at http://ADDR/metrics
+(`cachefs.metrics`): the counters its Status reports, as `cachefs_peer_*` (PEER_METRICS), its
+draining state and cache size, and its RPCs by method and status code with their latency
+(`cachefs_peer_rpcs_total`, `cachefs_peer_rpc_seconds`; calls refused for a wrong or missing
+token are those with code UNAUTHENTICATED). Quarantines are decided by the mounts (a mount skips
+a member that served it a corrupt chunk), so they are the mounts' metrics
+(`cachefs_mount_quarantined_peers`), not the server's.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from cachefs import names
 from cachefs.cache.base import Blob
@@ -45,6 +54,12 @@ from cachefs.errors import (
 )
 from cachefs.grpc_auth import listening_server, serve_until_signalled
 from cachefs.grpc_errors import invalid, rpc
+from cachefs.metrics import (
+    GrpcMetrics,
+    StatsCollector,
+    new_registry,
+    serve_metrics,
+)
 from cachefs.peer.proto import peer_pb2 as pb
 from cachefs.peer.proto import peer_pb2_grpc as pb_grpc
 from cachefs.peer.protocol import MAX_HASHES_PER_CALL, MAX_MESSAGE_BYTES
@@ -60,6 +75,39 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
 ]
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+# The server's counters (`PeerService.counters`, what Status reports) as Prometheus metrics:
+# (counter key, metric name after ``cachefs_peer_`` and before ``_total``, help text).
+PEER_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("get_requests", "get_chunk_requests",
+     "GetChunk calls accepted (checked, not draining), answered from the cache or the origin"),
+    ("served_from_cache", "chunks_served_from_cache",
+     "chunks sent to askers straight from this node's SSD cache"),
+    ("served_from_origin", "chunks_served_from_origin",
+     "chunks sent to askers after a fetch from the origin on their behalf (this call's or a "
+     "concurrent one's for the same chunk)"),
+    ("served_bytes", "served_bytes", "bytes of chunks sent to askers"),
+    ("origin_fetches", "origin_fetches",
+     "chunks fetched from the origin on behalf of askers (one fetch for concurrent askers)"),
+    ("origin_bytes", "origin_bytes", "bytes fetched from the origin on behalf of askers"),
+    ("origin_errors", "origin_errors",
+     "origin fetches on behalf of askers that failed or returned corrupt bytes"),
+    ("not_found", "chunks_not_found",
+     "chunks asked for that were not there (not cached, with cached_only; or not at the origin)"),
+    ("refused", "refused",
+     "GetChunk calls refused for naming a remote this node does not serve or a dataset outside "
+     "--datasets (PERMISSION_DENIED); wrong or missing tokens: cachefs_peer_rpcs_total"
+     "{code=\"UNAUTHENTICATED\"}"),
+    ("refused_draining", "refused_draining",
+     "chunk requests refused because the server was draining (UNAVAILABLE)"),
+    ("has_requests", "has_chunks_requests", "HasChunks calls answered"),
+)
+PEER_GAUGES = {
+    "draining": "1 while the server drains (out of the rings, refusing chunk requests)",
+    "uptime_seconds": "seconds since the server started",
+    "cache_used_bytes": "bytes used in the node's SSD cache directory (every process sharing it)",
+    "cache_capacity_bytes": "capacity of the node's SSD cache, in bytes",
+}
 
 
 def check_hash(value: str, field: str) -> str:
@@ -238,6 +286,19 @@ class PeerService(pb_grpc.PeerServicer):
             self._count(refused_draining=1)
             raise RemoteError(f"peer {self.address} is draining: ask the chunk's next member")
 
+    def metric_figures(self) -> dict[str, object]:
+        """The figures of the server's metrics (PEER_METRICS, PEER_GAUGES), read at a scrape."""
+        with self._counters_lock:
+            counters = dict(self.counters)
+        disk = self.cache.stats()
+        return {
+            **{name: counters[key] for key, name, _ in PEER_METRICS},
+            "draining": self.draining.is_set(),
+            "uptime_seconds": time.time() - self._started,
+            "cache_used_bytes": disk.used_bytes,
+            "cache_capacity_bytes": disk.capacity_bytes,
+        }
+
     def status(self) -> dict[str, Any]:
         """The document `Status` returns (docs/design.md, "peer status")."""
         with self._counters_lock:
@@ -255,31 +316,54 @@ class PeerService(pb_grpc.PeerServicer):
         }
 
 
-def build_server(service: PeerService, listen: str,
-                 token: str | None) -> tuple[grpc.Server, str]:
+def metrics_registry(service: PeerService) -> tuple[CollectorRegistry, GrpcMetrics]:
+    """The server's metrics (its figures, read at each scrape) and the interceptor that counts
+    its RPCs into them."""
+    registry = new_registry()
+    registry.register(StatsCollector(
+        "cachefs_peer_", service.metric_figures,
+        counters=[name for _, name, _ in PEER_METRICS],
+        help_text={**{name: text for _, name, text in PEER_METRICS}, **PEER_GAUGES}))
+    return registry, GrpcMetrics(registry, "cachefs_peer")
+
+
+def build_server(service: PeerService, listen: str, token: str | None,
+                 observers: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, str]:
     """A server (not started) bound to `listen`, and the address it bound (the real port when
-    `listen` asks for port 0). Refuses a non-loopback address without a token."""
-    server, address = listening_server(listen, token, WORKERS, "peer", GRPC_OPTIONS)
+    `listen` asks for port 0). Refuses a non-loopback address without a token. `observers`
+    (GrpcMetrics) see every call, those refused for their token included."""
+    server, address = listening_server(listen, token, WORKERS, "peer", GRPC_OPTIONS,
+                                       observers=observers)
     pb_grpc.add_PeerServicer_to_server(service, server)
     return server, address
 
 
 def serve(service: PeerService, listen: str, token: str | None, grace: float = 10.0,
-          ready: Callable[[str], None] | None = None, drain_s: float = 2.0) -> None:
+          ready: Callable[[str], None] | None = None, drain_s: float = 2.0,
+          metrics_listen: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT; then drain for `drain_s` seconds (chunk requests refused
     at once, Status "draining": askers and probers take the member out of their rings, and a
     Kubernetes readiness probe fails) and let calls in flight finish (up to `grace` seconds).
-    `ready(address)` is called once the server accepts calls."""
-    server, address = build_server(service, listen, token)
-    if not service.address:
-        service.address = address
-    remotes = ", ".join(sorted(service.remotes)) or "none"
+    `ready(address)` is called once the server accepts calls. With `metrics_listen`, metrics
+    are served at http://METRICS_LISTEN/metrics until the server stops."""
+    registry, rpcs = metrics_registry(service)
+    endpoint = serve_metrics(metrics_listen, registry)
+    try:
+        server, address = build_server(service, listen, token,
+                                       observers=[rpcs] if metrics_listen else ())
+        if not service.address:
+            service.address = address
+        remotes = ", ".join(sorted(service.remotes)) or "none"
 
-    def stopping() -> None:
-        service.drain()
-        time.sleep(drain_s)
+        def stopping() -> None:
+            service.drain()
+            time.sleep(drain_s)
 
-    serve_until_signalled(server, address, token,
-                          f"peer server of {service.cache.directory} (advertised as "
-                          f"{service.address}, remotes: {remotes})", ready, grace,
-                          stopping=stopping)
+        serve_until_signalled(server, address, token,
+                              f"peer server of {service.cache.directory} (advertised as "
+                              f"{service.address}, remotes: {remotes})", ready, grace,
+                              stopping=stopping)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+
