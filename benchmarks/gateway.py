@@ -322,7 +322,7 @@ def run(args: Any) -> dict[str, Any]:
                          "nginx-light, wrk): apt-get install nginx-light wrk")
     spec = QUICK_SPEC if args.quick else FULL_SPEC
     passes = QUICK_PASSES if args.quick else PASSES
-    seconds = 2.0 if args.quick else args.seconds
+    seconds = 1.0 if args.quick else args.seconds
     raw: dict[str, Any] = {"dataset": describe_spec(spec), "cpus": os.cpu_count(),
                            "connections_small": args.connections,
                            "connections_large": LARGE_CONNECTIONS, "seconds": seconds,
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=32,
                         help="wrk connections for the small files (default 32)")
     parser.add_argument("--seconds", type=float, default=10.0,
-                        help="seconds of each wrk pass (default 10; --quick: 2)")
+                        help="seconds of each wrk pass (default 10; --quick: 1)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     emit(args, run(args), print_report)
