@@ -9,7 +9,7 @@ counters ending in `_total`, help text on every metric (docs/metrics.md lists th
 - `StatsCollector` exposes a daemon's own figures (a dict it already computes for `stats` or
   `status`), read at each scrape: the names listed as counters become counters, the rest gauges.
 - `GrpcMetrics` is a gRPC server interceptor: RPCs by method and status code
-  (`..._rpcs_total`) and their latency by method (`..._rpc_seconds`).
+  (`..._rpcs_total`) and their latency by method and code (`..._rpc_seconds`).
 """
 
 from __future__ import annotations
@@ -97,12 +97,13 @@ class GrpcMetrics(grpc.ServerInterceptor):
         self.rpcs = Counter(f"{prefix}_rpcs", "RPCs answered, by method and status code",
                             ["method", "code"], registry=registry)
         self.latency = Histogram(f"{prefix}_rpc_seconds",
-                                 "time to answer an RPC (a stream: to its end), by method",
-                                 ["method"], registry=registry, buckets=LATENCY_BUCKETS)
+                                 "time to answer an RPC (a stream: to its end), by method and "
+                                 "status code", ["method", "code"], registry=registry,
+                                 buckets=LATENCY_BUCKETS)
 
     def _done(self, method: str, code: str, started: float) -> None:
         self.rpcs.labels(method, code).inc()
-        self.latency.labels(method).observe(time.perf_counter() - started)
+        self.latency.labels(method, code).observe(time.perf_counter() - started)
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> Any:

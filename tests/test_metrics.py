@@ -95,4 +95,6 @@ def test_grpc_rpcs_counted_by_method_and_code() -> None:
                 (("code", "INVALID_ARGUMENT"), ("method", "Echo")))] == 1
     assert got[("cachefs_test_rpcs_total", (("code", "UNKNOWN"), ("method", "Echo")))] == 1
     assert got[("cachefs_test_rpcs_total", (("code", "OK"), ("method", "Count")))] == 1
-    assert got[("cachefs_test_rpc_seconds_count", (("method", "Echo"),))] == 4
+    assert got[("cachefs_test_rpc_seconds_count", (("code", "OK"), ("method", "Echo")))] == 2
+    assert got[("cachefs_test_rpc_seconds_count",
+                (("code", "INVALID_ARGUMENT"), ("method", "Echo")))] == 1

@@ -136,7 +136,9 @@ def test_master_group_raft_directory_and_rpcs(tmp_path: Path,
     assert moved("cachefs_master_rpcs_total", method="DirPut", code="OK") == 3
     assert moved("cachefs_master_rpcs_total", method="DirGet", code="OK") == 1
     assert moved("cachefs_master_rpcs_total", method="DirGet", code="UNAUTHENTICATED") == 2
-    assert moved("cachefs_master_rpc_seconds_count", method="DirPut") == 3
+    assert moved("cachefs_master_rpc_seconds_count", method="DirPut", code="OK") == 3
+    assert moved("cachefs_master_rpc_seconds_count", method="DirGet",
+                 code="UNAUTHENTICATED") == 2
     assert moved("cachefs_master_directory_conditional_puts_total", result="created") == 1
     assert moved("cachefs_master_directory_conditional_puts_total", result="refused") == 1
     assert moved("cachefs_master_raft_commit_index") >= 1
@@ -182,7 +184,8 @@ def test_storage_needles_bytes_fsyncs_cache_and_rpcs(
     assert moved("cachefs_storage_rpcs_total", method="Get", code="INVALID_ARGUMENT") == 1
     assert moved("cachefs_storage_rpcs_total", method="Has", code="OK") == 1
     assert moved("cachefs_storage_rpcs_total", method="Stat", code="UNAUTHENTICATED") == 2
-    assert moved("cachefs_storage_rpc_seconds_count", method="Get") == 2 * len(stored) + 2
+    assert moved("cachefs_storage_rpc_seconds_count", method="Get", code="OK") == 2 * len(stored)
+    assert moved("cachefs_storage_rpc_seconds_count", method="Get", code="NOT_FOUND") == 1
     # what was stored, in total and per volume
     assert after("cachefs_storage_needles") == len(stored)
     on_disk = sum(needle_size(len(d)) for d in stored.values())
