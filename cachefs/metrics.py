@@ -82,11 +82,14 @@ class StatsCollector(Collector):
             yield family
 
 
-def _code_name(context: grpc.ServicerContext) -> str:
+def _code_name(context: grpc.ServicerContext, failed: bool = False) -> str:
+    """The status code the servicer set; for a call that raised (`failed`) without setting
+    one, UNKNOWN, as gRPC answers it."""
     code = context.code() if hasattr(context, "code") else None
     if code is None:
-        return "OK"
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+        return "UNKNOWN" if failed else "OK"
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    return "UNKNOWN" if failed and name == "OK" else name
 
 
 class GrpcMetrics(grpc.ServerInterceptor):
@@ -140,8 +143,7 @@ class GrpcMetrics(grpc.ServerInterceptor):
                 code = _code_name(context)
                 return response
             except Exception:
-                code = _code_name(context)
-                code = "UNKNOWN" if code == "OK" else code
+                code = _code_name(context, failed=True)
                 raise
             finally:
                 self._done(method, code, started)
@@ -159,8 +161,7 @@ class GrpcMetrics(grpc.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             except Exception:
-                code = _code_name(context)
-                code = "UNKNOWN" if code == "OK" else code
+                code = _code_name(context, failed=True)
                 raise
             finally:
                 self._done(method, code, started)

@@ -88,7 +88,6 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     segments: list[str]
-    trailing_slash: bool
     request_id: str
     s3: bool = False
     operation: str = "other"
@@ -96,20 +95,17 @@ class Request:
     sent: int = 0  # body bytes sent
 
 
-def split_target(raw_path: bytes) -> tuple[list[str], bool]:
-    """Decoded path segments of a request target, and whether it ends with '/'. Refused with
+def split_target(raw_path: bytes) -> list[str]:
+    """Decoded path segments of a request target (a trailing '/' adds none). Refused with
     400: a path over MAX_PATH_BYTES, `.` or `..`, an encoded '/', NUL, an empty segment, bytes
     that are not UTF-8."""
     if len(raw_path) > MAX_PATH_BYTES:
         raise bad_request("the path is too long", "KeyTooLongError")
     if not raw_path.startswith(b"/"):
         raise bad_request("the path must start with '/'", "InvalidURI")
-    body = raw_path[1:]
-    trailing = body.endswith(b"/")
-    if trailing:
-        body = body[:-1]
+    body = raw_path[1:].removesuffix(b"/")
     if not body:
-        return [], trailing
+        return []
     segments = []
     for raw in body.split(b"/"):
         part = unquote_to_bytes(raw)
@@ -123,7 +119,7 @@ def split_target(raw_path: bytes) -> tuple[list[str], bool]:
             segments.append(part.decode())
         except UnicodeDecodeError:
             raise bad_request("the path is not UTF-8", "InvalidURI") from None
-    return segments, trailing
+    return segments
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -278,14 +274,13 @@ class GatewayApp:
         raw_query = scope.get("query_string", b"").decode("latin-1")
         query = dict(parse_qsl(raw_query, keep_blank_values=True))
         method = scope["method"].upper()
-        request = Request(method, raw_path.decode("latin-1"), raw_query, query, headers, [],
-                          False, request_id)
+        request = Request(method, raw_path.decode("latin-1"), raw_query, query, headers,
+                          split_target(raw_path), request_id)
         # Errors in S3's XML unless the request is plainly not an S3 client's: a bearer
         # token, or a plain-HTTP listing (anonymous S3 clients look like curl otherwise, and
         # they need the XML's error codes).
         request.s3 = not (headers.get("authorization", "").startswith("Bearer ")
                           or "list" in query)
-        request.segments, request.trailing_slash = split_target(raw_path)
         return request
 
     # -- routing ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from cachefs.cache.tiered import TieredStore
 from cachefs.dataset.objects import Kind, TreeEntry, zero_chunk_hash
 from cachefs.dataset.repo import Repository, chunk_key
 from cachefs.errors import CorruptObject, PathNotFound, RefNotFound
+from cachefs.lookup import FileLayout
 from cachefs.names import check_name, is_hash_prefix, split_path
 
 log = logging.getLogger("cachefs.gateway.catalog")
@@ -63,7 +64,6 @@ class Version:
 @dataclass
 class _Dataset:
     store: TieredStore
-    chunk_size: int
     created_ns: int
     zero_chunks: frozenset[str]
     refs: dict[str, tuple[float, Version]] = field(default_factory=dict)
@@ -144,7 +144,7 @@ class Catalog:
                                                                          settings.chunk_size)
         store = TieredStore(self.repo, self.memory, self.disk, origin_timeout=self.origin_timeout,
                             origin_parallelism=self.origin_parallelism, peer=peer)
-        opened = _Dataset(store, settings.chunk_size, settings.created_ns,
+        opened = _Dataset(store, settings.created_ns,
                           frozenset({zero_chunk_hash(settings.chunk_size)}))
         self._datasets[name] = opened
         return opened
@@ -182,10 +182,9 @@ class Catalog:
     async def version(self, dataset: str, ref: str) -> Version:
         """The version `ref` (a branch, a tag, or a commit hash prefix) names now."""
         opened = await self._dataset(dataset)
-        now = time.monotonic()
-        known = opened.refs.get(ref)
-        if known is not None and (known[1].by_hash or now - known[0] < self.ref_ttl):
-            return known[1]
+        known = self.version_now(dataset, ref)
+        if known is not None:
+            return known
         return await self._resolving.run(f"{dataset}\0{ref}",
                                          lambda: self._resolve(opened, dataset, ref))
 
@@ -372,26 +371,19 @@ class Catalog:
         """The pieces (at most READ_PIECE each) that make bytes [start, end) of file `entry`.
         CorruptObject if its extents do not cover it."""
         zero_chunks = self._datasets[version.dataset].zero_chunks
+        layout = FileLayout(entry.extents)
+        if layout.size < entry.size and end > layout.size:
+            raise CorruptObject(f"{entry.name!r}: extents cover {layout.size} of {entry.size} "
+                                "bytes")
         long_read = end - start >= WHOLE_CHUNK_MIN
         pieces: list[Piece] = []
-        offset = 0
-        for index, extent in enumerate(entry.extents):
-            ext_start, ext_end = offset, offset + extent.length
-            offset = ext_end
-            if ext_end <= start:
-                continue
-            if ext_start >= end:
-                break
-            lo = max(start, ext_start) - ext_start
-            hi = min(end, ext_end) - ext_start
-            for piece_lo in range(lo, hi, READ_PIECE):
-                piece_hi = min(hi, piece_lo + READ_PIECE)
-                pieces.append(Piece(extent.chunk, extent.offset + piece_lo, piece_hi - piece_lo,
+        for index, lo, length in layout.pieces(start, end - start):
+            extent = entry.extents[index]
+            for piece_lo in range(lo, lo + length, READ_PIECE):
+                pieces.append(Piece(extent.chunk, piece_lo, min(READ_PIECE, lo + length - piece_lo),
                                     index, extent.chunk in zero_chunks,
                                     long_read and extent.length >= WHOLE_CHUNK_MIN,
                                     entry.size < WHOLE_CHUNK_MIN))
-        if offset < entry.size and end > offset:
-            raise CorruptObject(f"{entry.name!r}: extents cover {offset} of {entry.size} bytes")
         return pieces
 
     def piece_now(self, version: Version, piece: Piece) -> bytes | memoryview | None:
