@@ -27,11 +27,13 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    `posix_fadvise(DONTNEED)` (no root needed); and the disk's sequential read speed
    (`disk_sequential_read`: the large files in 4 MiB O_DIRECT reads), the disk the cache dir
    is on. `*_vs_local_cold` ratios compare cold passes with it. The SSD-tier passes have their
-   own baseline, read just before each of them (`local_cold_files_per_s_interleaved`,
-   `disk_mb_per_s_interleaved`; best of those passes): this VM's disk drifts by up to 2x over
-   a run as the host's cache warms and cools, so `warm_ssd_small_vs_local_cold` and
-   `warm_ssd_large_vs_disk` compare with the disk as it was beside the pass; the `_at_start`
-   ratios keep the comparison with the run's first baseline.
+   own baseline, a pass read just before each of them (`vs_local_cold`, `vs_disk` in raw: each
+   pair's ratio, their median, and the best pass against the best baseline): this VM's disk
+   drifts by up to 2x over a run as the host's cache warms and cools, so
+   `warm_ssd_small_vs_local_cold` and `warm_ssd_large_vs_disk` are the median of the pairs'
+   ratios, each pass against the disk as it was beside it (`*_best`: best against best, which
+   favours the side that varies more, the disk); the `_at_start` ratios keep the comparison
+   with the run's first baseline.
 5. cachefs (`cachefs mount` through the CLI with its defaults except `--cache-dir` and
    `--memory-cache`), once from the file:// remote and once from S3:
    - large, cold: fresh cache dir, fresh mount, first read (the file:// repository dropped from
@@ -65,9 +67,10 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    tuning: small cold (first pass), small warm (the next passes), large cold, large warm.
 
 Warm figures are the best of several passes: PAGE_CACHE_PASSES (5) for page-cache states (local
-disk, epoch 2, cachefs small warm), WARM_PASSES (2) for the memory and SSD tiers (each SSD pass on
-its own fresh mount, each memory pass after its own page drop) and the other tools' warm passes
-(`--quick`: QUICK_WARM_PASSES, one pass each, also for the cold local disk: a smoke run).
+disk, epoch 2, cachefs small warm), WARM_PASSES (2) for the memory tier (each pass after its own
+page drop) and the other tools' warm passes, SSD_PASSES (4) for the SSD tier (each pass on its
+own fresh mount, after its own baseline pass; see 4.) (`--quick`: QUICK_WARM_PASSES, one pass
+each, also for the cold local disk: a smoke run).
 Ratios are throughputs divided by the baseline's (higher is better): `*_vs_local` against local
 disk, `*_vs_rclone` / `*_vs_s3fs` cachefs *from S3* against the other tool in the same state; `s3_*`
 keys are the S3-origin variants of the file:// ones. `sync` runs before every cold or remounted
@@ -108,6 +111,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,7 +151,11 @@ DATASET = "bench"
 AUTHOR = "benchmark@localhost"
 BLOCK = 1 << 20  # every read() asks for 1 MiB
 SHUFFLE_SEED = 7
-WARM_PASSES = 2  # memory and SSD tiers, other tools' warm passes
+WARM_PASSES = 2  # memory tier, other tools' warm passes
+# SSD-tier passes, each right after its own baseline pass (see `paired`): the disk of a VM
+# drifts within minutes, and four pairs give a median that two did not (runs G-I: the same
+# pass 0.4-0.8 of the disk, between runs and between the two systems of one run)
+SSD_PASSES = 4
 QUICK_WARM_PASSES = 1  # --quick: each of those once (every SSD pass is a mount and an unmount)
 PAGE_CACHE_PASSES = 5  # local disk, epoch 2, cachefs warm small: short passes, noisier
 DEFAULT_READERS = 8
@@ -690,6 +698,21 @@ def best(passes: list[Pass]) -> Pass:
     return min(passes, key=lambda p: p.seconds)
 
 
+def paired(ours: list[Pass], baseline: list[Pass], files: bool) -> dict[str, Any]:
+    """Our passes against the baseline pass read just before each: every pair's ratio
+    (files/s, or bytes/s), and their median, the figure the targets use. A median of pairs
+    follows the disk as it was beside each pass; comparing the best of each side instead
+    favours whichever side varies more (here the disk, whose bursts come from the host's
+    cache), and is kept as `best_ratio`."""
+    def rate(p: Pass) -> float:
+        return p.files_per_s if files else p.bytes_per_s
+
+    ratios = [ratio(rate(a), rate(b)) for a, b in zip(ours, baseline, strict=True)]
+    return {"pair_ratios": [round(r, 3) for r in ratios],
+            "median_ratio": round(statistics.median(ratios), 3),
+            "best_ratio": round(ratio(rate(best(ours)), rate(best(baseline))), 3)}
+
+
 def interleaved(passes: int, baseline: Callable[[], Pass],
                 ours: Callable[[], Pass]) -> tuple[Pass, list[float], Pass]:
     """`passes` times: a baseline pass, then one of ours. Returns (our best, our seconds, the
@@ -704,8 +727,8 @@ def interleaved(passes: int, baseline: Callable[[], Pass],
 
 def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data: Data,
                     readers: int, memory_cache: int, local: LocalBaseline,
-                    origin_dir: Path | None = None,
-                    tier_passes: int = WARM_PASSES) -> dict[str, Any]:
+                    origin_dir: Path | None = None, tier_passes: int = WARM_PASSES,
+                    ssd_passes: int = SSD_PASSES) -> dict[str, Any]:
     """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files.
 
     `origin_dir`: a file:// repository, dropped from the page cache before each cold pass so
@@ -766,25 +789,29 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     procs.unmount_cachefs(mnt)
 
     log(f"{label}: large files, SSD tier (remount, same cache dir)")
-    ssd_passes: list[Pass] = []
+    tier: list[Pass] = []
     ssd_counters: list[dict[str, Any]] = []
     disk_beside: list[Pass] = []
-    for _ in range(tier_passes):
+    for _ in range(ssd_passes):
         evict_tree(cache, within="objects")
         disk_beside.append(local.disk_sequential_pass())
         sync()
         mount()
         before = counters(mnt)
-        ssd_passes.append(checked(read_sequential(large), data.large_bytes, f"{label} ssd"))
+        tier.append(checked(read_sequential(large), data.large_bytes, f"{label} ssd"))
         ssd_counters.append(delta(before, counters(mnt)))
         procs.unmount_cachefs(mnt)
-    pick = min(range(tier_passes), key=lambda i: ssd_passes[i].seconds)
+    pick = min(range(ssd_passes), key=lambda i: tier[i].seconds)
     disk = best(disk_beside)
-    out["large_ssd"] = pass_doc(ssd_passes[pick], [p.seconds for p in ssd_passes],
+    vs_disk = paired(tier, disk_beside, files=False)
+    out["large_ssd"] = pass_doc(tier[pick], [p.seconds for p in tier],
                                 counters=ssd_counters[pick],
-                                disk_mb_per_s_interleaved=round(disk.bytes_per_s / 1e6, 1))
-    log(f"  {ssd_passes[pick].bytes_per_s / 1e6:,.0f} MB/s (the disk's sequential read in "
-        f"between: {disk.bytes_per_s / 1e6:,.0f} MB/s)")
+                                disk_mb_per_s_interleaved=round(disk.bytes_per_s / 1e6, 1),
+                                disk_pass_seconds=[round(p.seconds, 4) for p in disk_beside],
+                                vs_disk=vs_disk)
+    log(f"  {tier[pick].bytes_per_s / 1e6:,.0f} MB/s (the disk's sequential read in "
+        f"between: {disk.bytes_per_s / 1e6:,.0f} MB/s); pass by pass "
+        f"{vs_disk['pair_ratios']} of the disk, median {vs_disk['median_ratio']}")
     shutil.rmtree(cache)
 
     # -- small files --------------------------------------------------------------------------
@@ -809,19 +836,19 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     procs.unmount_cachefs(mnt)
 
     log(f"{label}: small files, SSD tier (remount, same cache dir)")
-    ssd_passes = []
+    tier = []
     ssd_counters = []
     cached_passes: list[Pass] = []
     cached_counters: list[dict[str, Any]] = []
     cold_beside: list[Pass] = []
-    for _ in range(tier_passes):
+    for _ in range(ssd_passes):
         evict_tree(cache, within="objects")
         cold_beside.append(local.small_cold_pass())
         sync()
         mount()
         before = counters(mnt)
-        ssd_passes.append(checked(read_parallel(small, readers), data.small_bytes,
-                                  f"{label} ssd small"))
+        tier.append(checked(read_parallel(small, readers), data.small_bytes,
+                            f"{label} ssd small"))
         ssd_counters.append(delta(before, counters(mnt)))
         # The same reads with the SSD tier's files in the page cache (the pass above left
         # them there) and the mount's own pages dropped: every file reaches the daemon and
@@ -832,18 +859,23 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
                                      f"{label} ssd small, page-cached"))
         cached_counters.append(delta(before, counters(mnt)))
         procs.unmount_cachefs(mnt)
-    pick = min(range(tier_passes), key=lambda i: ssd_passes[i].seconds)
+    pick = min(range(ssd_passes), key=lambda i: tier[i].seconds)
     cold_local = best(cold_beside)
-    out["small_ssd"] = pass_doc(ssd_passes[pick], [p.seconds for p in ssd_passes],
+    vs_cold = paired(tier, cold_beside, files=True)
+    out["small_ssd"] = pass_doc(tier[pick], [p.seconds for p in tier],
                                 counters=ssd_counters[pick],
                                 local_cold_files_per_s_interleaved=round(cold_local.files_per_s,
-                                                                         1))
-    pick = min(range(tier_passes), key=lambda i: cached_passes[i].seconds)
+                                                                         1),
+                                local_cold_pass_seconds=[round(p.seconds, 4)
+                                                         for p in cold_beside],
+                                vs_local_cold=vs_cold)
+    pick = min(range(ssd_passes), key=lambda i: cached_passes[i].seconds)
     out["small_ssd_page_cached"] = pass_doc(cached_passes[pick],
                                             [p.seconds for p in cached_passes],
                                             counters=cached_counters[pick])
     log(f"  {out['small_ssd']['files_per_s']:,.0f} files/s (local disk cold in between: "
-        f"{cold_local.files_per_s:,.0f} files/s); with the SSD tier's files in the page cache "
+        f"{cold_local.files_per_s:,.0f} files/s; pass by pass {vs_cold['pair_ratios']} of it, "
+        f"median {vs_cold['median_ratio']}); with the SSD tier's files in the page cache "
         f"{out['small_ssd_page_cached']['files_per_s']:,.0f} files/s")
     shutil.rmtree(cache)
     return out
@@ -987,13 +1019,22 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
                                                                 cold_mb)
         ratios[f"{prefix}cold_small_vs_local_cold"] = ratio(r["small_cold"]["files_per_s"],
                                                             cold_fps)
-        # The SSD tier against the cold local disk read between its passes (before each one):
-        # the disk of a VM drifts by 2x over a run as the host's cache warms and cools, and a
-        # baseline from the run's start would compare two different disks.
-        ratios[f"{prefix}warm_ssd_small_vs_local_cold"] = ratio(
-            r["small_ssd"]["files_per_s"], r["small_ssd"]["local_cold_files_per_s_interleaved"])
+        # The SSD tier against the cold local disk read just before each of its passes (the
+        # median of those pairs; see `paired`): the disk of a VM drifts by 2x over a run as
+        # the host's cache warms and cools, and a baseline from the run's start would compare
+        # two different disks.
+        ratios[f"{prefix}warm_ssd_small_vs_local_cold"] = \
+            r["small_ssd"]["vs_local_cold"]["median_ratio"]
+        ratios[f"{prefix}warm_ssd_small_vs_local_cold_best"] = \
+            r["small_ssd"]["vs_local_cold"]["best_ratio"]
         ratios[f"{prefix}warm_ssd_small_vs_local_cold_at_start"] = ratio(
             r["small_ssd"]["files_per_s"], cold_fps)
+        # The SSD tier's large-file pass against the cache disk's own sequential read, read
+        # before each of its passes (and, for reference, at the run's start).
+        ratios[f"{prefix}warm_ssd_large_vs_disk"] = r["large_ssd"]["vs_disk"]["median_ratio"]
+        ratios[f"{prefix}warm_ssd_large_vs_disk_best"] = r["large_ssd"]["vs_disk"]["best_ratio"]
+        ratios[f"{prefix}warm_ssd_large_vs_disk_at_start"] = ratio(
+            r["large_ssd"]["mb_per_s"], local["disk_sequential_read"]["mb_per_s"])
     s3 = results["cachefs_s3"]
     # A shuffled first epoch of small files against large files from the same origin: how much
     # of the origin's throughput the small files get (packed chunks fetched once each).
@@ -1010,13 +1051,6 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
         ratios["epoch2_large_vs_tmpfs"] = ratio(
             results["cachefs_local"]["large_epoch2"]["mb_per_s"],
             local["tmpfs_large"]["mb_per_s"])
-    # The SSD tier's large-file pass against the cache disk's own sequential read, measured
-    # before each of its passes (and, for reference, at the run's start).
-    large_ssd = results["cachefs_local"]["large_ssd"]
-    ratios["warm_ssd_large_vs_disk"] = ratio(large_ssd["mb_per_s"],
-                                             large_ssd["disk_mb_per_s_interleaved"])
-    ratios["warm_ssd_large_vs_disk_at_start"] = ratio(large_ssd["mb_per_s"],
-                                                      local["disk_sequential_read"]["mb_per_s"])
     # The file:// origin (read from the disk: evicted first) against loopback S3, both cold.
     ratios["cold_large_file_vs_s3"] = ratio(results["cachefs_local"]["large_cold"]["mb_per_s"],
                                             s3["large_cold"]["mb_per_s"])
@@ -1038,6 +1072,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK_SPEC if args.quick else FULL_DATASET
     warm_passes = QUICK_WARM_PASSES if args.quick else WARM_PASSES
+    ssd_passes = QUICK_WARM_PASSES if args.quick else SSD_PASSES
     OWN_PIDS.clear()
     memory_cache = parse_size(args.memory_cache)
     tools_problem = "--skip-other-tools" if args.skip_other_tools else ensure_other_tools()
@@ -1047,7 +1082,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("benchmarks.read: needs FUSE (/dev/fuse and fusermount3, Debian fuse3)")
     raw: dict[str, Any] = {
         "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
-        "read_block": BLOCK, "warm_passes": warm_passes,
+        "read_block": BLOCK, "warm_passes": warm_passes, "ssd_passes": ssd_passes,
         "page_cache_passes": PAGE_CACHE_PASSES, "memory_cache": memory_cache,
         "root": os.geteuid() == 0, "damon_pageout": damon_pageout(),
         "kernel": os.uname().release,
@@ -1092,10 +1127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["cachefs_local"] = measure_cachefs(procs, work, "cachefs_local", "local",
                                                        data, args.readers, memory_cache, local,
                                                        origin_dir=local_repo,
-                                                       tier_passes=warm_passes)
+                                                       tier_passes=warm_passes,
+                                                       ssd_passes=ssd_passes)
             results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
                                                     args.readers, memory_cache, local,
-                                                    tier_passes=warm_passes)
+                                                    tier_passes=warm_passes,
+                                                    ssd_passes=ssd_passes)
             results["local_disk"] = local.doc()
             if not args.skip_other_tools:
                 for tool in OTHER_TOOLS:
@@ -1190,8 +1227,13 @@ def print_report(report: dict[str, Any]) -> None:
         ]
     rows.append(row("cachefs file:// vs S3", "large, cold", "", "cold_large_file_vs_s3"))
     rows.append(row("cachefs S3: small / large", "cold", "", "s3_cold_small_origin_efficiency"))
-    rows.append(row("cachefs file:// vs the disk", "large, SSD tier", "",
-                    "warm_ssd_large_vs_disk"))
+    for prefix, name in (("", "cachefs file://"), ("s3_", "cachefs S3")):
+        rows.append(row(f"{name} vs the disk (median of pairs)", "large, SSD tier", "",
+                        f"{prefix}warm_ssd_large_vs_disk"))
+        rows.append(row(f"{name} vs the disk (best against best)", "large, SSD tier", "",
+                        f"{prefix}warm_ssd_large_vs_disk_best"))
+        rows.append(row(f"{name} vs local cold (best against best)", "small, SSD tier", "",
+                        f"{prefix}warm_ssd_small_vs_local_cold_best"))
     if "tmpfs_large" in res["local_disk"]:
         rows.append(row("cachefs file:// vs tmpfs (4 KiB pages)", "large, epoch 2",
                         mbs(res["local_disk"]["tmpfs_large"]), "epoch2_large_vs_tmpfs"))
@@ -1234,8 +1276,11 @@ def print_report(report: dict[str, Any]) -> None:
         "cold pass); *_vs_rclone / *_vs_s3fs: cachefs "
         "from S3 / the other tool in the same state (moto on 127.0.0.1 for all three).",
         f"Warm figures: best of {raw['page_cache_passes']} passes for page-cache states (local "
-        f"disk, epoch 2, cachefs small warm), of {raw['warm_passes']} for memory, SSD and the "
-        "other tools' warm passes. Memory tier: mount pages dropped "
+        f"disk, epoch 2, cachefs small warm), of {raw['warm_passes']} for the memory tier and the "
+        f"other tools' warm passes. SSD tier: {raw['ssd_passes']} passes, each right after a "
+        "baseline pass (local cold small files; the disk's O_DIRECT read for large ones); "
+        "*_vs_local_cold and *_vs_disk of the SSD tier are the median of those pairs' ratios, "
+        "*_best the best pass against the best baseline. Memory tier: mount pages dropped "
         "with posix_fadvise(DONTNEED), every byte re-read through FUSE "
         f"({'verified' if _memory_verified(res) else 'NOT verified: see raw'}). "
         f"--memory-cache {fmt_bytes(raw['memory_cache'])}.",

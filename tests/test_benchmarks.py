@@ -50,6 +50,13 @@ def test_read_benchmark_quick_json(tmp_path: Path) -> None:
                                      "s3_cold_small_origin_efficiency", "warm_ssd_large_vs_disk"}
     assert result["raw"]["results"]["local_disk"]["disk_sequential_read"]["mb_per_s"] > 0
     assert all(v > 0 for v in result["ratios"].values())
+    # the SSD-tier figures are medians of pairs (a pass, and its baseline just before it)
+    tier = result["raw"]["results"]["cachefs_local"]
+    for case, key in (("small_ssd", "vs_local_cold"), ("large_ssd", "vs_disk")):
+        pairs = tier[case][key]
+        assert len(pairs["pair_ratios"]) == result["raw"]["ssd_passes"]
+        assert pairs["median_ratio"] == result["ratios"][
+            "warm_ssd_small_vs_local_cold" if case == "small_ssd" else "warm_ssd_large_vs_disk"]
 
 
 def test_remotes_benchmark_quick_json(tmp_path: Path) -> None:
