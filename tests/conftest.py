@@ -32,11 +32,14 @@ from tests.peers import PeerSet
 from tests.servers import AWS_TEST_ENV, AWS_UNSET_ENV, MotoServer
 from tests.storage_servers import StorageServer
 
+# Tests run several at a time (pytest-xdist, scripts/test.sh): a per-example deadline would
+# measure the machine's load, not the code.
+settings.register_profile("parallel", deadline=None)
 # CI must not depend on luck: there, property tests replay the same examples every run
 # (locally they keep exploring new ones).
-settings.register_profile("ci", derandomize=True, database=None)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("ci", parent=settings.get_profile("parallel"), derandomize=True,
+                          database=None)
+settings.load_profile("ci" if os.environ.get("CI") else "parallel")
 
 
 @pytest.fixture(autouse=True)

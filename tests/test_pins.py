@@ -26,7 +26,7 @@ from cachefs.dataset.verify import verify
 from cachefs.errors import AlreadyExists, ObjectNotFound
 from cachefs.remotes.local import LocalRemote
 from tests.helpers import cli_json, run_cli
-from tests.mounting import MountSet, wait_for
+from tests.mounting import MountSet, daemon_pids, wait_for
 
 CHUNK = 64 * 1024
 WAIT_S = 30.0
@@ -331,8 +331,8 @@ def test_a_mount_on_a_read_only_remote_mounts_unpinned(tmp_path: Path, mounts: M
 
 def test_a_killed_mounts_pin_expires_and_gc_prunes_it(tmp_path: Path, mounts: MountSet) -> None:
     make_branch_version(tmp_path)
-    mounts.mount("ds@exp", mounts.mountpoint(), *mount_options(tmp_path, "k"))
-    pid = cli_json("mounts")[0]["pid"]
+    mnt = mounts.mount("ds@exp", mounts.mountpoint(), *mount_options(tmp_path, "k"))
+    (pid,) = daemon_pids(mnt)  # `cachefs mounts` lists every mount of the machine
     os.kill(int(pid), 9)
     wait_for(lambda: not Path(f"/proc/{pid}").exists()
              or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", what="daemon death")
