@@ -48,6 +48,49 @@ from cachefs.errors import CachefsError, CorruptObject, RemoteError
 
 log = logging.getLogger("cachefs.cache.tiered")
 
+# The numeric figures of `TieredStore.stats()`: (key, whether it counts events, what it is).
+# Declared once here for every door that exports them as metrics (the mount's `cachefs_mount_*`,
+# the gateway's `cachefs_gateway_*`): counters get ``_total``, the rest are gauges.
+TIER_FIGURES: tuple[tuple[str, bool, str], ...] = (
+    ("memory_hits", True, "chunk reads answered by the memory tier"),
+    ("ssd_hits", True, "chunk reads answered by the SSD tier"),
+    ("ssd_misses", True, "chunk reads the SSD tier could not answer"),
+    ("ssd_evictions", True, "objects evicted from the SSD tier by this process"),
+    ("ssd_range_reads", True,
+     "reads of part of a chunk from the SSD tier (without reading the whole chunk)"),
+    ("ssd_bytes_read", True, "bytes read from the SSD tier"),
+    ("ssd_direct_reads", True, "SSD tier reads done with O_DIRECT"),
+    ("ssd_pack_prefetches", True,
+     "packed chunks whose neighbours were prefetched into memory from the SSD tier"),
+    ("ssd_pack_prefetches_skipped", True,
+     "pack prefetches skipped (memory already held them, or no room)"),
+    ("origin_requests", True, "objects fetched from the origin (the remote)"),
+    ("origin_bytes", True, "bytes fetched from the origin"),
+    ("origin_errors", True, "origin fetches that failed"),
+    ("origin_timeouts", True, "origin fetches that ran past --timeout"),
+    ("corrupt_chunks", True,
+     "chunks refused because their bytes did not match their name (origin or SSD tier)"),
+    ("peer_hits", True, "chunks the peer tier answered"),
+    ("peer_bytes", True, "bytes the peer tier answered"),
+    ("peer_misses", True, "chunks asked of the peer tier that no member could answer"),
+    ("peer_errors", True, "peer calls that failed (refused, unreachable, ...)"),
+    ("peer_timeouts", True, "peer calls that ran past their deadline"),
+    ("hedged_requests", True,
+     "chunks also asked of a second member because the first was slow"),
+    ("peer_corrupt", True,
+     "chunks a peer served with bytes not matching their name (the peer is quarantined)"),
+    ("memory_bytes_used", False, "bytes of chunks held in the memory tier"),
+    ("memory_capacity_bytes", False, "capacity of the memory tier, in bytes"),
+    ("ssd_bytes_used", False,
+     "bytes used in the SSD cache directory (node-wide: every process sharing it)"),
+    ("ssd_capacity_bytes", False, "capacity of the SSD tier, in bytes"),
+    ("trees_cached", False, "decoded directory trees held in memory"),
+    ("tree_entries_cached", False, "entries of the decoded directory trees held in memory"),
+    ("live_peers", False, "peer ring members answering now"),
+    ("quarantined_peers", False,
+     "peer ring members this process skips for having served a corrupt chunk"),
+)
+
 
 def object_is_intact(key: str, data: bytes) -> bool:
     """True if `data` is the object `key` names: its hash matches (trees and commits are

@@ -52,7 +52,7 @@ from prometheus_client.registry import Collector
 from cachefs.cache.disk import DiskCache
 from cachefs.cache.memory import MemoryCache
 from cachefs.cache.peer import PeerTier
-from cachefs.cache.tiered import TieredStore, object_is_intact
+from cachefs.cache.tiered import TIER_FIGURES, TieredStore, object_is_intact
 from cachefs.cache.versions import record_version
 from cachefs.dataset.pins import DEFAULT_RENEW_S, LeasedPin, PinLost, PinStore
 from cachefs.dataset.refs import who_am_i
@@ -142,8 +142,9 @@ def tune_kernel_after_init(config: MountConfig) -> None:
 
 # The mount's figures (`DatasetFS.stats()`, what `cachefs stats` shows) as Prometheus metrics:
 # (key in stats, metric name after ``cachefs_mount_``, whether it counts events, help text).
-# Counters get ``_total``; the rest are levels (gauges). Every sample carries the labels dataset
-# and commit. A numeric figure missing here is not exported under a new name (only as its
+# Counters get ``_total``; the rest are levels (gauges). The tiers' figures are the ones
+# `TIER_FIGURES` declares for every door. Every sample carries the labels dataset and commit.
+# A numeric figure missing here is not exported under a new name (only as its
 # deprecated alias): tests/test_metrics_peer_mount.py checks that every one is listed.
 MOUNT_METRICS: tuple[tuple[str, str, bool, str], ...] = (
     ("read_requests", "read_requests", True,
@@ -166,46 +167,7 @@ MOUNT_METRICS: tuple[tuple[str, str, bool, str], ...] = (
     ("bad_extents", "bad_extents", True,
      "reads refused because a file's extent did not fit its chunk (a corrupt tree)"),
     ("open_requests", "open_requests", True, "OPEN requests the kernel sent"),
-    ("memory_hits", "memory_hits", True, "chunk reads answered by the memory tier"),
-    ("ssd_hits", "ssd_hits", True, "chunk reads answered by the SSD tier"),
-    ("ssd_misses", "ssd_misses", True, "chunk reads the SSD tier could not answer"),
-    ("ssd_evictions", "ssd_evictions", True, "objects evicted from the SSD tier by this mount"),
-    ("ssd_range_reads", "ssd_range_reads", True,
-     "reads of part of a chunk from the SSD tier (without reading the whole chunk)"),
-    ("ssd_bytes_read", "ssd_bytes_read", True, "bytes read from the SSD tier"),
-    ("ssd_direct_reads", "ssd_direct_reads", True, "SSD tier reads done with O_DIRECT"),
-    ("ssd_pack_prefetches", "ssd_pack_prefetches", True,
-     "packed chunks whose neighbours were prefetched into memory from the SSD tier"),
-    ("ssd_pack_prefetches_skipped", "ssd_pack_prefetches_skipped", True,
-     "pack prefetches skipped (memory already held them, or no room)"),
-    ("origin_requests", "origin_requests", True, "objects fetched from the origin (the remote)"),
-    ("origin_bytes", "origin_bytes", True, "bytes fetched from the origin"),
-    ("origin_errors", "origin_errors", True, "origin fetches that failed"),
-    ("origin_timeouts", "origin_timeouts", True, "origin fetches that ran past --timeout"),
-    ("corrupt_chunks", "corrupt_chunks", True,
-     "chunks refused because their bytes did not match their name (origin or SSD tier)"),
-    ("peer_hits", "peer_hits", True, "chunks the peer tier answered"),
-    ("peer_bytes", "peer_bytes", True, "bytes the peer tier answered"),
-    ("peer_misses", "peer_misses", True,
-     "chunks asked of the peer tier that no member could answer"),
-    ("peer_errors", "peer_errors", True, "peer calls that failed (refused, unreachable, ...)"),
-    ("peer_timeouts", "peer_timeouts", True, "peer calls that ran past their deadline"),
-    ("hedged_requests", "hedged_requests", True,
-     "chunks also asked of a second member because the first was slow"),
-    ("peer_corrupt", "peer_corrupt", True,
-     "chunks a peer served with bytes not matching their name (the peer is quarantined)"),
-    ("memory_bytes_used", "memory_bytes_used", False, "bytes of chunks held in the memory tier"),
-    ("memory_capacity_bytes", "memory_capacity_bytes", False,
-     "capacity of the memory tier, in bytes"),
-    ("ssd_bytes_used", "ssd_bytes_used", False,
-     "bytes used in the SSD cache directory (node-wide: every process sharing it)"),
-    ("ssd_capacity_bytes", "ssd_capacity_bytes", False, "capacity of the SSD tier, in bytes"),
-    ("trees_cached", "trees_cached", False, "decoded directory trees held in memory"),
-    ("tree_entries_cached", "tree_entries_cached", False,
-     "entries of the decoded directory trees held in memory"),
-    ("live_peers", "live_peers", False, "peer ring members answering now"),
-    ("quarantined_peers", "quarantined_peers", False,
-     "peer ring members this mount skips for having served a corrupt chunk"),
+    *((key, key, counter, text) for key, counter, text in TIER_FIGURES),
     ("uptime_s", "uptime_seconds", False, "seconds since the mount daemon started serving"),
     ("inodes", "inodes", False, "inodes the kernel may still ask about"),
     ("open_files", "open_files", False, "files open on the mount now"),

@@ -11,15 +11,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cachefs.cache.tiered import TIER_FIGURES
 from cachefs.metrics import StatsCollector
-
-# The tiers' figures (Catalog.stats) that count events: counters; the rest are levels (gauges).
-TIER_COUNTERS = (
-    "memory_hits", "ssd_hits", "ssd_misses", "ssd_evictions", "ssd_range_reads",
-    "ssd_bytes_read", "ssd_direct_reads", "ssd_pack_prefetches", "ssd_pack_prefetches_skipped",
-    "origin_requests", "origin_bytes", "origin_errors", "origin_timeouts", "corrupt_chunks",
-    "peer_hits", "peer_bytes", "peer_errors", "peer_timeouts", "hedged_requests",
-    "peer_corrupt", "peer_misses")
 
 
 class GatewayMetrics:
@@ -41,8 +34,10 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "cachefs_gateway_auth_failures", "requests refused by authentication, by S3 code",
             ["code"], registry=self.registry)
-        self.registry.register(StatsCollector("cachefs_gateway_", tier_stats,
-                                              counters=TIER_COUNTERS))
+        self.registry.register(StatsCollector(
+            "cachefs_gateway_", tier_stats,
+            counters=[key for key, counter, _ in TIER_FIGURES if counter],
+            help_text={key: text for key, _, text in TIER_FIGURES}))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
