@@ -51,11 +51,17 @@ What it measures, in one run, on one machine, everything bound to 127.0.0.1:
    - small, cold: fresh cache dir, fresh mount, first shuffled pass;
    - small, warm: the next passes on the same mount (page cache; open, flush and release still
      reach the daemon);
-   - small, SSD tier: remount on the same cache dir (its objects dropped from the page cache),
-     first shuffled pass; then, on the same mount, the mount's pages dropped and the pass again
-     with the SSD tier's files left in the page cache by the first (`small_ssd_page_cached`):
-     the same requests reach the daemon and the tier, without the disk
-     (`warm_ssd_small_vs_page_cached` near 1: the disk is not what bounds the tier).
+   - small, SSD tier: remount on the same cache dir, the mount's directories listed (as a
+     loader lists its data set before an epoch: ImageFolder's scan; `names_listed_seconds`),
+     then its objects dropped from the page cache, first shuffled pass. The remount is how the
+     run empties the memory tier and the mount's pages; in training, epoch 2 finds the names
+     known to the kernel from epoch 1, and the cold local baseline does too (DONTNEED drops a
+     file's data, not its name and inode), so the pass starts with data cold and names known
+     on both sides. NAMES_COLD_PASSES more pairs keep the remount alone, every name a LOOKUP
+     the local side does not pay (`small_ssd_names_cold`, `warm_ssd_small_names_cold_vs_
+     local_cold`). Then, on the same mount, the mount's pages dropped and the pass again with
+     the SSD tier's files left in the page cache by the first (`small_ssd_page_cached`): the
+     same requests reach the daemon and the tier, without the disk.
    `--memory-cache` (default 1536 MiB) holds the full run's 1 GiB of shards, so that the memory
    tier can be measured at all; the 2.1 GiB of small files do not fit, so their cold and SSD
    passes also show what a memory tier smaller than the working set costs (the `ssd_hits`
@@ -156,6 +162,8 @@ WARM_PASSES = 2  # memory tier, other tools' warm passes
 # drifts within minutes, and four pairs give a median that two did not (runs G-I: the same
 # pass 0.4-0.8 of the disk, between runs and between the two systems of one run)
 SSD_PASSES = 4
+# ... and pairs of the small-file SSD pass with every name cold (remount alone; see 5.)
+NAMES_COLD_PASSES = 2
 QUICK_WARM_PASSES = 1  # --quick: each of those once (every SSD pass is a mount and an unmount)
 PAGE_CACHE_PASSES = 5  # local disk, epoch 2, cachefs warm small: short passes, noisier
 DEFAULT_READERS = 8
@@ -694,6 +702,15 @@ class LocalBaseline:
                 **({"tmpfs_large": of(self.tmpfs_large)} if self.tmpfs_large else {})}
 
 
+def list_names(root: Path) -> float:
+    """List every directory under `root` (names and attributes, as a loader's scan does:
+    READDIRPLUS through FUSE, so the kernel then knows every name); the seconds it took."""
+    start = time.perf_counter()
+    for _ in os.walk(root):
+        pass
+    return time.perf_counter() - start
+
+
 def best(passes: list[Pass]) -> Pass:
     return min(passes, key=lambda p: p.seconds)
 
@@ -728,7 +745,8 @@ def interleaved(passes: int, baseline: Callable[[], Pass],
 def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data: Data,
                     readers: int, memory_cache: int, local: LocalBaseline,
                     origin_dir: Path | None = None, tier_passes: int = WARM_PASSES,
-                    ssd_passes: int = SSD_PASSES) -> dict[str, Any]:
+                    ssd_passes: int = SSD_PASSES,
+                    names_cold_passes: int = NAMES_COLD_PASSES) -> dict[str, Any]:
     """Cold / epoch 2 / memory / SSD for large files; cold / warm / SSD for small files.
 
     `origin_dir`: a file:// repository, dropped from the page cache before each cold pass so
@@ -835,17 +853,20 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
         f"{beside.files_per_s:,.0f} files/s)")
     procs.unmount_cachefs(mnt)
 
-    log(f"{label}: small files, SSD tier (remount, same cache dir)")
+    log(f"{label}: small files, SSD tier (remount, same cache dir, names listed)")
     tier = []
     ssd_counters = []
     cached_passes: list[Pass] = []
     cached_counters: list[dict[str, Any]] = []
     cold_beside: list[Pass] = []
+    listings: list[float] = []
     for _ in range(ssd_passes):
         evict_tree(cache, within="objects")
         cold_beside.append(local.small_cold_pass())
         sync()
         mount()
+        listings.append(list_names(mnt))
+        evict_tree(cache, within="objects")  # the trees the listing read: the disk's again
         before = counters(mnt)
         tier.append(checked(read_parallel(small, readers), data.small_bytes,
                             f"{label} ssd small"))
@@ -868,6 +889,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
                                                                          1),
                                 local_cold_pass_seconds=[round(p.seconds, 4)
                                                          for p in cold_beside],
+                                names_listed_seconds=[round(t, 4) for t in listings],
                                 vs_local_cold=vs_cold)
     pick = min(range(ssd_passes), key=lambda i: cached_passes[i].seconds)
     out["small_ssd_page_cached"] = pass_doc(cached_passes[pick],
@@ -877,6 +899,25 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
         f"{cold_local.files_per_s:,.0f} files/s; pass by pass {vs_cold['pair_ratios']} of it, "
         f"median {vs_cold['median_ratio']}); with the SSD tier's files in the page cache "
         f"{out['small_ssd_page_cached']['files_per_s']:,.0f} files/s")
+
+    log(f"{label}: small files, SSD tier, every name cold (remount alone)")
+    names_cold: list[Pass] = []
+    names_cold_beside: list[Pass] = []
+    for _ in range(names_cold_passes):
+        evict_tree(cache, within="objects")
+        names_cold_beside.append(local.small_cold_pass())
+        sync()
+        mount()
+        names_cold.append(checked(read_parallel(small, readers), data.small_bytes,
+                                  f"{label} ssd small, names cold"))
+        procs.unmount_cachefs(mnt)
+    vs_cold = paired(names_cold, names_cold_beside, files=True)
+    out["small_ssd_names_cold"] = pass_doc(best(names_cold), [p.seconds for p in names_cold],
+                                           local_cold_pass_seconds=[
+                                               round(p.seconds, 4) for p in names_cold_beside],
+                                           vs_local_cold=vs_cold)
+    log(f"  {out['small_ssd_names_cold']['files_per_s']:,.0f} files/s; pass by pass "
+        f"{vs_cold['pair_ratios']} of the local disk cold, median {vs_cold['median_ratio']}")
     shutil.rmtree(cache)
     return out
 
@@ -1029,6 +1070,10 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
             r["small_ssd"]["vs_local_cold"]["best_ratio"]
         ratios[f"{prefix}warm_ssd_small_vs_local_cold_at_start"] = ratio(
             r["small_ssd"]["files_per_s"], cold_fps)
+        # The same with every name cold (remount alone): a LOOKUP per file that the local
+        # baseline, whose names stay in the kernel's caches, does not pay.
+        ratios[f"{prefix}warm_ssd_small_names_cold_vs_local_cold"] = \
+            r["small_ssd_names_cold"]["vs_local_cold"]["median_ratio"]
         # The SSD tier's large-file pass against the cache disk's own sequential read, read
         # before each of its passes (and, for reference, at the run's start).
         ratios[f"{prefix}warm_ssd_large_vs_disk"] = r["large_ssd"]["vs_disk"]["median_ratio"]
@@ -1073,6 +1118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK_SPEC if args.quick else FULL_DATASET
     warm_passes = QUICK_WARM_PASSES if args.quick else WARM_PASSES
     ssd_passes = QUICK_WARM_PASSES if args.quick else SSD_PASSES
+    names_cold_passes = QUICK_WARM_PASSES if args.quick else NAMES_COLD_PASSES
     OWN_PIDS.clear()
     memory_cache = parse_size(args.memory_cache)
     tools_problem = "--skip-other-tools" if args.skip_other_tools else ensure_other_tools()
@@ -1083,6 +1129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "dataset": describe_spec(spec), "cpus": os.cpu_count(), "readers": args.readers,
         "read_block": BLOCK, "warm_passes": warm_passes, "ssd_passes": ssd_passes,
+        "names_cold_passes": names_cold_passes,
         "page_cache_passes": PAGE_CACHE_PASSES, "memory_cache": memory_cache,
         "root": os.geteuid() == 0, "damon_pageout": damon_pageout(),
         "kernel": os.uname().release,
@@ -1128,11 +1175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                        data, args.readers, memory_cache, local,
                                                        origin_dir=local_repo,
                                                        tier_passes=warm_passes,
-                                                       ssd_passes=ssd_passes)
+                                                       ssd_passes=ssd_passes,
+                                                       names_cold_passes=names_cold_passes)
             results["cachefs_s3"] = measure_cachefs(procs, work, "cachefs_s3", "s3", data,
                                                     args.readers, memory_cache, local,
                                                     tier_passes=warm_passes,
-                                                    ssd_passes=ssd_passes)
+                                                    ssd_passes=ssd_passes,
+                                                    names_cold_passes=names_cold_passes)
             results["local_disk"] = local.doc()
             if not args.skip_other_tools:
                 for tool in OTHER_TOOLS:
@@ -1234,6 +1283,10 @@ def print_report(report: dict[str, Any]) -> None:
                         f"{prefix}warm_ssd_large_vs_disk_best"))
         rows.append(row(f"{name} vs local cold (best against best)", "small, SSD tier", "",
                         f"{prefix}warm_ssd_small_vs_local_cold_best"))
+        rows.append(row(name, "small, SSD tier, every name cold",
+                        fps(res[f"cachefs_{'s3' if prefix else 'local'}"]
+                            ["small_ssd_names_cold"]),
+                        f"{prefix}warm_ssd_small_names_cold_vs_local_cold"))
     if "tmpfs_large" in res["local_disk"]:
         rows.append(row("cachefs file:// vs tmpfs (4 KiB pages)", "large, epoch 2",
                         mbs(res["local_disk"]["tmpfs_large"]), "epoch2_large_vs_tmpfs"))
@@ -1280,7 +1333,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"other tools' warm passes. SSD tier: {raw['ssd_passes']} passes, each right after a "
         "baseline pass (local cold small files; the disk's O_DIRECT read for large ones); "
         "*_vs_local_cold and *_vs_disk of the SSD tier are the median of those pairs' ratios, "
-        "*_best the best pass against the best baseline. Memory tier: mount pages dropped "
+        "*_best the best pass against the best baseline. Small files' SSD passes start with "
+        "the mount's directories listed, names known as the local baseline's are (DONTNEED "
+        f"drops data, not names); {raw['names_cold_passes']} more "
+        "pairs with the remount alone (*_names_cold_*). Memory tier: mount pages dropped "
         "with posix_fadvise(DONTNEED), every byte re-read through FUSE "
         f"({'verified' if _memory_verified(res) else 'NOT verified: see raw'}). "
         f"--memory-cache {fmt_bytes(raw['memory_cache'])}.",

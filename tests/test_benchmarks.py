@@ -57,6 +57,12 @@ def test_read_benchmark_quick_json(tmp_path: Path) -> None:
         assert len(pairs["pair_ratios"]) == result["raw"]["ssd_passes"]
         assert pairs["median_ratio"] == result["ratios"][
             "warm_ssd_small_vs_local_cold" if case == "small_ssd" else "warm_ssd_large_vs_disk"]
+    # small files' SSD passes start with the mount's names listed; more pairs without
+    assert len(tier["small_ssd"]["names_listed_seconds"]) == result["raw"]["ssd_passes"]
+    names_cold = tier["small_ssd_names_cold"]["vs_local_cold"]
+    assert len(names_cold["pair_ratios"]) == result["raw"]["names_cold_passes"]
+    assert names_cold["median_ratio"] == result["ratios"][
+        "warm_ssd_small_names_cold_vs_local_cold"]
 
 
 def test_remotes_benchmark_quick_json(tmp_path: Path) -> None:
