@@ -766,6 +766,15 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
         if origin_dir is not None:
             evict_tree(origin_dir)
 
+    def baseline_then_mount(baseline: Callable[[], Pass]) -> Pass:
+        """One pair's start: the baseline pass, then a fresh mount whose SSD tier will be
+        read from the disk (its objects dropped from the page cache first)."""
+        evict_tree(cache, within="objects")
+        beside = baseline()
+        sync()
+        mount()
+        return beside
+
     # -- large files --------------------------------------------------------------------------
     evict_origin()
     sync()
@@ -811,10 +820,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     ssd_counters: list[dict[str, Any]] = []
     disk_beside: list[Pass] = []
     for _ in range(ssd_passes):
-        evict_tree(cache, within="objects")
-        disk_beside.append(local.disk_sequential_pass())
-        sync()
-        mount()
+        disk_beside.append(baseline_then_mount(local.disk_sequential_pass))
         before = counters(mnt)
         tier.append(checked(read_sequential(large), data.large_bytes, f"{label} ssd"))
         ssd_counters.append(delta(before, counters(mnt)))
@@ -861,10 +867,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     cold_beside: list[Pass] = []
     listings: list[float] = []
     for _ in range(ssd_passes):
-        evict_tree(cache, within="objects")
-        cold_beside.append(local.small_cold_pass())
-        sync()
-        mount()
+        cold_beside.append(baseline_then_mount(local.small_cold_pass))
         listings.append(list_names(mnt))
         evict_tree(cache, within="objects")  # the trees the listing read: the disk's again
         before = counters(mnt)
@@ -904,10 +907,7 @@ def measure_cachefs(procs: Processes, work: Path, label: str, remote: str, data:
     names_cold: list[Pass] = []
     names_cold_beside: list[Pass] = []
     for _ in range(names_cold_passes):
-        evict_tree(cache, within="objects")
-        names_cold_beside.append(local.small_cold_pass())
-        sync()
-        mount()
+        names_cold_beside.append(baseline_then_mount(local.small_cold_pass))
         names_cold.append(checked(read_parallel(small, readers), data.small_bytes,
                                   f"{label} ssd small, names cold"))
         procs.unmount_cachefs(mnt)
