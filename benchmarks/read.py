@@ -171,6 +171,8 @@ DEFAULT_MEMORY_CACHE = "1536MiB"
 CACHEFS_BUCKET = "cachefs-bench"
 RAW_BUCKET = "raw-bench"
 OTHER_TOOLS = ("rclone", "s3fs")
+# cachefs's two systems: (ratio key prefix, results key, name in the table)
+CACHEFS_SYSTEMS = (("", "cachefs_local", "cachefs file://"), ("s3_", "cachefs_s3", "cachefs S3"))
 MOUNT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
@@ -1038,7 +1040,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
     local_mb = local["large_warm"]["mb_per_s"]
     local_fps = local["small_warm"]["files_per_s"]
     ratios: dict[str, float] = {}
-    for prefix, system in (("", "cachefs_local"), ("s3_", "cachefs_s3")):
+    for prefix, system, _ in CACHEFS_SYSTEMS:
         r = results[system]
         ratios[f"{prefix}cold_large_vs_local"] = ratio(r["large_cold"]["mb_per_s"], local_mb)
         ratios[f"{prefix}warm_ssd_large_vs_local"] = ratio(r["large_ssd"]["mb_per_s"], local_mb)
@@ -1053,7 +1055,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, float]:
     # SSD-tier pass could reach on this disk.
     cold_mb = local["large_cold"]["mb_per_s"]
     cold_fps = local["small_cold"]["files_per_s"]
-    for prefix, system in (("", "cachefs_local"), ("s3_", "cachefs_s3")):
+    for prefix, system, _ in CACHEFS_SYSTEMS:
         r = results[system]
         ratios[f"{prefix}cold_large_vs_local_cold"] = ratio(r["large_cold"]["mb_per_s"], cold_mb)
         ratios[f"{prefix}warm_ssd_large_vs_local_cold"] = ratio(r["large_ssd"]["mb_per_s"],
@@ -1254,8 +1256,7 @@ def print_report(report: dict[str, Any]) -> None:
                 None),
             row("local disk", "sequential, O_DIRECT",
                 mbs(res["local_disk"]["disk_sequential_read"]), None)]
-    for prefix, system, name in (("", "cachefs_local", "cachefs file://"),
-                                 ("s3_", "cachefs_s3", "cachefs S3")):
+    for prefix, system, name in CACHEFS_SYSTEMS:
         x = res[system]
         rows += [
             row(name, "large, cold", mbs(x["large_cold"]), f"{prefix}cold_large_vs_local"),
@@ -1276,7 +1277,7 @@ def print_report(report: dict[str, Any]) -> None:
         ]
     rows.append(row("cachefs file:// vs S3", "large, cold", "", "cold_large_file_vs_s3"))
     rows.append(row("cachefs S3: small / large", "cold", "", "s3_cold_small_origin_efficiency"))
-    for prefix, name in (("", "cachefs file://"), ("s3_", "cachefs S3")):
+    for prefix, system, name in CACHEFS_SYSTEMS:
         rows.append(row(f"{name} vs the disk (median of pairs)", "large, SSD tier", "",
                         f"{prefix}warm_ssd_large_vs_disk"))
         rows.append(row(f"{name} vs the disk (best against best)", "large, SSD tier", "",
@@ -1284,8 +1285,7 @@ def print_report(report: dict[str, Any]) -> None:
         rows.append(row(f"{name} vs local cold (best against best)", "small, SSD tier", "",
                         f"{prefix}warm_ssd_small_vs_local_cold_best"))
         rows.append(row(name, "small, SSD tier, every name cold",
-                        fps(res[f"cachefs_{'s3' if prefix else 'local'}"]
-                            ["small_ssd_names_cold"]),
+                        fps(res[system]["small_ssd_names_cold"]),
                         f"{prefix}warm_ssd_small_names_cold_vs_local_cold"))
     if "tmpfs_large" in res["local_disk"]:
         rows.append(row("cachefs file:// vs tmpfs (4 KiB pages)", "large, epoch 2",
